@@ -1,0 +1,30 @@
+# Quick start: `make demo` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint wheel bench clean
+
+$(STAMP): requirements-dev.txt setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) python/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check zo_kernels tests bench python setup.py
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+wheel: setup
+	$(PY) -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,188 @@
+"""The evolution-strategy gradient estimate: evaluate perturbed losses, weight them, reduce the noise.
+
+Two paths share the weights formula:
+
+- *fused* (built-in distributions): per sample, a backend writes ``theta + sigma * z_i`` into a
+  reusable scratch buffer; after all evaluations one ``reduce`` regenerates ``z_i`` and forms
+  ``sum_i w_i z_i``. No tensor of size ``num_samples x n`` ever exists.
+- *sampled* (any user distribution): TorchOpt's contract, one ``.sample(shape)`` per sample and per
+  tensor, accumulated as it goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Union
+
+import torch
+
+from . import backends as _backends
+from ._validate import Sampler, check_output, check_sample
+from .distributions import FusedDistribution, draw_seed
+from .reference.noise import accumulation_dtype
+
+Evaluate = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss evaluated for the estimate was NaN or infinite; the message names the sample and seed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything about an estimate that is fixed when the decorator is applied."""
+
+    method: str
+    num_samples: int
+    sigma: float
+    seed: Union[None, int, torch.Generator]
+    backend: Optional[str]
+    fused: Optional[FusedDistribution]
+    sampler: Optional[Sampler]
+
+
+def resolve_seed(seed: Union[None, int, torch.Generator]) -> int:
+    """The 64-bit seed of one estimate: ``seed`` itself, or one draw from the generator (default: torch's)."""
+    if isinstance(seed, int):
+        return seed
+    return draw_seed(seed)
+
+
+def _signs(method: str) -> Sequence[float]:
+    return (1.0, -1.0) if method == "antithetic" else (1.0,)
+
+
+def _coefficient(method: str, sigma: float, num_samples: int) -> float:
+    return (0.5 if method == "antithetic" else 1.0) / (sigma * num_samples)
+
+
+def _value_dtype(leaves: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in leaves) else torch.float32
+
+
+def _evaluate_sample(evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str) -> torch.Tensor:
+    """One perturbed loss, as a detached 0-dim float64 tensor; errors say which sample raised."""
+    where = f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
+    try:
+        out = evaluate(params)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(f"zo_kernels: raised while evaluating sample {index} ({'+' if sign > 0 else '-'}sigma*z) with {seed_text}")
+        raise
+    return check_output(out, where).detach().to(torch.float64)
+
+
+def _raise_if_not_finite(losses: torch.Tensor, f0: Optional[torch.Tensor], method: str, seed_text: str) -> None:
+    """One device sync for the whole estimate; name the first sample whose loss is NaN or inf."""
+    finite = torch.isfinite(losses)
+    if f0 is not None and method == "forward" and not bool(torch.isfinite(f0)):
+        raise NonFiniteLossError(f"zero_order: the unperturbed loss f(theta) is {f0.item()} (method 'forward' uses it as baseline)")
+    if bool(finite.all()):
+        return
+    flat = (~finite).reshape(-1).nonzero()[0].item()
+    sign, index = divmod(flat, losses.shape[-1])
+    raise NonFiniteLossError(
+        f"zero_order: the loss at sample {index} ({'-' if sign else '+'}sigma*z) is "
+        f"{losses.reshape(-1)[flat].item()}; {seed_text}. Lower sigma or check the function's domain."
+    )
+
+
+def _weights(losses: torch.Tensor, f0: torch.Tensor, grad_out: torch.Tensor, s: Settings) -> torch.Tensor:
+    """Per-sample weights ``w_i`` so that the estimate is ``sum_i w_i z_i`` (chain rule included)."""
+    if s.method == "antithetic":
+        diffs = losses[0] - losses[1]
+    elif s.method == "forward":
+        diffs = losses[0] - f0.to(losses)
+    else:
+        diffs = losses[0]
+    return diffs * (grad_out.detach().to(losses) * _coefficient(s.method, s.sigma, s.num_samples))
+
+
+def _fused_gradients(
+    evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, grad_out: torch.Tensor, s: Settings
+) -> List[torch.Tensor]:
+    noise = s.fused
+    assert noise is not None
+    seed = resolve_seed(s.seed)
+    seed_text = f"seed={seed}"
+    chosen = [_backends.select(p.device, p.dtype, s.backend) for p in leaves]
+    offsets = [0]
+    for p in leaves:
+        offsets.append(offsets[-1] + p.numel())
+    total = offsets[-1]
+    ids = torch.arange(s.num_samples, dtype=torch.int64)
+    scales = [1.0] * s.num_samples
+    if noise.sphere and total > 0:
+        norms = chosen[0].squared_norms(noise.stream, seed, ids.to(leaves[0].device), total)
+        scales = (math.sqrt(total) / norms.sqrt()).tolist()
+
+    scratch = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in leaves]
+    thetas = [p.detach() for p in leaves]
+    rows = []
+    for sign in _signs(s.method):
+        row = []
+        for i in range(s.num_samples):
+            for b, buf, theta, off in zip(chosen, scratch, thetas, offsets):
+                b.perturb(buf, theta, noise.stream, seed, i, sign * s.sigma * scales[i], off)
+            row.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+        rows.append(torch.stack(row))
+    losses = torch.stack(rows)
+    _raise_if_not_finite(losses, f0, s.method, seed_text)
+
+    weights = _weights(losses, f0, grad_out, s) * torch.tensor(scales, dtype=torch.float64).to(losses.device)
+    grads = []
+    for b, p, off in zip(chosen, leaves, offsets):
+        g = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        b.reduce(g, weights.to(device=p.device, dtype=accumulation_dtype(p.dtype)), ids.to(p.device), noise.stream, seed, off)
+        grads.append(g)
+    return grads
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: Union[None, int, torch.Generator], leaves: Sequence[torch.Tensor]) -> Iterator[str]:
+    """Run a user distribution under ``seed`` without disturbing torch's global RNG state."""
+    if seed is None:
+        yield "seed=None (torch's global RNG)"
+        return
+    value = resolve_seed(seed)
+    devices = sorted({p.device.index or 0 for p in leaves if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(value)
+        yield f"seed={value}"
+
+
+def _sampled_gradients(
+    evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, grad_out: torch.Tensor, s: Settings
+) -> List[torch.Tensor]:
+    sampler = s.sampler
+    assert sampler is not None
+    thetas = [p.detach() for p in leaves]
+    sums = [torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device) for p in leaves]
+    with _seeded_rng(s.seed, leaves) as seed_text:
+        rows: List[List[torch.Tensor]] = [[] for _ in _signs(s.method)]
+        for i in range(s.num_samples):
+            zs = [check_sample(sampler(p.shape), p, f"sample {i} of the distribution for a {tuple(p.shape)} tensor") for p in thetas]
+            for r, sign in enumerate(_signs(s.method)):
+                perturbed = [theta + (sign * s.sigma) * z for theta, z in zip(thetas, zs)]
+                rows[r].append(_evaluate_sample(evaluate, perturbed, i, sign, seed_text))
+            w = _weights(torch.stack([r[i] for r in rows])[:, None], f0, grad_out, s)[0]
+            for acc, z in zip(sums, zs):
+                acc.add_(z.to(acc.dtype) * w.to(acc.dtype))
+        losses = torch.stack([torch.stack(r) for r in rows])
+        _raise_if_not_finite(losses, f0, s.method, seed_text)
+    return [acc.to(p.dtype) for acc, p in zip(sums, leaves)]
+
+
+def estimate_gradients(
+    evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, grad_out: torch.Tensor, s: Settings
+) -> List[torch.Tensor]:
+    """The ES estimate of ``grad_out * d f / d leaves`` for the smoothed objective, one tensor per leaf.
+
+    ``evaluate`` maps a list of tensors shaped like ``leaves`` to the scalar loss; ``f0`` is the
+    unperturbed loss (the 'forward' method's baseline).
+    """
+    if s.fused is not None:
+        return _fused_gradients(evaluate, leaves, f0, grad_out, s)
+    return _sampled_gradients(evaluate, leaves, f0, grad_out, s)

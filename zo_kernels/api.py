@@ -1,0 +1,145 @@
+"""``zero_order``: the TorchOpt-compatible decorator for evolution-strategy gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import _validate as v
+from ._estimator import Settings, estimate_gradients
+from .backends import get as _get_backend
+from .distributions import as_fused
+
+LossFn = Callable[..., torch.Tensor]
+
+
+class _CallSite:
+    """One call of the wrapped function: rebuilds its arguments around replacement leaves."""
+
+    def __init__(self, fn: LossFn, args: Tuple[Any, ...], kwargs: Dict[str, Any], argnums: Tuple[int, ...]) -> None:
+        self.fn, self.args, self.kwargs, self.argnums = fn, args, kwargs, argnums
+        self.leaves: List[torch.Tensor] = []
+        self.specs: List[Tuple[int, Any, int]] = []
+        for argnum in argnums:
+            flat, spec = pytree.tree_flatten(args[argnum])
+            for k, leaf in enumerate(flat):
+                where = f"argument {argnum}" if len(flat) == 1 and flat[0] is args[argnum] else f"leaf {k} of argument {argnum}"
+                self.leaves.append(v.check_leaf(leaf, f"differentiated {where}"))
+            self.specs.append((argnum, spec, len(flat)))
+
+    def __call__(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
+        args = list(self.args)
+        start = 0
+        for argnum, spec, count in self.specs:
+            args[argnum] = pytree.tree_unflatten(list(leaves[start : start + count]), spec)
+            start += count
+        return self.fn(*args, **self.kwargs)
+
+
+class _ZeroOrderFunction(torch.autograd.Function):
+    """Forward: f(theta). Backward: the ES estimate, scaled by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, settings: Settings, site: _CallSite, *leaves: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        output = v.check_output(site(leaves), "the function")
+        ctx.settings, ctx.site = settings, site
+        ctx.f0 = output.detach()
+        ctx.save_for_backward(*leaves)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        leaves = ctx.saved_tensors
+        grads = estimate_gradients(ctx.site, leaves, ctx.f0, grad_out, ctx.settings)
+        needed = ctx.needs_input_grad[2:]
+        return (None, None, *(g if need else None for g, need in zip(grads, needed)))
+
+
+def zero_order(
+    distribution: Any,
+    method: str = "naive",
+    argnums: Union[int, Tuple[int, ...]] = (0,),
+    num_samples: int = 1,
+    sigma: float = 1.0,
+    *,
+    seed: Union[None, int, torch.Generator] = None,
+    backend: Optional[str] = None,
+) -> Callable[[LossFn], LossFn]:
+    """Decorate a scalar loss function so that autograd differentiates it by evolution strategies.
+
+    The wrapped function returns its loss ``f(theta)`` unchanged; ``loss.backward()`` (or
+    ``torch.autograd.grad``) then yields, for every tensor in the differentiated arguments, the
+    zero-order estimate of the gradient of the Gaussian-smoothed objective, times the upstream
+    gradient:
+
+    - ``'naive'``: ``1/sigma * mean_i f(theta + sigma z_i) z_i``
+    - ``'forward'``: ``1/sigma * mean_i (f(theta + sigma z_i) - f(theta)) z_i``
+    - ``'antithetic'``: ``1/(2 sigma) * mean_i (f(theta + sigma z_i) - f(theta - sigma z_i)) z_i``
+
+    Args:
+        distribution: where ``z`` comes from. ``zo_kernels.distributions.Normal()``,
+            ``Rademacher()`` or ``Sphere()`` (and a scalar ``torch.distributions.Normal(0, 1)``)
+            use the fused counter-based stream: noise is regenerated inside the kernels and never
+            stored. Any other object with ``.sample(sample_shape)``, or a function of the shape,
+            is sampled once per sample and per tensor, as in TorchOpt; its samples are cast to each
+            parameter's dtype and device, and must have its shape.
+        method: ``'naive'``, ``'forward'`` or ``'antithetic'``.
+        argnums: index, or tuple of indices, of the positional arguments to differentiate. Each
+            may be a tensor or a pytree (nested tuple/list/dict) of floating-point tensors; every
+            tensor in them is perturbed, and gradients flow to those that require grad.
+        num_samples: number of noise samples ``N`` (``2N`` evaluations for ``'antithetic'``).
+        sigma: smoothing scale, a positive finite number.
+        seed: ``None`` draws one seed per estimate from torch's default generator, so
+            ``torch.manual_seed`` reproduces a run. An ``int`` in ``[0, 2**64)`` fixes the noise:
+            every estimate uses the same ``z_i`` (common random numbers, for tests and comparisons;
+            not for training). A ``torch.Generator`` draws one seed per estimate from it.
+        backend: force a backend by name (see ``zo_kernels.backends.available()``); by default
+            the best one for each tensor's device and dtype, or ``$ZO_KERNELS_BACKEND``.
+
+    Returns:
+        A decorator. The decorated function takes the same arguments and returns the same scalar.
+
+    Raises:
+        ValueError, TypeError: for invalid arguments, at decoration or call time, before the
+            function is evaluated.
+        zo_kernels.NonFiniteLossError: at backward time, if a perturbed loss is NaN or infinite
+            (the message names the sample index and the seed). Gradients are then not written.
+    """
+    settings = Settings(
+        method=v.check_method(method),
+        num_samples=v.check_num_samples(num_samples),
+        sigma=v.check_sigma(sigma),
+        seed=v.check_seed(seed),
+        backend=_check_backend(backend),
+        fused=as_fused(distribution),
+        sampler=None,
+    )
+    if settings.fused is None:
+        settings = dataclasses.replace(settings, sampler=v.as_sampler(distribution))
+    argnums_t = v.check_argnums(argnums)
+
+    def decorator(fn: LossFn) -> LossFn:
+        if not callable(fn):
+            raise TypeError(f"zero_order decorates a function, got {type(fn).__name__}")
+
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+            site = _CallSite(fn, args, kwargs, v.resolve_argnums(argnums_t, len(args)))
+            return _ZeroOrderFunction.apply(settings, site, *site.leaves)
+
+        return wrapped
+
+    return decorator
+
+
+def _check_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend name (str) or None, got {type(backend).__name__}")
+    _get_backend(backend)
+    return backend

@@ -1,0 +1,136 @@
+"""Backends that implement the fused noise operations, and the choice of one per call.
+
+Every backend implements the same four operations on the stream of ``docs/noise.md``:
+
+- ``perturb(out, theta, stream, seed, sample_id, scale, offset)``: ``out = theta + scale * z_i``
+- ``reduce(grad, weights, sample_ids, stream, seed, offset)``: ``grad += sum_k w_k z_{i_k}``
+- ``step(theta, weights, sample_ids, stream, seed, lr, offset)``: ``theta -= lr * sum_k w_k z_{i_k}``
+- ``squared_norms(stream, seed, sample_ids, numel)``: ``|z_i|^2`` over the first ``numel`` elements
+
+``offset`` is the flat index of the tensor's first element in the concatenated parameter vector,
+so splitting parameters into tensors never changes the noise. The zero-order layer only talks to
+this interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from .reference import noise as _ref
+
+ENV_VAR = "ZO_KERNELS_BACKEND"
+
+
+class Backend(abc.ABC):
+    """One implementation of the fused noise operations."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend can run on tensors of ``device`` and ``dtype``."""
+
+    @abc.abstractmethod
+    def perturb(
+        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, sample_id: int, scale: float, offset: int
+    ) -> None:
+        """Write ``theta + scale * z(seed, sample_id, offset + j)`` into ``out``."""
+
+    @abc.abstractmethod
+    def reduce(
+        self, grad: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor, stream: str, seed: int, offset: int
+    ) -> None:
+        """Add ``sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` to ``grad``."""
+
+    @abc.abstractmethod
+    def step(
+        self,
+        theta: torch.Tensor,
+        weights: torch.Tensor,
+        sample_ids: torch.Tensor,
+        stream: str,
+        seed: int,
+        lr: float,
+        offset: int,
+    ) -> None:
+        """Subtract ``lr * sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` from ``theta``."""
+
+    @abc.abstractmethod
+    def squared_norms(self, stream: str, seed: int, sample_ids: torch.Tensor, numel: int) -> torch.Tensor:
+        """float64 ``sum_{j < numel} z(seed, i, j)**2`` for each id, on ``sample_ids.device``."""
+
+    def __repr__(self) -> str:
+        return f"<zo_kernels backend {self.name!r}>"
+
+
+class ReferenceBackend(Backend):
+    """Pure PyTorch, any device and floating dtype: the specification and the test oracle."""
+
+    name = "reference"
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return dtype.is_floating_point
+
+    def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
+        _ref.perturb(out, theta, stream, seed, sample_id, scale, offset)
+
+    def reduce(self, grad, weights, sample_ids, stream, seed, offset):  # noqa: D102
+        _ref.reduce(grad, weights, sample_ids, stream, seed, offset)
+
+    def step(self, theta, weights, sample_ids, stream, seed, lr, offset):  # noqa: D102
+        _ref.step(theta, weights, sample_ids, stream, seed, lr, offset)
+
+    def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
+        return _ref.squared_norms(stream, seed, sample_ids, numel)
+
+
+#: Preference order per device type; the first backend that is built and supports the tensors wins.
+PREFERENCE: Dict[str, List[str]] = {"cuda": ["cuda", "triton", "reference"], "cpu": ["cpu", "reference"]}
+
+_BACKENDS: Dict[str, Backend] = {"reference": ReferenceBackend()}
+_UNAVAILABLE: Dict[str, str] = {
+    "cpu": "not built yet: the native C++ CPU backend is planned (see README, 'What is not built yet')",
+    "triton": "not built yet: the Triton GPU backend is planned",
+    "cuda": "not built yet: the CUDA C++ backend is planned",
+}
+
+
+def available() -> Dict[str, str]:
+    """Every known backend name mapped to ``'available'`` or the reason it cannot be used."""
+    status = {name: "available" for name in _BACKENDS}
+    status.update({name: why for name, why in _UNAVAILABLE.items() if name not in _BACKENDS})
+    return status
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; ValueError naming the available ones otherwise."""
+    if name in _BACKENDS:
+        return _BACKENDS[name]
+    names = ", ".join(sorted(_BACKENDS))
+    if name in _UNAVAILABLE:
+        raise ValueError(f"backend {name!r} is not available ({_UNAVAILABLE[name]}); available: {names}")
+    raise ValueError(f"unknown backend {name!r}; available: {names}")
+
+
+def select(device: torch.device, dtype: torch.dtype, requested: Optional[str] = None) -> Backend:
+    """The backend for tensors on ``device`` with ``dtype``.
+
+    ``requested`` (the ``backend=`` argument), else the ``ZO_KERNELS_BACKEND`` environment variable,
+    forces a backend by name; otherwise the first available one of :data:`PREFERENCE` that
+    supports the device and dtype.
+    """
+    name = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
+    if name is not None:
+        backend = get(name)
+        if not backend.supports(device, dtype):
+            raise ValueError(f"backend {name!r} does not support {dtype} tensors on {device}")
+        return backend
+    for candidate in PREFERENCE.get(device.type, ["reference"]):
+        backend = _BACKENDS.get(candidate)
+        if backend is not None and backend.supports(device, dtype):
+            return backend
+    raise ValueError(f"no backend supports {dtype} tensors on {device}")
