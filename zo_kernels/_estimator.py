@@ -58,18 +58,16 @@ def _coefficient(method: str, sigma: float, num_samples: int) -> float:
     return (0.5 if method == "antithetic" else 1.0) / (sigma * num_samples)
 
 
-def _value_dtype(leaves: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in leaves) else torch.float32
-
-
-def _evaluate_sample(evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str) -> torch.Tensor:
+def _evaluate_sample(
+    evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str
+) -> torch.Tensor:
     """One perturbed loss, as a detached 0-dim float64 tensor; errors say which sample raised."""
     where = f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
     try:
         out = evaluate(params)
     except Exception as exc:
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"zo_kernels: raised while evaluating sample {index} ({'+' if sign > 0 else '-'}sigma*z) with {seed_text}")
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"zo_kernels: raised while evaluating {where}")
         raise
     return check_output(out, where).detach().to(torch.float64)
 
@@ -78,7 +76,9 @@ def _raise_if_not_finite(losses: torch.Tensor, f0: Optional[torch.Tensor], metho
     """One device sync for the whole estimate; name the first sample whose loss is NaN or inf."""
     finite = torch.isfinite(losses)
     if f0 is not None and method == "forward" and not bool(torch.isfinite(f0)):
-        raise NonFiniteLossError(f"zero_order: the unperturbed loss f(theta) is {f0.item()} (method 'forward' uses it as baseline)")
+        raise NonFiniteLossError(
+            f"zero_order: the unperturbed loss f(theta) is {f0.item()} (method 'forward' uses it as baseline)"
+        )
     if bool(finite.all()):
         return
     flat = (~finite).reshape(-1).nonzero()[0].item()
@@ -135,7 +135,9 @@ def _fused_gradients(
     grads = []
     for b, p, off in zip(chosen, leaves, offsets):
         g = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        b.reduce(g, weights.to(device=p.device, dtype=accumulation_dtype(p.dtype)), ids.to(p.device), noise.stream, seed, off)
+        b.reduce(
+            g, weights.to(device=p.device, dtype=accumulation_dtype(p.dtype)), ids.to(p.device), noise.stream, seed, off
+        )
         grads.append(g)
     return grads
 
@@ -163,7 +165,10 @@ def _sampled_gradients(
     with _seeded_rng(s.seed, leaves) as seed_text:
         rows: List[List[torch.Tensor]] = [[] for _ in _signs(s.method)]
         for i in range(s.num_samples):
-            zs = [check_sample(sampler(p.shape), p, f"sample {i} of the distribution for a {tuple(p.shape)} tensor") for p in thetas]
+            zs = [
+                check_sample(sampler(p.shape), p, f"sample {i} of the distribution for a {tuple(p.shape)} tensor")
+                for p in thetas
+            ]
             for r, sign in enumerate(_signs(s.method)):
                 perturbed = [theta + (sign * s.sigma) * z for theta, z in zip(thetas, zs)]
                 rows[r].append(_evaluate_sample(evaluate, perturbed, i, sign, seed_text))

@@ -60,9 +60,7 @@ def resolve_argnums(argnums: Tuple[int, ...], num_args: int) -> Tuple[int, ...]:
     resolved = []
     for a in argnums:
         if not -num_args <= a < num_args:
-            raise ValueError(
-                f"argnums={argnums!r} is out of range for a call with {num_args} positional argument(s)"
-            )
+            raise ValueError(f"argnums={argnums!r} is out of range for a call with {num_args} positional argument(s)")
         resolved.append(a % num_args)
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"argnums={argnums!r} names the same positional argument twice")

@@ -27,7 +27,11 @@ class _CallSite:
         for argnum in argnums:
             flat, spec = pytree.tree_flatten(args[argnum])
             for k, leaf in enumerate(flat):
-                where = f"argument {argnum}" if len(flat) == 1 and flat[0] is args[argnum] else f"leaf {k} of argument {argnum}"
+                where = (
+                    f"argument {argnum}"
+                    if len(flat) == 1 and flat[0] is args[argnum]
+                    else f"leaf {k} of argument {argnum}"
+                )
                 self.leaves.append(v.check_leaf(leaf, f"differentiated {where}"))
             self.specs.append((argnum, spec, len(flat)))
 

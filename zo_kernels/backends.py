@@ -72,7 +72,7 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:  # noqa: D102
         return dtype.is_floating_point
 
     def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102

@@ -51,9 +51,7 @@ def _swapped(slots: Sequence[Sequence[Tuple[nn.Module, str]]], tensors: Sequence
                 sub._parameters[name] = p
 
 
-def enable_zero_order_gradients(
-    cls: type, method: str = "naive", num_samples: int = 1, sigma: float = 1.0
-) -> type:
+def enable_zero_order_gradients(cls: type, method: str = "naive", num_samples: int = 1, sigma: float = 1.0) -> type:
     """Wrap ``cls.forward`` so that the module's parameters receive zero-order gradients.
 
     The module itself is the distribution: its ``sample(sample_shape)`` draws the noise.
@@ -97,9 +95,7 @@ class ZeroOrderGradientModule(nn.Module, metaclass=abc.ABCMeta):
     a subclass missing ``forward`` or ``sample`` cannot be instantiated (TypeError).
     """
 
-    def __init_subclass__(
-        cls, method: str = "naive", num_samples: int = 1, sigma: float = 1.0, **kwargs: Any
-    ) -> None:
+    def __init_subclass__(cls, method: str = "naive", num_samples: int = 1, sigma: float = 1.0, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         enable_zero_order_gradients(cls, method=method, num_samples=num_samples, sigma=sigma)
 

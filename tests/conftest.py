@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Each test starts from a fixed RNG so failures reproduce, and leaves no state behind."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(1234)
+    yield
+    torch.random.set_rng_state(state)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
