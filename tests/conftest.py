@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from zo_kernels import backends
+
 
 @pytest.fixture(autouse=True)
 def _fresh_rng():
@@ -18,3 +20,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+CPU_BACKENDS = [name for name in ("reference", "cpu") if backends.available()[name] == "available"]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def each_cpu_backend(request, monkeypatch):
+    """Run a test once per backend that serves CPU tensors, forced through $ZO_KERNELS_BACKEND."""
+    monkeypatch.setenv("ZO_KERNELS_BACKEND", request.param)
+    return request.param

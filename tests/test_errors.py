@@ -8,6 +8,8 @@ import torch
 import zo_kernels
 from zo_kernels import distributions
 
+pytestmark = pytest.mark.usefixtures("each_cpu_backend")
+
 
 def counting(fn):
     calls = []
@@ -40,7 +42,7 @@ def counting(fn):
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=2**64), ValueError, "seed"),
         (dict(seed="abc"), TypeError, "seed"),
-        (dict(backend="fortran"), ValueError, "available: reference"),
+        (dict(backend="fortran"), ValueError, "unknown backend .*available: .*reference"),
         (dict(backend=3), TypeError, "backend"),
     ],
 )
@@ -190,7 +192,7 @@ def test_backend_forced_by_environment(monkeypatch):
     monkeypatch.setenv("ZO_KERNELS_BACKEND", "nope")
     theta = torch.ones(2, requires_grad=True)
     loss = zo_kernels.zero_order(distributions.Normal())(lambda t: t.sum())(theta)
-    with pytest.raises(ValueError, match="unknown backend 'nope'; available: reference"):
+    with pytest.raises(ValueError, match="unknown backend 'nope'; available: .*reference"):
         loss.backward()
 
 

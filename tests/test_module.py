@@ -7,6 +7,8 @@ from torch import nn
 import zo_kernels
 from zo_kernels.nn import ZeroOrderGradientModule
 
+pytestmark = pytest.mark.usefixtures("each_cpu_backend")
+
 
 def make_linear_problem(n=64, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close
 
 from zo_kernels import distributions
 from zo_kernels.reference import noise, philox
+
+from helpers import assert_close
 
 # Random123 kat_vectors, "philox4x32 10" lines: counter (4 words), key (2 words), expected (4 words).
 KAT = [

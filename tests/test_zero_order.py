@@ -8,6 +8,8 @@ import torch
 import zo_kernels
 from zo_kernels import distributions
 
+pytestmark = pytest.mark.usefixtures("each_cpu_backend")
+
 METHODS = ["naive", "forward", "antithetic"]
 BUILTINS = [distributions.Normal(), distributions.Rademacher(), distributions.Sphere()]
 

@@ -26,7 +26,7 @@ ENV_VAR = "ZO_KERNELS_BACKEND"
 
 
 class Backend(abc.ABC):
-    """One implementation of the fused noise operations."""
+    """One implementation of the fused noise operations (the compiled ones follow it by duck typing)."""
 
     name: str = ""
 
@@ -93,10 +93,22 @@ PREFERENCE: Dict[str, List[str]] = {"cuda": ["cuda", "triton", "reference"], "cp
 
 _BACKENDS: Dict[str, Backend] = {"reference": ReferenceBackend()}
 _UNAVAILABLE: Dict[str, str] = {
-    "cpu": "not built yet: the native C++ CPU backend is planned (see README, 'What is not built yet')",
     "triton": "not built yet: the Triton GPU backend is planned",
     "cuda": "not built yet: the CUDA C++ backend is planned",
 }
+
+
+def _register_native() -> None:
+    from .kernels.native import NativeCpuBackend, load_extension
+
+    ext, why = load_extension()
+    if ext is None:
+        _UNAVAILABLE["cpu"] = why
+    else:
+        _BACKENDS["cpu"] = NativeCpuBackend(ext)  # type: ignore[assignment]
+
+
+_register_native()
 
 
 def available() -> Dict[str, str]:

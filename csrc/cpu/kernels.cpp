@@ -1,0 +1,191 @@
+// Fused CPU kernels: OpenMP over tiles of elements; inside a tile, the samples are visited in order,
+// so every element's sum has the same order whatever the thread count (deterministic results).
+#include "kernels.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "../philox.h"
+#include "scalar_io.h"
+
+namespace zo {
+namespace cpu {
+namespace {
+
+// Elements per tile: a multiple of every stream's block length, small enough to stay in L1/L2.
+constexpr int64_t kTile = 2048;
+
+// z[k] = z(seed, sample, start + k) for k < len, one Philox call per block touched.
+template <int S>
+void fill_tile(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len) {
+  constexpr int P = StreamTraits<S>::kPerBlock;
+  int64_t k = 0;
+  uint64_t g = start;
+  while (k < len) {
+    const uint64_t block = g / P;
+    const int lane = static_cast<int>(g % P);
+    const int take = static_cast<int>(std::min<int64_t>(P - lane, len - k));
+    const Words w = block_words(seed, sample, block);
+    if (S == kNormal) {
+      float v[4];
+      normal_block(w, v);
+      for (int i = 0; i < take; ++i) z[k + i] = v[lane + i];
+    } else {
+      for (int i = 0; i < take; ++i) z[k + i] = rademacher_sign(w, lane + i);
+    }
+    k += take;
+    g += take;
+  }
+}
+
+template <int S>
+void fill_any(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len) {
+  fill_tile<S>(z, seed, sample, start, len);
+}
+
+using FillFn = void (*)(float*, uint64_t, uint32_t, uint64_t, int64_t);
+
+FillFn fill_for(int stream) {
+  if (stream == kNormal) return &fill_any<kNormal>;
+  if (stream == kRademacher) return &fill_any<kRademacher>;
+  throw std::invalid_argument("zo_kernels._C: unknown stream id");
+}
+
+int64_t tiles(int64_t n) { return (n + kTile - 1) / kTile; }
+
+template <int D>
+void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint64_t seed, uint32_t sample,
+                  double scale, int64_t offset, int threads) {
+  using IO = Io<D>;
+  using T = typename IO::T;
+  using Acc = typename IO::Acc;
+  T* out = static_cast<T*>(out_v);
+  const T* theta = static_cast<const T*>(theta_v);
+  const Acc s = static_cast<Acc>(scale);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles(n); ++t) {
+    float z[kTile];
+    const int64_t lo = t * kTile;
+    const int64_t len = std::min(kTile, n - lo);
+    fill(z, seed, sample, static_cast<uint64_t>(offset + lo), len);
+    for (int64_t k = 0; k < len; ++k) out[lo + k] = IO::store(IO::load(theta[lo + k]) + s * static_cast<Acc>(z[k]));
+  }
+}
+
+// acc[k] = sum_i w_i z(seed, ids[i], start + k) for one tile; the sum over i runs in order.
+template <typename Acc>
+void combine_tile(Acc* acc, float* z, int64_t len, FillFn fill, const double* weights, const int64_t* ids,
+                  int64_t num, uint64_t seed, uint64_t start) {
+  std::fill(acc, acc + len, Acc(0));
+  for (int64_t i = 0; i < num; ++i) {
+    fill(z, seed, static_cast<uint32_t>(ids[i]), start, len);
+    const Acc w = static_cast<Acc>(weights[i]);
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) acc[k] += w * static_cast<Acc>(z[k]);
+  }
+}
+
+// theta[j] = theta[j] + sign * coef * sum_i w_i z_i[j], sign/coef folded into `factor`.
+template <int D>
+void accumulate_impl(void* data_v, int64_t n, const double* weights, const int64_t* ids, int64_t num, FillFn fill,
+                     uint64_t seed, double factor, int64_t offset, int threads) {
+  using IO = Io<D>;
+  using T = typename IO::T;
+  using Acc = typename IO::Acc;
+  T* data = static_cast<T*>(data_v);
+  const Acc f = static_cast<Acc>(factor);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles(n); ++t) {
+    float z[kTile];
+    Acc acc[kTile];
+    const int64_t lo = t * kTile;
+    const int64_t len = std::min(kTile, n - lo);
+    combine_tile<Acc>(acc, z, len, fill, weights, ids, num, seed, static_cast<uint64_t>(offset + lo));
+    if (factor == 1.0) {
+      for (int64_t k = 0; k < len; ++k) data[lo + k] = IO::store(IO::load(data[lo + k]) + acc[k]);
+    } else {
+      for (int64_t k = 0; k < len; ++k) data[lo + k] = IO::store(IO::load(data[lo + k]) - f * acc[k]);
+    }
+  }
+}
+
+template <template <int> class Fn, typename... Args>
+void dispatch(int dtype, Args... args) {
+  switch (dtype) {
+    case kFloat32: return Fn<kFloat32>::run(args...);
+    case kFloat64: return Fn<kFloat64>::run(args...);
+    case kFloat16: return Fn<kFloat16>::run(args...);
+    case kBFloat16: return Fn<kBFloat16>::run(args...);
+    default: throw std::invalid_argument("zo_kernels._C: unsupported dtype id");
+  }
+}
+
+template <int D>
+struct PerturbOp {
+  template <typename... Args>
+  static void run(Args... args) { perturb_impl<D>(args...); }
+};
+
+template <int D>
+struct AccumulateOp {
+  template <typename... Args>
+  static void run(Args... args) { accumulate_impl<D>(args...); }
+};
+
+}  // namespace
+
+void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
+             double scale, int64_t offset, int threads) {
+  dispatch<PerturbOp>(dtype, out, theta, n, fill_for(stream), seed, sample, scale, offset, threads);
+}
+
+void reduce(void* grad, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,
+            uint64_t seed, int64_t offset, int threads) {
+  dispatch<AccumulateOp>(dtype, grad, n, weights, ids, num, fill_for(stream), seed, 1.0, offset, threads);
+}
+
+void step(void* theta, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,
+          uint64_t seed, double lr, int64_t offset, int threads) {
+  dispatch<AccumulateOp>(dtype, theta, n, weights, ids, num, fill_for(stream), seed, lr, offset, threads);
+}
+
+void squared_norms(double* out, const int64_t* ids, int64_t num, int64_t n, int stream, uint64_t seed,
+                   int threads) {
+  const FillFn fill = fill_for(stream);
+  std::vector<double> partial(static_cast<size_t>(tiles(n)));
+  for (int64_t i = 0; i < num; ++i) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles(n); ++t) {
+      float z[kTile];
+      const int64_t lo = t * kTile;
+      const int64_t len = std::min(kTile, n - lo);
+      fill(z, seed, static_cast<uint32_t>(ids[i]), static_cast<uint64_t>(lo), len);
+      double s = 0.0;
+      for (int64_t k = 0; k < len; ++k) s += static_cast<double>(z[k]) * static_cast<double>(z[k]);
+      partial[static_cast<size_t>(t)] = s;
+    }
+    double total = 0.0;
+    for (double p : partial) total += p;  // fixed order: deterministic for any thread count
+    out[i] = total;
+  }
+}
+
+void fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset, int threads) {
+  const FillFn f = fill_for(stream);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles(n); ++t) {
+    const int64_t lo = t * kTile;
+    f(out + lo, seed, sample, static_cast<uint64_t>(offset + lo), std::min(kTile, n - lo));
+  }
+}
+
+void philox_words(uint32_t* out, int64_t blocks, uint64_t seed, uint32_t sample, uint64_t block0) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Words w = block_words(seed, sample, block0 + static_cast<uint64_t>(b));
+    for (int k = 0; k < 4; ++k) out[4 * b + k] = w.x[k];
+  }
+}
+
+}  // namespace cpu
+}  // namespace zo

@@ -1,0 +1,132 @@
+"""The compiled C++ CPU backend (``zo_kernels._C``): validation of every tensor, then a raw-pointer call.
+
+The extension takes addresses, element counts and dtype ids, not libtorch types, so nothing here
+depends on the PyTorch version; in exchange, this module is the only guard between a Python
+mistake and a wild pointer, and checks device, dtype, contiguity and sizes before every call.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..reference.noise import STREAMS
+
+DTYPE_IDS: Dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+STREAM_IDS: Dict[str, int] = {name: k for k, name in enumerate(STREAMS)}
+
+
+def load_extension() -> Tuple[Optional[ModuleType], str]:
+    """Import ``zo_kernels._C``; return ``(module, 'available')`` or ``(None, reason)``."""
+    try:
+        from .. import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, (
+            f"not built ({exc}); reinstall with a C++17 compiler (`pip install .`), "
+            "or set ZO_KERNELS_REQUIRE_NATIVE=1 to see why the build failed"
+        )
+    return _C, "available"
+
+
+def _check_tensor(t: torch.Tensor, name: str, dtype: Optional[torch.dtype] = None, numel: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU for the 'cpu' backend, got {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dtype not in DTYPE_IDS and dtype is None:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {t.numel()}")
+
+
+def _check_stream_args(stream: str, seed: int, offset: int) -> int:
+    if stream not in STREAM_IDS:
+        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return STREAM_IDS[stream]
+
+
+def _check_ids(sample_ids: torch.Tensor, weights: torch.Tensor) -> None:
+    _check_tensor(sample_ids, "sample_ids", torch.int64)
+    _check_tensor(weights, "weights", torch.float64, sample_ids.numel())
+    if sample_ids.numel() and (int(sample_ids.min()) < 0 or int(sample_ids.max()) >= 2**32):
+        raise ValueError("sample_ids must be in [0, 2**32)")
+
+
+class NativeCpuBackend:
+    """Fused perturb / reduce / step on CPU tensors with the OpenMP C++ kernels.
+
+    Uses ``torch.get_num_threads()`` threads, so ``torch.set_num_threads`` governs both PyTorch and
+    these kernels. Results do not depend on the thread count.
+    """
+
+    name = "cpu"
+
+    def __init__(self, ext: ModuleType) -> None:
+        self._C = ext
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """CPU tensors of float32, float64, float16 or bfloat16."""
+        return device.type == "cpu" and dtype in DTYPE_IDS
+
+    @staticmethod
+    def _threads() -> int:
+        return max(1, torch.get_num_threads())
+
+    def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
+        _check_tensor(theta, "theta")
+        _check_tensor(out, "out", theta.dtype, theta.numel())
+        if not 0 <= sample_id < 2**32:
+            raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
+        s = _check_stream_args(stream, seed, offset)
+        self._C.perturb(
+            out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
+            float(scale), offset, self._threads(),
+        )  # fmt: skip
+
+    def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
+        _check_tensor(data, "data")
+        s = _check_stream_args(stream, seed, offset)
+        ids = sample_ids.to(torch.int64).contiguous()
+        w = weights.to(torch.float64).contiguous()
+        _check_ids(ids, w)
+        fn(
+            data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], w.data_ptr(), ids.data_ptr(), ids.numel(), s, seed,
+            *extra, offset, self._threads(),
+        )  # fmt: skip
+
+    def reduce(self, grad, weights, sample_ids, stream, seed, offset):  # noqa: D102
+        self._accumulate(self._C.reduce, grad, weights, sample_ids, stream, seed, offset)
+
+    def step(self, theta, weights, sample_ids, stream, seed, lr, offset):  # noqa: D102
+        self._accumulate(self._C.step, theta, weights, sample_ids, stream, seed, offset, float(lr))
+
+    def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
+        s = _check_stream_args(stream, seed, 0)
+        ids = sample_ids.to(device="cpu", dtype=torch.int64).contiguous()
+        out = torch.empty(ids.numel(), dtype=torch.float64)
+        self._C.squared_norms(out.data_ptr(), ids.data_ptr(), ids.numel(), numel, s, seed, self._threads())
+        return out.to(sample_ids.device)
+
+    def fill(self, stream: str, seed: int, sample_id: int, offset: int, numel: int) -> torch.Tensor:
+        """``z(seed, sample_id, offset + j)`` for ``j < numel`` as float32 (for tests and benchmarks)."""
+        s = _check_stream_args(stream, seed, offset)
+        out = torch.empty(numel, dtype=torch.float32)
+        self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, self._threads())
+        return out
+
+    def philox_words(self, seed: int, sample_id: int, block0: int, blocks: int) -> torch.Tensor:
+        """The uint32 words of ``blocks`` consecutive Philox blocks, as int64 of shape (blocks, 4)."""
+        _check_stream_args(STREAMS[0], seed, block0)
+        out = torch.empty((blocks, 4), dtype=torch.int32)
+        self._C.philox_words(out.data_ptr(), blocks, seed, sample_id, block0)
+        return out.to(torch.int64) & 0xFFFFFFFF
