@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -100,6 +100,45 @@ def _weights(losses: torch.Tensor, f0: torch.Tensor, grad_out: torch.Tensor, s: 
     return diffs * (grad_out.detach().to(losses) * _coefficient(s.method, s.sigma, s.num_samples))
 
 
+@dataclass
+class _Segment:
+    """A contiguous range of the flat parameter vector that one kernel call perturbs or reduces."""
+
+    backend: _backends.Backend
+    theta: torch.Tensor  # flat, contiguous, detached
+    out: torch.Tensor  # flat scratch buffer of the same size
+    offset: int
+    parts: List[Tuple[int, int, torch.Size]]  # (start, stop, shape) of each leaf inside the segment
+
+
+def _segments(
+    leaves: Sequence[torch.Tensor], offsets: Sequence[int], chosen: Sequence[_backends.Backend]
+) -> Tuple[List[_Segment], List[torch.Tensor]]:
+    """Group leaves into as few kernel calls as possible, and the perturbed views the function sees.
+
+    Leaves that share a device, dtype and backend are concatenated into one flat buffer (their flat
+    offsets are consecutive by construction), so a model with hundreds of tensors costs one
+    perturb call per sample instead of hundreds.
+    """
+    segments: List[_Segment] = []
+    groups: List[List[int]] = []
+    for k, p in enumerate(leaves):
+        prev = leaves[groups[-1][0]] if groups else None
+        if prev is not None and (prev.device, prev.dtype) == (p.device, p.dtype) and chosen[k] is chosen[groups[-1][0]]:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    scratch: List[torch.Tensor] = []
+    for group in groups:
+        base = offsets[group[0]]
+        theta = torch.cat([leaves[k].detach().reshape(-1) for k in group])
+        out = torch.empty_like(theta)
+        parts = [(offsets[k] - base, offsets[k + 1] - base, leaves[k].shape) for k in group]
+        segments.append(_Segment(chosen[group[0]], theta, out, base, parts))
+        scratch.extend(out[lo:hi].view(shape) for lo, hi, shape in parts)
+    return segments, scratch
+
+
 def _fused_gradients(
     evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, grad_out: torch.Tensor, s: Settings
 ) -> List[torch.Tensor]:
@@ -118,14 +157,13 @@ def _fused_gradients(
         norms = chosen[0].squared_norms(noise.stream, seed, ids.to(leaves[0].device), total)
         scales = (math.sqrt(total) / norms.sqrt()).tolist()
 
-    scratch = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in leaves]
-    thetas = [p.detach() for p in leaves]
+    segments, scratch = _segments(leaves, offsets, chosen)
     rows = []
     for sign in _signs(s.method):
         row = []
         for i in range(s.num_samples):
-            for b, buf, theta, off in zip(chosen, scratch, thetas, offsets):
-                b.perturb(buf, theta, noise.stream, seed, i, sign * s.sigma * scales[i], off)
+            for seg in segments:
+                seg.backend.perturb(seg.out, seg.theta, noise.stream, seed, i, sign * s.sigma * scales[i], seg.offset)
             row.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
         rows.append(torch.stack(row))
     losses = torch.stack(rows)
@@ -133,12 +171,11 @@ def _fused_gradients(
 
     weights = _weights(losses, f0, grad_out, s) * torch.tensor(scales, dtype=torch.float64).to(losses.device)
     grads = []
-    for b, p, off in zip(chosen, leaves, offsets):
-        g = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        b.reduce(
-            g, weights.to(device=p.device, dtype=accumulation_dtype(p.dtype)), ids.to(p.device), noise.stream, seed, off
-        )
-        grads.append(g)
+    for seg in segments:
+        g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
+        w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
+        seg.backend.reduce(g, w, ids.to(g.device), noise.stream, seed, seg.offset)
+        grads.extend(g[lo:hi].view(shape) for lo, hi, shape in seg.parts)
     return grads
 
 
