@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-from zo_kernels import backends
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. The variable is read when
+# a kernel is defined, so it must be set before zo_kernels (and its Triton modules) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from zo_kernels import backends  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
