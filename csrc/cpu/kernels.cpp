@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../philox.h"
+#include "normal_tile.h"
 #include "scalar_io.h"
 
 namespace zo {
@@ -16,27 +17,46 @@ namespace {
 // Elements per tile: a multiple of every stream's block length, small enough to stay in L1/L2.
 constexpr int64_t kTile = 2048;
 
-// z[k] = z(seed, sample, start + k) for k < len, one Philox call per block touched.
+// z[k] = z(seed, sample, start + k) for k < len <= kTile, one Philox call per block touched.
 template <int S>
-void fill_tile(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len) {
-  constexpr int P = StreamTraits<S>::kPerBlock;
-  int64_t k = 0;
-  uint64_t g = start;
-  while (k < len) {
-    const uint64_t block = g / P;
-    const int lane = static_cast<int>(g % P);
-    const int take = static_cast<int>(std::min<int64_t>(P - lane, len - k));
-    const Words w = block_words(seed, sample, block);
-    if (S == kNormal) {
-      float v[4];
-      normal_block(w, v);
-      for (int i = 0; i < take; ++i) z[k + i] = v[lane + i];
-    } else {
-      for (int i = 0; i < take; ++i) z[k + i] = rademacher_sign(w, lane + i);
-    }
-    k += take;
-    g += take;
+void fill_tile(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len);
+
+template <>
+void fill_tile<kNormal>(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len) {
+  if (len <= 0) return;
+  const uint64_t block0 = start / 4;
+  const int lane0 = static_cast<int>(start % 4);
+  const int nblocks = static_cast<int>((static_cast<uint64_t>(lane0) + static_cast<uint64_t>(len) + 3) / 4);
+  float values[4 * kMaxTileBlocks];
+  normal_blocks(values, seed, sample, block0, nblocks);
+  std::copy(values + lane0, values + lane0 + len, z);
+}
+
+template <>
+void fill_tile<kRademacher>(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len) {
+  if (len <= 0) return;
+  constexpr int P = StreamTraits<kRademacher>::kPerBlock;
+  const uint64_t block0 = start / P;
+  const int lane0 = static_cast<int>(start % P);
+  const int nblocks = static_cast<int>((static_cast<uint64_t>(lane0) + static_cast<uint64_t>(len) + P - 1) / P);
+  uint32_t words[4 * (kTile / P + 1)];
+  for (int i = 0; i < nblocks; ++i) {
+    const Words w = block_words(seed, sample, block0 + static_cast<uint64_t>(i));
+    for (int k = 0; k < 4; ++k) words[4 * i + k] = w.x[k];
   }
+  // +1.0f with the sign bit set where the stream's bit is 0: branch-free, so the bit loop vectorizes.
+  // Bit masks from a table, not `word >> b`: SSE2 has no per-lane variable shift.
+  static constexpr uint32_t kBit[32] = {
+      1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,  1u << 8,  1u << 9,  1u << 10,
+      1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15, 1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21,
+      1u << 22, 1u << 23, 1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+  float values[P * (kTile / P + 1)];
+  for (int wi = 0; wi < 4 * nblocks; ++wi) {
+    const uint32_t word = words[wi];
+    float* dst = values + 32 * wi;
+    for (int b = 0; b < 32; ++b) dst[b] = as_float(0x3F800000u | ((word & kBit[b]) ? 0u : 0x80000000u));
+  }
+  std::copy(values + lane0, values + lane0 + len, z);
 }
 
 template <int S>
