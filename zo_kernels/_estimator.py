@@ -61,7 +61,7 @@ def _coefficient(method: str, sigma: float, num_samples: int) -> float:
 def _evaluate_sample(
     evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str
 ) -> torch.Tensor:
-    """One perturbed loss, as a detached 0-dim float64 tensor; errors say which sample raised."""
+    """One perturbed loss, as a detached 0-dim tensor; errors say which sample raised."""
     where = f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
     try:
         out = evaluate(params)
@@ -69,7 +69,14 @@ def _evaluate_sample(
         if hasattr(exc, "add_note"):  # Python >= 3.11
             exc.add_note(f"zo_kernels: raised while evaluating {where}")
         raise
-    return check_output(out, where).detach().to(torch.float64)
+    return check_output(out, where).detach()
+
+
+def _stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-sample losses as one float64 vector (one conversion, not one per sample)."""
+    if all(loss.dtype == losses[0].dtype and loss.device == losses[0].device for loss in losses):
+        return torch.stack(list(losses)).to(torch.float64)
+    return torch.stack([loss.to(device=losses[0].device, dtype=torch.float64) for loss in losses])
 
 
 def _raise_if_not_finite(losses: torch.Tensor, f0: Optional[torch.Tensor], method: str, seed_text: str) -> None:
@@ -158,14 +165,16 @@ def _fused_gradients(
         scales = (math.sqrt(total) / norms.sqrt()).tolist()
 
     segments, scratch = _segments(leaves, offsets, chosen)
+    perturbers = [seg.backend.prepare_perturb(seg.out, seg.theta, noise.stream, seed, seg.offset) for seg in segments]
     rows = []
     for sign in _signs(s.method):
         row = []
         for i in range(s.num_samples):
-            for seg in segments:
-                seg.backend.perturb(seg.out, seg.theta, noise.stream, seed, i, sign * s.sigma * scales[i], seg.offset)
+            scale = sign * s.sigma * scales[i]
+            for perturb in perturbers:
+                perturb(i, scale)
             row.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
-        rows.append(torch.stack(row))
+        rows.append(_stack_losses(row))
     losses = torch.stack(rows)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
 
@@ -209,10 +218,10 @@ def _sampled_gradients(
             for r, sign in enumerate(_signs(s.method)):
                 perturbed = [theta + (sign * s.sigma) * z for theta, z in zip(thetas, zs)]
                 rows[r].append(_evaluate_sample(evaluate, perturbed, i, sign, seed_text))
-            w = _weights(torch.stack([r[i] for r in rows])[:, None], f0, grad_out, s)[0]
+            w = _weights(_stack_losses([r[i] for r in rows])[:, None], f0, grad_out, s)[0]
             for acc, z in zip(sums, zs):
                 acc.add_(z.to(acc.dtype) * w.to(acc.dtype))
-        losses = torch.stack([torch.stack(r) for r in rows])
+        losses = torch.stack([_stack_losses(r) for r in rows])
         _raise_if_not_finite(losses, f0, s.method, seed_text)
     return [acc.to(p.dtype) for acc, p in zip(sums, leaves)]
 

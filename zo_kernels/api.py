@@ -39,9 +39,25 @@ class _CallSite:
         args = list(self.args)
         start = 0
         for argnum, spec, count in self.specs:
-            args[argnum] = pytree.tree_unflatten(list(leaves[start : start + count]), spec)
+            args[argnum] = _rebuild(args[argnum], leaves[start : start + count], spec)
             start += count
         return self.fn(*args, **self.kwargs)
+
+
+def _rebuild(original: Any, leaves: Sequence[torch.Tensor], spec: Any) -> Any:
+    """``original``'s pytree with ``leaves`` in place of its tensors.
+
+    This runs once per sample, so the common shapes (a tensor, a plain tuple/list/dict of tensors)
+    skip the generic ``tree_unflatten``.
+    """
+    if isinstance(original, torch.Tensor):
+        return leaves[0]
+    kind = type(original)
+    if kind in (tuple, list) and len(original) == len(leaves) and all(isinstance(v, torch.Tensor) for v in original):
+        return kind(leaves)
+    if kind is dict and len(original) == len(leaves) and all(isinstance(v, torch.Tensor) for v in original.values()):
+        return dict(zip(original.keys(), leaves))
+    return pytree.tree_unflatten(list(leaves), spec)
 
 
 class _ZeroOrderFunction(torch.autograd.Function):

@@ -14,57 +14,15 @@ this interface.
 
 from __future__ import annotations
 
-import abc
 import os
 from typing import Dict, List, Optional
 
 import torch
 
+from .kernels.base import Backend
 from .reference import noise as _ref
 
 ENV_VAR = "ZO_KERNELS_BACKEND"
-
-
-class Backend(abc.ABC):
-    """One implementation of the fused noise operations (the compiled ones follow it by duck typing)."""
-
-    name: str = ""
-
-    @abc.abstractmethod
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether this backend can run on tensors of ``device`` and ``dtype``."""
-
-    @abc.abstractmethod
-    def perturb(
-        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, sample_id: int, scale: float, offset: int
-    ) -> None:
-        """Write ``theta + scale * z(seed, sample_id, offset + j)`` into ``out``."""
-
-    @abc.abstractmethod
-    def reduce(
-        self, grad: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor, stream: str, seed: int, offset: int
-    ) -> None:
-        """Add ``sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` to ``grad``."""
-
-    @abc.abstractmethod
-    def step(
-        self,
-        theta: torch.Tensor,
-        weights: torch.Tensor,
-        sample_ids: torch.Tensor,
-        stream: str,
-        seed: int,
-        lr: float,
-        offset: int,
-    ) -> None:
-        """Subtract ``lr * sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` from ``theta``."""
-
-    @abc.abstractmethod
-    def squared_norms(self, stream: str, seed: int, sample_ids: torch.Tensor, numel: int) -> torch.Tensor:
-        """float64 ``sum_{j < numel} z(seed, i, j)**2`` for each id, on ``sample_ids.device``."""
-
-    def __repr__(self) -> str:
-        return f"<zo_kernels backend {self.name!r}>"
 
 
 class ReferenceBackend(Backend):

@@ -74,6 +74,16 @@ FillFn fill_for(int stream) {
 
 int64_t tiles(int64_t n) { return (n + kTile - 1) / kTile; }
 
+// Threads worth waking for `work` stream values: below kMinWorkPerThread values each, waking the
+// OpenMP team costs more than it saves, and on a loaded machine it can stall behind PyTorch's own
+// thread pool, so small calls run on the calling thread.
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 16;
+
+int team_size(int threads, int64_t work) {
+  const int64_t useful = std::max<int64_t>(1, work / kMinWorkPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, useful)));
+}
+
 template <int D>
 void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint64_t seed, uint32_t sample,
                   double scale, int64_t offset, int threads) {
@@ -83,7 +93,8 @@ void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint
   T* out = static_cast<T*>(out_v);
   const T* theta = static_cast<const T*>(theta_v);
   const Acc s = static_cast<Acc>(scale);
-#pragma omp parallel for num_threads(threads) schedule(static)
+  const int team = team_size(threads, n);
+#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
   for (int64_t t = 0; t < tiles(n); ++t) {
     float z[kTile];
     const int64_t lo = t * kTile;
@@ -115,7 +126,8 @@ void accumulate_impl(void* data_v, int64_t n, const double* weights, const int64
   using Acc = typename IO::Acc;
   T* data = static_cast<T*>(data_v);
   const Acc f = static_cast<Acc>(factor);
-#pragma omp parallel for num_threads(threads) schedule(static)
+  const int team = team_size(threads, n * std::max<int64_t>(num, 1));
+#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
   for (int64_t t = 0; t < tiles(n); ++t) {
     float z[kTile];
     Acc acc[kTile];
@@ -174,8 +186,9 @@ void squared_norms(double* out, const int64_t* ids, int64_t num, int64_t n, int 
                    int threads) {
   const FillFn fill = fill_for(stream);
   std::vector<double> partial(static_cast<size_t>(tiles(n)));
+  const int team = team_size(threads, n);
   for (int64_t i = 0; i < num; ++i) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
     for (int64_t t = 0; t < tiles(n); ++t) {
       float z[kTile];
       const int64_t lo = t * kTile;
@@ -193,7 +206,8 @@ void squared_norms(double* out, const int64_t* ids, int64_t num, int64_t n, int 
 
 void fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset, int threads) {
   const FillFn f = fill_for(stream);
-#pragma omp parallel for num_threads(threads) schedule(static)
+  const int team = team_size(threads, n);
+#pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
   for (int64_t t = 0; t < tiles(n); ++t) {
     const int64_t lo = t * kTile;
     f(out + lo, seed, sample, static_cast<uint64_t>(offset + lo), std::min(kTile, n - lo));

@@ -13,13 +13,18 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..reference.noise import STREAMS
+from .base import Backend
 
 DTYPE_IDS: Dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 STREAM_IDS: Dict[str, int] = {name: k for k, name in enumerate(STREAMS)}
 
 
 def load_extension() -> Tuple[Optional[ModuleType], str]:
-    """Import ``zo_kernels._C``; return ``(module, 'available')`` or ``(None, reason)``."""
+    """Import ``zo_kernels._C``; return ``(module, 'available')`` or ``(None, reason)``.
+
+    torch is imported first, so its OpenMP runtime (``libgomp.so.1``) is the one the extension binds
+    to: one thread pool serves both, and ``torch.set_num_threads`` bounds our kernels too.
+    """
     try:
         from .. import _C  # type: ignore[attr-defined]
     except ImportError as exc:
@@ -62,7 +67,7 @@ def _check_ids(sample_ids: torch.Tensor, weights: torch.Tensor) -> None:
         raise ValueError("sample_ids must be in [0, 2**32)")
 
 
-class NativeCpuBackend:
+class NativeCpuBackend(Backend):
     """Fused perturb / reduce / step on CPU tensors with the OpenMP C++ kernels.
 
     Uses ``torch.get_num_threads()`` threads, so ``torch.set_num_threads`` governs both PyTorch and
@@ -92,6 +97,21 @@ class NativeCpuBackend:
             out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
             float(scale), offset, self._threads(),
         )  # fmt: skip
+
+    def prepare_perturb(self, out, theta, stream, seed, offset):  # noqa: D102
+        _check_tensor(theta, "theta")
+        _check_tensor(out, "out", theta.dtype, theta.numel())
+        s = _check_stream_args(stream, seed, offset)
+        args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
+        kernel, threads = self._C.perturb, self._threads()
+
+        def perturb(sample_id: int, scale: float) -> None:
+            if not 0 <= sample_id < 2**32:
+                raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
+            # The buffers were validated above and belong to the caller for the whole loop.
+            kernel(*args, sample_id, float(scale), offset, threads)
+
+        return perturb
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")

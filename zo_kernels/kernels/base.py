@@ -1,0 +1,60 @@
+"""The interface every backend implements (see ``zo_kernels.backends`` for the choice of one)."""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+
+
+class Backend(abc.ABC):
+    """One implementation of the fused noise operations on the stream of ``docs/noise.md``."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend can run on tensors of ``device`` and ``dtype``."""
+
+    @abc.abstractmethod
+    def perturb(
+        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, sample_id: int, scale: float, offset: int
+    ) -> None:
+        """Write ``theta + scale * z(seed, sample_id, offset + j)`` into ``out``."""
+
+    @abc.abstractmethod
+    def reduce(
+        self, grad: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor, stream: str, seed: int, offset: int
+    ) -> None:
+        """Add ``sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` to ``grad``."""
+
+    @abc.abstractmethod
+    def step(
+        self,
+        theta: torch.Tensor,
+        weights: torch.Tensor,
+        sample_ids: torch.Tensor,
+        stream: str,
+        seed: int,
+        lr: float,
+        offset: int,
+    ) -> None:
+        """Subtract ``lr * sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` from ``theta``."""
+
+    @abc.abstractmethod
+    def squared_norms(self, stream: str, seed: int, sample_ids: torch.Tensor, numel: int) -> torch.Tensor:
+        """float64 ``sum_{j < numel} z(seed, i, j)**2`` for each id, on ``sample_ids.device``."""
+
+    def __repr__(self) -> str:
+        return f"<zo_kernels backend {self.name!r}>"
+
+    def prepare_perturb(
+        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, offset: int
+    ) -> Callable[[int, float], None]:
+        """A function ``(sample_id, scale) -> None`` doing ``perturb`` into ``out`` for a fixed buffer pair.
+
+        The estimate perturbs the same buffers once per sample; a backend may validate them once
+        here and return a cheaper call.
+        """
+        return lambda sample_id, scale: self.perturb(out, theta, stream, seed, sample_id, scale, offset)
