@@ -41,7 +41,7 @@ def test_uint32_stream_is_bit_exact(cpu, seed, sample, block0):
 @pytest.mark.parametrize("n", [1, 131, 4099])
 def test_stream_values_match_the_reference(cpu, stream, offset, n):
     seed = int(torch.randint(0, 2**62, ()).item())
-    got = cpu.fill(stream, seed, 3, offset, n)
+    got = cpu.sample(stream, seed, 3, offset, n)
     ref = noise.noise(stream, seed, torch.tensor([3]), offset, n)[0]
     if stream == "rademacher":
         assert torch.equal(got, ref)

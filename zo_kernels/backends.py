@@ -6,6 +6,7 @@ Every backend implements the same four operations on the stream of ``docs/noise.
 - ``reduce(grad, weights, sample_ids, stream, seed, offset)``: ``grad += sum_k w_k z_{i_k}``
 - ``step(theta, weights, sample_ids, stream, seed, lr, offset)``: ``theta -= lr * sum_k w_k z_{i_k}``
 - ``squared_norms(stream, seed, sample_ids, numel)``: ``|z_i|^2`` over the first ``numel`` elements
+- ``sample(stream, seed, sample_id, offset, numel, device)``: the noise itself, materialized
 
 ``offset`` is the flat index of the tensor's first element in the concatenated parameter vector,
 so splitting parameters into tensors never changes the noise. The zero-order layer only talks to
@@ -44,6 +45,10 @@ class ReferenceBackend(Backend):
 
     def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
         return _ref.squared_norms(stream, seed, sample_ids, numel)
+
+    def sample(self, stream, seed, sample_id, offset, numel, device):  # noqa: D102
+        ids = torch.tensor([sample_id], dtype=torch.int64, device=device)
+        return _ref.noise(stream, seed, ids, offset, numel)[0]
 
 
 #: Preference order per device type; the first backend that is built and supports the tensors wins.

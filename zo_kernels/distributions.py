@@ -45,11 +45,13 @@ class FusedDistribution:
         ``seed`` defaults to one draw from PyTorch's default generator, so ``torch.manual_seed``
         makes the result reproducible.
         """
+        from . import backends  # late: backends imports the kernels, which import this module's siblings
+
         shape = _as_size(sample_shape)
         if seed is None:
             seed = draw_seed()
-        ids = torch.zeros(1, dtype=torch.int64, device=device)
-        z = _noise.noise(self.stream, seed, ids, 0, shape.numel())[0]
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        z = backends.select(where, torch.float32).sample(self.stream, seed, 0, 0, shape.numel(), where)
         if self.sphere and z.numel() > 0:
             z = z * (math.sqrt(z.numel()) / torch.linalg.vector_norm(z.double()).item())
         return z.reshape(shape)

@@ -49,6 +49,12 @@ class Backend(abc.ABC):
     def __repr__(self) -> str:
         return f"<zo_kernels backend {self.name!r}>"
 
+    @abc.abstractmethod
+    def sample(
+        self, stream: str, seed: int, sample_id: int, offset: int, numel: int, device: torch.device
+    ) -> torch.Tensor:
+        """float32 ``z(seed, sample_id, offset + j)`` for ``j < numel`` on ``device`` (materialized noise)."""
+
     def prepare_perturb(
         self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, offset: int
     ) -> Callable[[int, float], None]:

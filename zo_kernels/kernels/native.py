@@ -137,8 +137,11 @@ class NativeCpuBackend(Backend):
         self._C.squared_norms(out.data_ptr(), ids.data_ptr(), ids.numel(), numel, s, seed, self._threads())
         return out.to(sample_ids.device)
 
-    def fill(self, stream: str, seed: int, sample_id: int, offset: int, numel: int) -> torch.Tensor:
-        """``z(seed, sample_id, offset + j)`` for ``j < numel`` as float32 (for tests and benchmarks)."""
+    def sample(self, stream, seed, sample_id, offset, numel, device="cpu"):  # noqa: D102
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"device must be the CPU for the 'cpu' backend, got {device}")
+        if not 0 <= sample_id < 2**32:
+            raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
         s = _check_stream_args(stream, seed, offset)
         out = torch.empty(numel, dtype=torch.float32)
         self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, self._threads())

@@ -1,0 +1,201 @@
+"""Triton kernels for the fused noise operations, and their launchers.
+
+Every kernel tiles the *global* flat index space: program ``p`` owns the ``BLOCK`` elements
+``j = (offset // BLOCK + p) * BLOCK + i`` (``BLOCK`` a multiple of every stream's block length), so a
+tile holds whole Philox blocks and each block is generated once per sample; elements outside
+``[offset, offset + n)`` are masked. Index math is int64, the seed goes in as two uint32 halves,
+and float64 scalars (scale, lr) as their int64 bit pattern, so nothing is rounded to float32 on the way.
+
+``reduce`` / ``step`` loop over the samples inside each program, in order, accumulating in
+registers (float32, float64 for float64 parameters): one read of every weight and id per program,
+one read-modify-write of the data, and a fixed summation order, so results are bitwise identical
+run to run and for any tile size. Launchers take tensors that :mod:`.backend` has validated.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import INTERPRET, MAX_PER_BLOCK, philox4x32_10, split_block, stream_tile, tile_positions
+
+#: Tile size and grid of the squared-norm partial sums: fixed (not tuned) so that the summation
+#: order, hence the float64 result, is the same on every run.
+NORM_BLOCK = 256 if INTERPRET else 1024
+NORM_PROGRAMS = 1024
+WORDS_BLOCK = 128
+
+# Index, seed and scalar arguments take any value: specializing on them (divisibility by 16,
+# equality to 1) would only multiply compilations, so every integer argument is exempt.
+_INTS = ("n", "offset", "seed_lo", "seed_hi", "sample", "scale_bits", "num", "tiles", "block0", "c2", "c3")
+
+
+def _jit(fn):
+    return triton.jit(fn, do_not_specialize=[a for a in fn.__code__.co_varnames[: fn.__code__.co_argcount] if a in _INTS])
+
+
+def _autotune(restore):
+    """Tile size / warps tuned per (n, stream, dtypes) on GPUs; one small fixed tile in the interpreter.
+
+    ``restore`` names the tensors the kernel writes in place: tuning runs the kernel several
+    times and must leave them as they were.
+    """
+    if INTERPRET:
+        configs = [triton.Config({"BLOCK": 512}, num_warps=1)]
+    else:
+        configs = [
+            triton.Config({"BLOCK": block}, num_warps=warps)
+            for block, warps in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8))
+        ]
+    assert all(c.kwargs["BLOCK"] % MAX_PER_BLOCK == 0 for c in configs)
+    return triton.autotune(configs=configs, key=["n", "STREAM"], restore_value=restore)
+
+
+def _words(seed: int):
+    return seed & 0xFFFFFFFF, seed >> 32
+
+
+def _f64_bits(x: float) -> int:
+    """The IEEE-754 bit pattern of float64 ``x`` as a signed int64 (decoded by :func:`_f64`)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def _f64(bits):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _tile(offset, n, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """First global index of this program's tile, and the tensor positions / mask of its elements."""
+    start = (offset.to(tl.int64) // BLOCK + tl.program_id(0)) * BLOCK
+    k = start + tile_positions(STREAM, BLOCK) - offset
+    return start, k, (k >= 0) & (k < n)
+
+
+@_autotune(restore=["out_ptr"])
+@_jit
+def _perturb_kernel(
+    out_ptr, theta_ptr, n, offset, seed_lo, seed_hi, sample, scale_bits,
+    STREAM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    start, k, mask = _tile(offset, n, STREAM, BLOCK)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    z = stream_tile(start, sample.to(tl.uint32), k0, k1, STREAM, BLOCK)
+    theta = tl.load(theta_ptr + k, mask=mask).to(ACC)
+    out = theta + _f64(scale_bits).to(ACC) * z.to(ACC)
+    tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotune(restore=["data_ptr"])
+@_jit
+def _accumulate_kernel(
+    data_ptr, weights_ptr, ids_ptr, num, n, offset, seed_lo, seed_hi, scale_bits,
+    STREAM: tl.constexpr, ACC: tl.constexpr, STEP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``data += sum_s w_s z_s`` (reduce) or ``data -= lr * sum_s w_s z_s`` (step, lr in scale_bits)."""
+    start, k, mask = _tile(offset, n, STREAM, BLOCK)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    acc = tl.zeros(k.shape, dtype=ACC)
+    for s in range(num):
+        w = tl.load(weights_ptr + s).to(ACC)
+        z = stream_tile(start, tl.load(ids_ptr + s).to(tl.uint32), k0, k1, STREAM, BLOCK)
+        acc += w * z.to(ACC)
+    data = tl.load(data_ptr + k, mask=mask).to(ACC)
+    if STEP:
+        data = data - _f64(scale_bits).to(ACC) * acc
+    else:
+        data = data + acc
+    tl.store(data_ptr + k, data.to(data_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _squared_norms_kernel(partial_ptr, ids_ptr, n, tiles, seed_lo, seed_hi, STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """``partial[i, g] = sum of z_i(j)**2`` (float64) over the tiles ``g, g + G, ...`` of ``[0, n)``."""
+    g = tl.program_id(1)
+    programs = tl.num_programs(1)
+    sample = tl.load(ids_ptr + tl.program_id(0)).to(tl.uint32)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    pos = tile_positions(STREAM, BLOCK)
+    acc = tl.zeros(pos.shape, dtype=tl.float64)
+    for t in range(g, tiles, programs):
+        start = t.to(tl.int64) * BLOCK
+        z = stream_tile(start, sample, k0, k1, STREAM, BLOCK).to(tl.float64)
+        acc += tl.where(start + pos < n, z * z, 0.0)
+    tl.store(partial_ptr + tl.program_id(0) * programs + g, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+@_jit
+def _words_kernel(out_ptr, n, block0, c2, c3, seed_lo, seed_hi, BLOCK: tl.constexpr):
+    """Philox words of counters ``(b & 0xffffffff, b >> 32, c2, c3)`` for ``b = block0 + i``, ``i < n``."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    c0, c1 = split_block(block0.to(tl.int64) + i)
+    zero = tl.zeros_like(c0)
+    k0 = seed_lo.to(tl.uint32)
+    k1 = seed_hi.to(tl.uint32)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, c2.to(tl.uint32) + zero, c3.to(tl.uint32) + zero, k0, k1)
+    mask = i < n
+    tl.store(out_ptr + 4 * i, x0, mask=mask)
+    tl.store(out_ptr + 4 * i + 1, x1, mask=mask)
+    tl.store(out_ptr + 4 * i + 2, x2, mask=mask)
+    tl.store(out_ptr + 4 * i + 3, x3, mask=mask)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid(offset: int, n: int):
+    return lambda meta: (triton.cdiv(offset % meta["BLOCK"] + n, meta["BLOCK"]),)
+
+
+def perturb(out: torch.Tensor, theta: torch.Tensor, stream: int, seed: int, sample_id: int, scale: float, offset: int):
+    """``out = theta + scale * z(seed, sample_id, offset + j)``; contiguous tensors on one device."""
+    n = theta.numel()
+    if n == 0:
+        return
+    lo, hi = _words(seed)
+    _perturb_kernel[_grid(offset, n)](
+        out, theta, n, offset, lo, hi, sample_id, _f64_bits(scale), STREAM=stream, ACC=_acc(theta.dtype)
+    )
+
+
+def accumulate(data: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stream: int, seed: int, offset: int,
+               lr=None):  # fmt: skip
+    """``data += sum_k weights[k] z_k`` (``lr`` None) or ``data -= lr * sum_k weights[k] z_k``, in place."""
+    n, num = data.numel(), ids.numel()
+    if n == 0 or num == 0:
+        return
+    lo, hi = _words(seed)
+    _accumulate_kernel[_grid(offset, n)](
+        data, weights, ids, num, n, offset, lo, hi, _f64_bits(0.0 if lr is None else lr),
+        STREAM=stream, ACC=_acc(data.dtype), STEP=lr is not None,
+    )  # fmt: skip
+
+
+def squared_norms(ids: torch.Tensor, stream: int, seed: int, n: int) -> torch.Tensor:
+    """float64 ``sum_{j < n} z(seed, i, j)**2`` per id, on ``ids.device``, in a fixed order."""
+    num = ids.numel()
+    if num == 0 or n == 0:
+        return torch.zeros(num, dtype=torch.float64, device=ids.device)
+    tiles = triton.cdiv(n, NORM_BLOCK)
+    programs = min(tiles, NORM_PROGRAMS)
+    partial = torch.empty((num, programs), dtype=torch.float64, device=ids.device)
+    lo, hi = _words(seed)
+    _squared_norms_kernel[(num, programs)](partial, ids, n, tiles, lo, hi, STREAM=stream, BLOCK=NORM_BLOCK)
+    return partial.sum(dim=1)
+
+
+def philox_blocks(block0: int, blocks: int, c2: int, c3: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Philox4x32-10 words of ``blocks`` consecutive block counters, as int64 of shape (blocks, 4)."""
+    out = torch.empty((blocks, 4), dtype=torch.int64, device=device)
+    if blocks:
+        lo, hi = _words(seed)
+        _words_kernel[(triton.cdiv(blocks, WORDS_BLOCK),)](out, blocks, block0, c2, c3, lo, hi, BLOCK=WORDS_BLOCK)
+    return out
