@@ -56,7 +56,6 @@ PREFERENCE: Dict[str, List[str]] = {"cuda": ["cuda", "triton", "reference"], "cp
 
 _BACKENDS: Dict[str, Backend] = {"reference": ReferenceBackend()}
 _UNAVAILABLE: Dict[str, str] = {
-    "triton": "not built yet: the Triton GPU backend is planned",
     "cuda": "not built yet: the CUDA C++ backend is planned",
 }
 
@@ -71,7 +70,25 @@ def _register_native() -> None:
         _BACKENDS["cpu"] = NativeCpuBackend(ext)  # type: ignore[assignment]
 
 
+def _register_triton() -> None:
+    # Importing triton costs about half a second: only pay it where its kernels can run.
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        _UNAVAILABLE["triton"] = (
+            "no CUDA device (set TRITON_INTERPRET=1 before importing zo_kernels to run the Triton kernels "
+            "on CPU tensors in Triton's interpreter)"
+        )
+        return
+    from .kernels.triton.backend import load_backend
+
+    backend, why = load_backend()
+    if backend is None:
+        _UNAVAILABLE["triton"] = why
+    else:
+        _BACKENDS["triton"] = backend
+
+
 _register_native()
+_register_triton()
 
 
 def available() -> Dict[str, str]:

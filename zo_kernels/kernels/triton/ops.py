@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import INTERPRET, MAX_PER_BLOCK, philox4x32_10, split_block, stream_tile, tile_positions
+from .philox import INTERPRET, MAX_PER_BLOCK, philox4x32_10, split_block, stream_tile, tile_index
 
 #: Tile size and grid of the squared-norm partial sums: fixed (not tuned) so that the summation
 #: order, hence the float64 result, is the same on every run.
-NORM_BLOCK = 256 if INTERPRET else 1024
+NORM_BLOCK = 1024
 NORM_PROGRAMS = 1024
 WORDS_BLOCK = 128
 
@@ -34,24 +34,38 @@ _INTS = ("n", "offset", "seed_lo", "seed_hi", "sample", "scale_bits", "num", "ti
 
 
 def _jit(fn):
-    return triton.jit(fn, do_not_specialize=[a for a in fn.__code__.co_varnames[: fn.__code__.co_argcount] if a in _INTS])
+    """``triton.jit`` with every integer argument of ``fn`` named in :data:`_INTS` left unspecialized."""
+    params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[a for a in params if a in _INTS])
+
+
+def _small_tiles_for_small_n(configs, named_args, **kwargs):
+    """Only tiles no larger than ``n`` are worth timing: a tensor that fits one tile is not tuned."""
+    fitting = [c for c in configs if c.kwargs["BLOCK"] <= named_args["n"]]
+    return fitting or configs[:1]
 
 
 def _autotune(restore):
-    """Tile size / warps tuned per (n, stream, dtypes) on GPUs; one small fixed tile in the interpreter.
+    """Tile size and warps tuned per (n, stream, tensor dtypes) on GPUs; one fixed config in the interpreter.
 
-    ``restore`` names the tensors the kernel writes in place: tuning runs the kernel several
-    times and must leave them as they were.
+    The tile size never changes a result (every element's arithmetic is the same in any tile).
+    ``restore`` names the tensors the kernel writes in place: tuning runs it several times and must
+    leave them as they were.
     """
-    if INTERPRET:
-        configs = [triton.Config({"BLOCK": 512}, num_warps=1)]
+    if INTERPRET:  # timing the interpreter means nothing and costs much
+        configs = [triton.Config({"BLOCK": 2048}, num_warps=1)]
     else:
         configs = [
             triton.Config({"BLOCK": block}, num_warps=warps)
             for block, warps in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8))
         ]
     assert all(c.kwargs["BLOCK"] % MAX_PER_BLOCK == 0 for c in configs)
-    return triton.autotune(configs=configs, key=["n", "STREAM"], restore_value=restore)
+    return triton.autotune(
+        configs=configs,
+        key=["n", "STREAM"],
+        restore_value=restore,
+        prune_configs_by={"early_config_prune": _small_tiles_for_small_n},
+    )
 
 
 def _words(seed: int):
@@ -71,9 +85,10 @@ def _f64(bits):
 @triton.jit
 def _tile(offset, n, STREAM: tl.constexpr, BLOCK: tl.constexpr):
     """First global index of this program's tile, and the tensor positions / mask of its elements."""
-    start = (offset.to(tl.int64) // BLOCK + tl.program_id(0)) * BLOCK
-    k = start + tile_positions(STREAM, BLOCK) - offset
-    return start, k, (k >= 0) & (k < n)
+    offset = offset.to(tl.int64)
+    start = (offset // BLOCK + tl.program_id(0)) * BLOCK
+    k = start + tile_index(STREAM, BLOCK) - offset
+    return start, k, (k >= 0) & (k < n.to(tl.int64))
 
 
 @_autotune(restore=["out_ptr"])
@@ -122,13 +137,13 @@ def _squared_norms_kernel(partial_ptr, ids_ptr, n, tiles, seed_lo, seed_hi, STRE
     sample = tl.load(ids_ptr + tl.program_id(0)).to(tl.uint32)
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
-    pos = tile_positions(STREAM, BLOCK)
+    pos = tile_index(STREAM, BLOCK)
     acc = tl.zeros(pos.shape, dtype=tl.float64)
     for t in range(g, tiles, programs):
-        start = t.to(tl.int64) * BLOCK
+        start = tl.cast(t, tl.int64) * BLOCK  # t is a Python int in the interpreter
         z = stream_tile(start, sample, k0, k1, STREAM, BLOCK).to(tl.float64)
         acc += tl.where(start + pos < n, z * z, 0.0)
-    tl.store(partial_ptr + tl.program_id(0) * programs + g, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(partial_ptr + tl.program_id(0) * programs + g, tl.sum(tl.sum(tl.sum(acc, axis=2), axis=1), axis=0))
 
 
 @_jit

@@ -2,9 +2,8 @@
 
 Philox4x32-10 on uint32 words (``tl.umulhi`` for the high word of each product, the wrapping uint32
 multiply for the low word), the exact float32 uniforms, Box–Muller normals and Rademacher signs.
-:func:`stream_tile` turns a tile of consecutive flat indices into stream values, one Philox call per
-stream block: the tile is laid out as ``[BLOCK // P, P]`` (rows = Philox blocks, columns = lanes),
-so callers must start tiles at multiples of ``P``.
+:func:`stream_tile` turns a tile of consecutive flat indices into stream values with one Philox call
+per stream block (4 normals, 128 signs), so callers start tiles at multiples of the block length.
 
 On GPUs ``log``, ``sin`` and ``cos`` are libdevice's accurate ``__nv_logf`` / ``__nv_sinf`` /
 ``__nv_cosf`` rather than fast approximations, which keeps the normals within about 1e-6 of the
@@ -53,16 +52,18 @@ _LIBDEVICE: tl.constexpr = tl.constexpr(not INTERPRET)
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32 with 10 rounds on uint32 counter words ``c0..c3`` and key words ``k0, k1``.
 
-    The key is bumped by the Weyl increments before rounds 2..10 (Random123 order).
+    The key is bumped by the Weyl increments before rounds 2..10 (Random123 order). Products and
+    key bumps wrap modulo 2**32 by design, so they opt out of Triton's overflow sanitizer (which
+    would flag them under ``TRITON_DEBUG=1``).
     """
     for r in tl.static_range(10):
         if r > 0:
-            k0 = k0 + PHILOX_W0
-            k1 = k1 + PHILOX_W1
+            k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
+            k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
         hi0 = tl.umulhi(c0, PHILOX_M0)
-        lo0 = c0 * PHILOX_M0
+        lo0 = tl.mul(c0, PHILOX_M0, sanitize_overflow=False)
         hi1 = tl.umulhi(c2, PHILOX_M1)
-        lo1 = c2 * PHILOX_M1
+        lo1 = tl.mul(c2, PHILOX_M1, sanitize_overflow=False)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
 
@@ -107,38 +108,41 @@ def box_muller(a, b):
 
 
 @triton.jit
-def tile_positions(STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """``r * P + l`` in the ``[BLOCK // P, P]`` tile layout of ``STREAM`` (P elements per Philox block)."""
+def tile_index(STREAM: tl.constexpr, BLOCK: tl.constexpr):
+    """Positions ``0 .. BLOCK - 1`` laid out like :func:`stream_tile`'s values: ``[r, a, b] = r * P + a * B + b``.
+
+    Shapes ``[BLOCK // 4, 2, 2]`` (normal) and ``[BLOCK // 128, 4, 32]`` (rademacher): one row per Philox block.
+    """
     P: tl.constexpr = NORMAL_PER_BLOCK if STREAM == NORMAL else RADEMACHER_PER_BLOCK
-    return tl.arange(0, BLOCK // P)[:, None] * P + tl.arange(0, P)[None, :]
+    A: tl.constexpr = 2 if STREAM == NORMAL else 4
+    B: tl.constexpr = P // A
+    r = tl.arange(0, BLOCK // P)[:, None, None] * P
+    return r + tl.arange(0, A)[None, :, None] * B + tl.arange(0, B)[None, None, :]
 
 
 @triton.jit
 def stream_tile(start, sample, k0, k1, STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """float32 values of the ``BLOCK`` flat elements ``start, start + 1, ...`` of ``sample``.
+    """float32 values of the flat elements ``start + tile_index(STREAM, BLOCK)`` of ``sample``.
 
-    ``start`` (int64) must be a multiple of the stream's block length P; the result has the layout
-    of :func:`tile_positions`: element ``start + r * P + l`` at ``[r, l]``. One Philox call per row.
+    ``start`` (int64) must be a multiple of the stream's block length P (4 or 128): the tile is
+    ``BLOCK // P`` whole Philox blocks, each generated once, one per row.
     """
     P: tl.constexpr = NORMAL_PER_BLOCK if STREAM == NORMAL else RADEMACHER_PER_BLOCK
-    rows = tl.arange(0, BLOCK // P)
-    lanes = tl.arange(0, P)[None, :]
-    x0, x1, x2, x3 = block_words(start // P + rows.to(tl.int64), sample, k0, k1)
+    rows = tl.arange(0, BLOCK // P).to(tl.int64)
+    x0, x1, x2, x3 = block_words(start // P + rows, sample, k0, k1)
     if STREAM == NORMAL:
         n0, n1 = box_muller(x0, x1)
         n2, n3 = box_muller(x2, x3)
-        z = tl.where(
-            lanes == 0,
-            n0[:, None],
-            tl.where(lanes == 1, n1[:, None], tl.where(lanes == 2, n2[:, None], n3[:, None])),
-        )
+        # [r, q, p] = lane 2q + p of block r. join adds a minor axis inside each thread, so the four
+        # lanes of a block stay in the thread that computed them.
+        z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
     else:
-        word_id = lanes // 32
+        w = tl.arange(0, 4)[None, :, None]
         word = tl.where(
-            word_id == 0,
-            x0[:, None],
-            tl.where(word_id == 1, x1[:, None], tl.where(word_id == 2, x2[:, None], x3[:, None])),
+            w == 0,
+            x0[:, None, None],
+            tl.where(w == 1, x1[:, None, None], tl.where(w == 2, x2[:, None, None], x3[:, None, None])),
         )
-        bit = (word >> (lanes % 32).to(tl.uint32)) & 1
-        z = tl.where(bit != 0, 1.0, -1.0).to(tl.float32)
+        bits = (word >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1  # [r, w, t] = bit t of x_w
+        z = tl.where(bits != 0, 1.0, -1.0).to(tl.float32)
     return z

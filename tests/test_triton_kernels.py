@@ -1,0 +1,216 @@
+"""The Triton kernels against the PyTorch reference, on fresh random inputs.
+
+With a GPU they run compiled on CUDA tensors; without one, conftest.py sets TRITON_INTERPRET=1 and
+the same kernels run in Triton's interpreter on CPU tensors (slow: sizes stay small).
+"""
+
+import pytest
+import torch
+
+from zo_kernels.kernels.triton.backend import load_backend
+from zo_kernels.reference import noise, philox
+
+from helpers import assert_close
+from test_noise_reference import KAT
+
+TRITON, WHY = load_backend()
+pytestmark = pytest.mark.skipif(TRITON is None, reason=f"triton backend: {WHY}")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# 0, 1, odd, around a Rademacher block (128) and a tile (the interpreter's tile is 2048).
+SIZES = [0, 1, 3, 127, 128, 129, 2047, 2049, 5000]
+REDUCE_SIZES = [0, 1, 3, 129, 2049, 3000]
+OFFSETS = [0, 5, 2**31 + 3, 2**34 + 127]
+SEEDS = [0, 1, 2**32 - 1, 2**32, 0xDEADBEEFCAFEF00D, 2**64 - 1]
+
+
+def straddling_offset(n: int) -> int:
+    """A random offset at which an ``n``-element tensor starts unaligned and crosses a tile boundary.
+
+    ``2**13`` is a multiple of every tile size the kernels use, so the middle of the tensor lies on
+    a tile boundary whatever configuration the autotuner picks.
+    """
+    return int(torch.randint(1, 2**21, ()).item()) * 2**13 - n // 2 - 1
+
+
+@pytest.mark.parametrize("ctr,key,expected", KAT)
+def test_philox_known_answers(ctr, key, expected):
+    block = ctr[0] | (ctr[1] << 32)
+    words = TRITON._ops.philox_blocks(block, 1, ctr[2], ctr[3], key[0] | (key[1] << 32), DEVICE)
+    assert tuple(words[0].tolist()) == expected
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("sample,block0", [(0, 0), (7, 123), (2**32 - 1, 2**32 - 2), (99, 2**40 + 5)])
+def test_uint32_stream_is_bit_exact(seed, sample, block0):
+    words = TRITON.philox_words(seed, sample, block0, 64, DEVICE)
+    ref = philox.random_words(seed, torch.tensor([[sample]]), torch.arange(block0, block0 + 64)[None, :])[0]
+    assert torch.equal(words.cpu(), ref)
+
+
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("n", [1, 131, 4099])
+def test_stream_values_match_the_reference(stream, offset, n):
+    seed = int(torch.randint(0, 2**62, ()).item()) | (2**63 if offset % 2 else 0)  # both halves of the range
+    sample_id = 2**32 - 1 if n == 131 else 3
+    got = TRITON.sample(stream, seed, sample_id, offset, n, DEVICE)
+    assert got.dtype == torch.float32 and got.device.type == DEVICE.type and got.shape == (n,)
+    ref = noise.noise(stream, seed, torch.tensor([sample_id]), offset, n)[0]
+    if stream == "rademacher":
+        assert torch.equal(got.cpu(), ref)
+    else:
+        torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_perturb(dtype, n, stream):
+    theta = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
+    offset = straddling_offset(n)
+    out = torch.full_like(theta, float("nan"))  # poison: every element must be written
+    TRITON.perturb(out, theta, stream, 42, 9, -0.37, offset)
+    ref = torch.empty_like(theta)
+    noise.perturb(ref, theta, stream, 42, 9, -0.37, offset)
+    assert_close(out, ref, dtype)
+
+
+def test_perturb_in_place_and_prepared_calls_match():
+    theta = torch.randn(300, device=DEVICE)
+    ref = torch.empty_like(theta)
+    noise.perturb(ref, theta, "normal", 7, 2, 0.5, 11)
+    prepared = torch.full_like(theta, float("nan"))
+    TRITON.prepare_perturb(prepared, theta, "normal", 7, 11)(2, 0.5)
+    in_place = theta.clone()
+    TRITON.perturb(in_place, in_place, "normal", 7, 2, 0.5, 11)
+    assert_close(prepared, ref, torch.float32)
+    assert torch.equal(in_place, prepared)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", REDUCE_SIZES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_reduce_and_step(dtype, n, stream):
+    num, seed = 7, 5
+    offset = straddling_offset(n)
+    acc = noise.accumulation_dtype(dtype)
+    weights = torch.randn(num, dtype=torch.float64).to(acc).to(DEVICE)  # as the estimator passes them
+    ids = torch.randperm(40)[:num]
+    ids[0] = 2**32 - 1
+    ids = ids.to(DEVICE)
+    start = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
+    expected = start.to(acc) + noise.combine(weights, ids, stream, seed, offset, n, dtype)
+
+    grad = start.clone()
+    TRITON.reduce(grad, weights, ids, stream, seed, offset)
+    assert_close(grad, expected, dtype, scale=4)
+
+    theta = start.clone()
+    TRITON.step(theta, weights, ids, stream, seed, 0.5, offset)
+    stepped = start.to(acc) - 0.5 * (expected - start.to(acc))
+    assert_close(theta, stepped, dtype, scale=4)
+
+
+def test_reduce_with_no_samples_leaves_the_gradient_alone():
+    grad = torch.randn(10, device=DEVICE)
+    before = grad.clone()
+    TRITON.reduce(grad, torch.ones(0, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE), "normal", 1, 0)
+    assert torch.equal(grad, before)
+
+
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_squared_norms(stream):
+    ids = torch.tensor([0, 17, 2**32 - 1], device=DEVICE)
+    for n in (0, 1, 2049, 5000):
+        got = TRITON.squared_norms(stream, 3, ids, n)
+        assert got.dtype == torch.float64 and got.device.type == DEVICE.type
+        torch.testing.assert_close(got, noise.squared_norms(stream, 3, ids, n), rtol=1e-6, atol=1e-6)
+        assert torch.equal(got, TRITON.squared_norms(stream, 3, ids, n))
+
+
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_deterministic_and_independent_of_how_the_vector_is_cut(stream):
+    n, num, cut = 3000, 8, 1100
+    weights, ids = torch.randn(num, device=DEVICE), torch.arange(num, device=DEVICE)
+    results = []
+    for _ in range(2):
+        grad = torch.zeros(n, device=DEVICE)
+        TRITON.reduce(grad, weights, ids, stream, 77, 3)
+        results.append(grad)
+    halves = torch.zeros(n, device=DEVICE)
+    TRITON.reduce(halves[:cut], weights, ids, stream, 77, 3)
+    TRITON.reduce(halves[cut:], weights, ids, stream, 77, 3 + cut)
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0], halves)  # other tiles, same per-element arithmetic
+
+
+def _t(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.zeros(*shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda b: b.perturb(_t(4), _t(5), "normal", 0, 0, 1.0, 0), "out must have 5 elements"),
+        (lambda b: b.perturb(_t(4, dtype=torch.float64), _t(4), "normal", 0, 0, 1.0, 0), "out must have dtype"),
+        (lambda b: b.perturb(_t(4), _t(4, 2).t(), "normal", 0, 0, 1.0, 0), "contiguous"),
+        (lambda b: b.perturb(_t(4), _t(4), "uniform", 0, 0, 1.0, 0), "stream"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", -1, 0, 1.0, 0), "seed"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 2**64, 0, 1.0, 0), "seed"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 0.5, 0, 1.0, 0), "seed must be an int"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 2**32, 1.0, 0), "sample_id"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, "1.0", 0), "scale"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, 1.0, -1), "offset"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, 1.0, 2**62 - 2), "offset"),
+        (lambda b: b.perturb(_t(4), _t(4, dtype=torch.int32), "normal", 0, 0, 1.0, 0), "theta must be float32"),
+        (lambda b: b.perturb(_t(4), _t(4, device="meta"), "normal", 0, 0, 1.0, 0), "theta must be on"),
+        (lambda b: b.reduce(_t(4), torch.ones(3), torch.arange(2), "normal", 0, 0), "weights must have 2"),
+        (lambda b: b.reduce(_t(4), torch.ones(1), torch.tensor([-1]), "normal", 0, 0), "sample_ids"),
+        (lambda b: b.reduce(_t(4), torch.ones(1), torch.tensor([2**32]), "normal", 0, 0), "sample_ids"),
+        (lambda b: b.reduce(_t(4), torch.ones(1), torch.tensor([0.0]), "normal", 0, 0), "integer"),
+        (lambda b: b.reduce(_t(4), torch.ones(1, dtype=torch.int64), torch.tensor([0]), "normal", 0, 0), "weights"),
+        (lambda b: b.reduce(_t(4, 2).t(), torch.ones(1), torch.tensor([0]), "normal", 0, 0), "grad must be contig"),
+        (lambda b: b.step(_t(4), torch.ones(1), torch.tensor([0]), "normal", 0, None, 0), "lr"),
+        (lambda b: b.squared_norms("normal", 0, torch.tensor([0], device=DEVICE), -1), "numel"),
+        (lambda b: b.squared_norms("normal", 0, torch.tensor([0], device="meta"), 1), "sample_ids must be on"),
+    ],
+)
+def test_invalid_kernel_arguments_are_refused_before_the_call(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(TRITON)
+
+
+def test_supports_and_availability():
+    assert load_backend()[1] == "available"
+    assert TRITON.name == "triton"
+    for dtype in DTYPES:
+        assert TRITON.supports(DEVICE, dtype)
+    assert not TRITON.supports(DEVICE, torch.int32)
+    assert not TRITON.supports(torch.device("meta"), torch.float32)
+
+
+@pytest.mark.parametrize("method", ["naive", "forward", "antithetic"])
+@pytest.mark.parametrize("dist", ["Normal", "Rademacher", "Sphere"])
+def test_zero_order_end_to_end_matches_the_reference_backend(method, dist):
+    """The decorator on the triton backend gives the reference backend's gradient for the same seed."""
+    import zo_kernels
+    from zo_kernels import distributions
+
+    params = {"w": torch.randn(5, 7, device=DEVICE), "b": torch.randn(7, device=DEVICE, dtype=torch.float64)}
+    x = torch.randn(4, 5, device=DEVICE)
+
+    def loss(p, x):
+        return ((x @ p["w"]).double() + p["b"]).tanh().sum()
+
+    grads = {}
+    for backend in ("reference", "triton"):
+        tree = {k: v.clone().requires_grad_() for k, v in params.items()}
+        fn = zo_kernels.zero_order(
+            getattr(distributions, dist)(), method=method, num_samples=6, sigma=0.1, seed=3, backend=backend
+        )
+        fn(loss)(tree, x).backward()
+        grads[backend] = tree
+    for k in params:
+        assert_close(grads["triton"][k].grad, grads["reference"][k].grad, params[k].dtype, scale=10)
