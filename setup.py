@@ -2,11 +2,12 @@
 
 - ``zo_kernels._C``: fused C++/OpenMP kernels for CPU tensors, bound with pybind11 through raw
   pointers (no libtorch linkage, so one wheel serves any PyTorch >= 2.1).
-- ``ZO_KERNELS_BUILD_CUDA=0/1/auto`` (default auto: when nvcc is found) is passed to CMake for the
-  CUDA target.
-- Without a working compiler the package still installs: the failed build is reported as a
-  warning and ``zo_kernels.backends.available()`` explains why ``cpu`` is missing. Set
-  ``ZO_KERNELS_REQUIRE_NATIVE=1`` to make a failed native build an error instead.
+- ``zo_kernels._C_cuda``: the CUDA kernels (csrc/cuda), same raw-pointer binding, static CUDA
+  runtime. Built when ``ZO_KERNELS_BUILD_CUDA=1``, or with the default ``auto`` when nvcc is found.
+- Each extension may fail on its own: the package still installs without it (a failed CUDA build
+  never costs ``_C``), the failure is reported as a warning and ``zo_kernels.backends.available()``
+  explains why the backend is missing. Set ``ZO_KERNELS_REQUIRE_NATIVE=1`` to make a failed native
+  build an error instead.
 """
 
 import os
@@ -29,13 +30,25 @@ class CMakeExtension(Extension):
         self.target = target
 
 
+def _nvcc() -> str:
+    """The nvcc that CMake should use: $CUDACXX, else nvcc on PATH, else the default toolkit's; or ''."""
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return ""
+
+
 def _cuda_setting() -> str:
     value = os.environ.get("ZO_KERNELS_BUILD_CUDA", "auto").strip().lower()
     if value not in ("0", "1", "auto"):
         raise ValueError(f"ZO_KERNELS_BUILD_CUDA must be 0, 1 or auto, got {value!r}")
     if value == "auto":
-        return "ON" if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc") else "OFF"
+        return "ON" if _nvcc() else "OFF"
     return "ON" if value == "1" else "OFF"
+
+
+def _require_native() -> bool:
+    return os.environ.get("ZO_KERNELS_REQUIRE_NATIVE") == "1"
 
 
 class CMakeBuild(build_ext):
@@ -46,27 +59,49 @@ class CMakeBuild(build_ext):
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any build failure leaves a working pure-Python package
-            if os.environ.get("ZO_KERNELS_REQUIRE_NATIVE") == "1":
+            if _require_native():
                 raise
             print(f"WARNING: zo_kernels native build failed ({exc}); installing without it.", file=sys.stderr)
 
+    def build_extensions(self) -> None:
+        """Build each extension on its own: one that fails is warned about and dropped, the others kept."""
+        failed = []
+        for ext in self.extensions:
+            try:
+                self.build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - e.g. a CUDA build failure must not cost zo_kernels._C
+                if _require_native():
+                    raise
+                print(
+                    f"WARNING: zo_kernels: building {ext.name} failed ({exc}); installing without it.",
+                    file=sys.stderr,
+                )
+                failed.append(ext)
+        # Dropped extensions are neither copied in place (editable installs) nor listed as outputs.
+        self.extensions = [ext for ext in self.extensions if ext not in failed]
+
     def build_extension(self, ext: Extension) -> None:
-        """Configure CMake once per build directory and build the extension's target."""
+        """Configure CMake (one build directory for _C, one for _C_cuda) and build the extension's target."""
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
         import pybind11
 
         out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
-        build_dir = os.path.join(os.path.abspath(self.build_temp), "cmake")
+        # The CUDA target is configured in a build directory of its own, so that a CUDA toolkit that
+        # CMake cannot use fails that extension only, never the configuration of _C.
+        cuda = ext.target == "_C_cuda"
+        build_dir = os.path.join(os.path.abspath(self.build_temp), "cmake-cuda" if cuda else "cmake")
         os.makedirs(build_dir, exist_ok=True)
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DZO_OUTPUT_DIR={out_dir}",
-            f"-DZO_BUILD_CUDA={_cuda_setting()}",
+            f"-DZO_BUILD_CUDA={'ON' if cuda else 'OFF'}",
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPYTHON_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
         ]
+        if cuda and _nvcc():
+            args.append(f"-DCMAKE_CUDA_COMPILER={_nvcc()}")
         try:
             import ninja
 
@@ -87,7 +122,8 @@ setup(
     packages=find_packages(include=["zo_kernels", "zo_kernels.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.1"],
-    ext_modules=[CMakeExtension("zo_kernels._C", target="_C")],
+    ext_modules=[CMakeExtension("zo_kernels._C", target="_C")]
+    + ([CMakeExtension("zo_kernels._C_cuda", target="_C_cuda")] if _cuda_setting() == "ON" else []),
     cmdclass={"build_ext": CMakeBuild},
     license="Apache-2.0",
 )

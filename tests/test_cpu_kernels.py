@@ -78,10 +78,11 @@ def test_reduce_and_step(cpu, dtype, n, stream):
     cpu.reduce(grad, weights, ids, stream, 5, offset)
     assert_close(grad, expected, dtype, scale=4)
 
-    theta = start.clone()
-    cpu.step(theta, weights, ids, stream, 5, 0.5, offset)
-    stepped = start.to(acc) - 0.5 * (expected - start.to(acc))
-    assert_close(theta, stepped, dtype, scale=4)
+    for lr in (0.5, 1.0, -2.0):
+        theta = start.clone()
+        cpu.step(theta, weights, ids, stream, 5, lr, offset)
+        stepped = start.to(acc) - lr * (expected - start.to(acc))
+        assert_close(theta, stepped, dtype, scale=4 * max(1.0, abs(lr)))
 
 
 def test_squared_norms(cpu):

@@ -55,19 +55,23 @@ class ReferenceBackend(Backend):
 PREFERENCE: Dict[str, List[str]] = {"cuda": ["cuda", "triton", "reference"], "cpu": ["cpu", "reference"]}
 
 _BACKENDS: Dict[str, Backend] = {"reference": ReferenceBackend()}
-_UNAVAILABLE: Dict[str, str] = {
-    "cuda": "not built yet: the CUDA C++ backend is planned",
-}
+_UNAVAILABLE: Dict[str, str] = {}
 
 
 def _register_native() -> None:
+    from .kernels import native_cuda
     from .kernels.native import NativeCpuBackend, load_extension
 
     ext, why = load_extension()
     if ext is None:
         _UNAVAILABLE["cpu"] = why
     else:
-        _BACKENDS["cpu"] = NativeCpuBackend(ext)  # type: ignore[assignment]
+        _BACKENDS["cpu"] = NativeCpuBackend(ext)
+    cuda, why = native_cuda.load_backend()
+    if cuda is None:
+        _UNAVAILABLE["cuda"] = why
+    else:
+        _BACKENDS["cuda"] = cuda
 
 
 def _register_triton() -> None:

@@ -117,15 +117,15 @@ void combine_tile(Acc* acc, float* z, int64_t len, FillFn fill, const double* we
   }
 }
 
-// theta[j] = theta[j] + sign * coef * sum_i w_i z_i[j], sign/coef folded into `factor`.
+// reduce: data[j] += sum_i w_i z_i[j]; step (descend): data[j] -= lr * sum_i w_i z_i[j].
 template <int D>
 void accumulate_impl(void* data_v, int64_t n, const double* weights, const int64_t* ids, int64_t num, FillFn fill,
-                     uint64_t seed, double factor, int64_t offset, int threads) {
+                     uint64_t seed, bool descend, double lr, int64_t offset, int threads) {
   using IO = Io<D>;
   using T = typename IO::T;
   using Acc = typename IO::Acc;
   T* data = static_cast<T*>(data_v);
-  const Acc f = static_cast<Acc>(factor);
+  const Acc f = static_cast<Acc>(lr);
   const int team = team_size(threads, n * std::max<int64_t>(num, 1));
 #pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
   for (int64_t t = 0; t < tiles(n); ++t) {
@@ -134,10 +134,10 @@ void accumulate_impl(void* data_v, int64_t n, const double* weights, const int64
     const int64_t lo = t * kTile;
     const int64_t len = std::min(kTile, n - lo);
     combine_tile<Acc>(acc, z, len, fill, weights, ids, num, seed, static_cast<uint64_t>(offset + lo));
-    if (factor == 1.0) {
-      for (int64_t k = 0; k < len; ++k) data[lo + k] = IO::store(IO::load(data[lo + k]) + acc[k]);
-    } else {
+    if (descend) {
       for (int64_t k = 0; k < len; ++k) data[lo + k] = IO::store(IO::load(data[lo + k]) - f * acc[k]);
+    } else {
+      for (int64_t k = 0; k < len; ++k) data[lo + k] = IO::store(IO::load(data[lo + k]) + acc[k]);
     }
   }
 }
@@ -174,12 +174,12 @@ void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uin
 
 void reduce(void* grad, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,
             uint64_t seed, int64_t offset, int threads) {
-  dispatch<AccumulateOp>(dtype, grad, n, weights, ids, num, fill_for(stream), seed, 1.0, offset, threads);
+  dispatch<AccumulateOp>(dtype, grad, n, weights, ids, num, fill_for(stream), seed, false, 1.0, offset, threads);
 }
 
 void step(void* theta, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,
           uint64_t seed, double lr, int64_t offset, int threads) {
-  dispatch<AccumulateOp>(dtype, theta, n, weights, ids, num, fill_for(stream), seed, lr, offset, threads);
+  dispatch<AccumulateOp>(dtype, theta, n, weights, ids, num, fill_for(stream), seed, true, lr, offset, threads);
 }
 
 void squared_norms(double* out, const int64_t* ids, int64_t num, int64_t n, int stream, uint64_t seed,

@@ -1,0 +1,616 @@
+// Fused CUDA kernels over the noise stream of docs/noise.md (semantics of csrc/cpu/kernels.h).
+//
+// Work split: a thread owns a *group* of G consecutive flat elements whose global start is a multiple
+// of G (normal: G = 4, one Philox block; rademacher: G = 16, half a Philox word, so eight threads share
+// a block). reduce/step loop over the samples in order inside the thread, accumulating the group in
+// registers, and touch memory once at the end: every element's sum has a fixed order, so results are
+// deterministic and independent of the launch geometry. Interior groups whose addresses are aligned
+// move with 8/16-byte vector loads and stores; head/tail groups (offset or n not a multiple of G) and
+// unaligned pointers take a guarded scalar path. Indices are int64 and the grids are grid-stride
+// loops capped at a few waves, so any n < 2**63 works.
+//
+// The normals use the accurate logf/sqrtf/sincosf of the CUDA math library (no fast-math intrinsics;
+// never build with --use_fast_math), so they stay within float32 rounding of the reference.
+#include "kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "../cpu/scalar_io.h"
+#include "../philox.h"
+
+static_assert(int{zo::cuda::kFloat32} == int{zo::cpu::kFloat32} &&
+                  int{zo::cuda::kFloat64} == int{zo::cpu::kFloat64} &&
+                  int{zo::cuda::kFloat16} == int{zo::cpu::kFloat16} &&
+                  int{zo::cuda::kBFloat16} == int{zo::cpu::kBFloat16},
+              "CUDA and CPU dtype ids must agree (zo_kernels/kernels/native.py DTYPE_IDS)");
+
+namespace zo {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+// Grid cap, in blocks per SM: 8 resident blocks of 256 threads fill an SM; 4 waves of them keep the
+// tail short while the grid-stride loops cover any larger n.
+constexpr int64_t kBlocksPerSm = 32;
+// Elements per partial sum of squared_norms (a multiple of every group and block length). Fixed, so
+// the summation order does not depend on the device.
+constexpr int64_t kNormChunk = 65536;
+
+// ---------------------------------------------------------------------------------------------------
+// Element types: storage type T (float16/bfloat16 as raw 16-bit patterns) and accumulation type Acc.
+
+template <int D>
+struct Io;
+
+template <>
+struct Io<kFloat32> {
+  using T = float;
+  using Acc = float;
+  static ZO_HD Acc load(T v) { return v; }
+  static ZO_HD T store(Acc v) { return v; }
+};
+
+template <>
+struct Io<kFloat64> {
+  using T = double;
+  using Acc = double;
+  static ZO_HD Acc load(T v) { return v; }
+  static ZO_HD T store(Acc v) { return v; }
+};
+
+template <>
+struct Io<kFloat16> {
+  using T = unsigned short;
+  using Acc = float;
+  static ZO_HD Acc load(T v) { return __half2float(__ushort_as_half(v)); }
+  static ZO_HD T store(Acc v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+template <>
+struct Io<kBFloat16> {
+  using T = unsigned short;
+  using Acc = float;
+  static ZO_HD Acc load(T v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
+  static ZO_HD T store(Acc v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+template <typename A>
+ZO_HD A quiet_nan() {
+  return static_cast<A>(NAN);
+}
+
+// a * b + c with one rounding, written out so that the compiler's contraction choices cannot make
+// the vectorized and the scalar path (or host and device) round differently.
+ZO_HD float mul_add(float a, float b, float c) { return fmaf(a, b, c); }
+ZO_HD double mul_add(double a, double b, double c) { return fma(a, b, c); }
+
+// Read-only loads of values every thread of a block reads (weights, ids): the read-only cache path.
+template <typename T>
+ZO_HD T load_shared_value(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Groups of elements and their noise.
+
+template <int S>
+struct Group;
+template <>
+struct Group<kNormal> {
+  static constexpr int kSize = 4;
+};
+template <>
+struct Group<kRademacher> {
+  static constexpr int kSize = 16;
+};
+static_assert(Group<kNormal>::kSize == StreamTraits<kNormal>::kPerBlock, "a normal group is one Philox block");
+static_assert(StreamTraits<kRademacher>::kPerBlock % Group<kRademacher>::kSize == 0 &&
+                  32 % Group<kRademacher>::kSize == 0,
+              "a rademacher group lies inside one 32-bit word of one Philox block");
+
+// z[e] = z(seed, sample, start + e) for the group starting at global element `start` (a multiple of G).
+template <int S>
+ZO_HD void group_noise(uint64_t seed, uint32_t sample, uint64_t start, float (&z)[Group<S>::kSize]) {
+  constexpr int P = StreamTraits<S>::kPerBlock;
+  const Words w = block_words(seed, sample, start / P);
+  if constexpr (S == kNormal) {
+    normal_block(w, z);
+  } else {
+    // Lanes lane0 .. lane0+15 of the block: bits (lane0 % 32) .. +15 of word lane0 / 32 (docs/noise.md).
+    // The word is picked with selects, not w.x[runtime index], which would go through local memory.
+    const unsigned lane0 = static_cast<unsigned>(start % P);
+    const unsigned q = lane0 >> 5;
+    const uint32_t word = q == 0 ? w.x[0] : q == 1 ? w.x[1] : q == 2 ? w.x[2] : w.x[3];
+    const uint32_t bits = word >> (lane0 & 31u);
+#pragma unroll
+    for (int e = 0; e < Group<S>::kSize; ++e) z[e] = ((bits >> e) & 1u) ? 1.0f : -1.0f;
+  }
+}
+
+// A group of G elements of T as 8- or 16-byte words, for vectorized loads and stores.
+template <typename T, int G>
+struct Packet {
+  static constexpr int kBytes = G * static_cast<int>(sizeof(T));
+  static constexpr int kAlign = kBytes < 16 ? kBytes : 16;
+  static_assert(kAlign == 8 || kAlign == 16, "groups move as 8- or 16-byte words");
+  using Word = typename std::conditional<kAlign == 16, uint4, uint2>::type;
+  static constexpr int kWords = kBytes / kAlign;
+  union {
+    Word w[kWords];
+    T t[G];
+  };
+
+  static ZO_HD bool aligned(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(kAlign - 1)) == 0;
+  }
+  ZO_HD void load(const T* p) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const Word*>(p)[i];
+  }
+  ZO_HD void store(T* p) const {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) reinterpret_cast<Word*>(p)[i] = w[i];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// One thread's work item, as host-device functions: the kernels below loop over items, and the same
+// code runs item by item on the CPU in tests/test_cuda_compile.py (an emulation that needs no GPU).
+
+// Group q of those covering [offset, offset + n): the global index of its first element, and that
+// element's index in the tensor (negative for the head group when offset is not a multiple of G).
+template <int G>
+struct GroupPosition {
+  uint64_t start;
+  int64_t local;
+  ZO_HD GroupPosition(int64_t offset, int64_t q)
+      : start((static_cast<uint64_t>(offset) / G + static_cast<uint64_t>(q)) * G),
+        local(static_cast<int64_t>(start - static_cast<uint64_t>(offset))) {}
+  // Whether all G elements are inside the tensor, so the group may move as one packet.
+  ZO_HD bool whole(int64_t n) const { return local >= 0 && local + G <= n; }
+};
+
+// out[j] = theta[j] + scale * z(seed, sample, offset + j) for the elements of group q. out may be theta.
+template <int S, int D>
+ZO_HD void perturb_item(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed,
+                        uint32_t sample, typename Io<D>::Acc scale, int64_t offset, int64_t q) {
+  using IO = Io<D>;
+  using Acc = typename IO::Acc;
+  constexpr int G = Group<S>::kSize;
+  using Pk = Packet<typename IO::T, G>;
+  const GroupPosition<G> pos(offset, q);
+  float z[G];
+  group_noise<S>(seed, sample, pos.start, z);
+  if (pos.whole(n) && Pk::aligned(out + pos.local) && Pk::aligned(theta + pos.local)) {
+    Pk pk;
+    pk.load(theta + pos.local);
+#pragma unroll
+    for (int e = 0; e < G; ++e) pk.t[e] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(pk.t[e])));
+    pk.store(out + pos.local);
+  } else {
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int64_t j = pos.local + e;
+      if (j >= 0 && j < n) out[j] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(theta[j])));
+    }
+  }
+}
+
+template <typename Acc>
+ZO_HD Acc apply(Acc value, Acc sum, Acc lr, bool subtract) {
+  return subtract ? mul_add(-lr, sum, value) : value + sum;
+}
+
+// Group q of reduce (subtract = false: data += sum_k w_k z_k) or step (subtract = true: data -= lr * sum).
+// The samples are visited in order and the sums kept in registers: a fixed order for every element.
+template <int S, int D>
+ZO_HD void accumulate_item(typename Io<D>::T* data, int64_t n, const typename Io<D>::Acc* weights, const int64_t* ids,
+                           int64_t num, uint64_t seed, int64_t offset, typename Io<D>::Acc lr, bool subtract,
+                           int64_t q) {
+  using IO = Io<D>;
+  using Acc = typename IO::Acc;
+  constexpr int G = Group<S>::kSize;
+  using Pk = Packet<typename IO::T, G>;
+  const GroupPosition<G> pos(offset, q);
+  Acc acc[G];
+#pragma unroll
+  for (int e = 0; e < G; ++e) acc[e] = Acc(0);
+  for (int64_t k = 0; k < num; ++k) {
+    const int64_t id = load_shared_value(ids + k);
+    Acc w = load_shared_value(weights + k);
+    if (static_cast<uint64_t>(id) >> 32) w = quiet_nan<Acc>();  // id outside [0, 2**32): poison, don't wrap
+    float z[G];
+    group_noise<S>(seed, static_cast<uint32_t>(id), pos.start, z);
+#pragma unroll
+    for (int e = 0; e < G; ++e) acc[e] = mul_add(w, static_cast<Acc>(z[e]), acc[e]);
+  }
+  if (pos.whole(n) && Pk::aligned(data + pos.local)) {
+    Pk pk;
+    pk.load(data + pos.local);
+#pragma unroll
+    for (int e = 0; e < G; ++e) pk.t[e] = IO::store(apply(IO::load(pk.t[e]), acc[e], lr, subtract));
+    pk.store(data + pos.local);
+  } else {
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int64_t j = pos.local + e;
+      if (j >= 0 && j < n) data[j] = IO::store(apply(IO::load(data[j]), acc[e], lr, subtract));
+    }
+  }
+}
+
+template <int S>
+ZO_HD void fill_item(float* out, int64_t n, uint64_t seed, uint32_t sample, int64_t offset, int64_t q) {
+  constexpr int G = Group<S>::kSize;
+  const GroupPosition<G> pos(offset, q);
+  float z[G];
+  group_noise<S>(seed, sample, pos.start, z);
+#pragma unroll
+  for (int e = 0; e < G; ++e) {
+    const int64_t j = pos.local + e;
+    if (j >= 0 && j < n) out[j] = z[e];
+  }
+}
+
+// Thread `t`'s share of the squared norm of sample `id` over [lo, hi) (lo a multiple of the chunk):
+// groups t, t + kThreads, ... in order. NaN for an id outside [0, 2**32).
+template <int S>
+ZO_HD double norms_thread_sum(uint64_t seed, int64_t id, int64_t lo, int64_t hi, int t) {
+  constexpr int G = Group<S>::kSize;
+  double s = 0.0;
+  for (int64_t start = lo + static_cast<int64_t>(t) * G; start < hi; start += static_cast<int64_t>(kThreads) * G) {
+    float z[G];
+    group_noise<S>(seed, static_cast<uint32_t>(id), static_cast<uint64_t>(start), z);
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const double v = start + e < hi ? static_cast<double>(z[e]) : 0.0;  // a select, not a branch
+      s += v * v;
+    }
+  }
+  return (static_cast<uint64_t>(id) >> 32) ? quiet_nan<double>() : s;
+}
+
+template <int S>
+int64_t groups_for(int64_t n, int64_t offset) {
+  constexpr int64_t G = Group<S>::kSize;
+  return (offset + n - 1) / G - offset / G + 1;
+}
+
+int64_t chunks_for(int64_t n) { return (n + kNormChunk - 1) / kNormChunk; }
+
+// ---------------------------------------------------------------------------------------------------
+// Kernels: grid-stride loops over the work items.
+
+__device__ __forceinline__ int64_t first_item() { return static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; }
+__device__ __forceinline__ int64_t item_stride() { return static_cast<int64_t>(gridDim.x) * kThreads; }
+
+template <int S, int D>
+__global__ void __launch_bounds__(kThreads)
+    perturb_kernel(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed, uint32_t sample,
+                   typename Io<D>::Acc scale, int64_t offset, int64_t groups) {
+  for (int64_t q = first_item(); q < groups; q += item_stride())
+    perturb_item<S, D>(out, theta, n, seed, sample, scale, offset, q);
+}
+
+template <int S, int D>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_kernel(typename Io<D>::T* data, int64_t n, const typename Io<D>::Acc* __restrict__ weights,
+                      const int64_t* __restrict__ ids, int64_t num, uint64_t seed, int64_t offset, int64_t groups,
+                      typename Io<D>::Acc lr, bool subtract) {
+  for (int64_t q = first_item(); q < groups; q += item_stride())
+    accumulate_item<S, D>(data, n, weights, ids, num, seed, offset, lr, subtract, q);
+}
+
+template <int S>
+__global__ void __launch_bounds__(kThreads)
+    fill_kernel(float* out, int64_t n, uint64_t seed, uint32_t sample, int64_t offset, int64_t groups) {
+  for (int64_t q = first_item(); q < groups; q += item_stride()) fill_item<S>(out, n, seed, sample, offset, q);
+}
+
+// Sum of v over the block in a fixed tree order (deterministic); every thread gets the total.
+__device__ __forceinline__ double block_sum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) shared[threadIdx.x] += shared[threadIdx.x + s];
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();  // `shared` may be reused right after
+  return total;
+}
+
+// partial[k * chunks + c] = sum of z(seed, ids[k], j)^2 over chunk c of [0, n); one block per (k, c).
+template <int S>
+__global__ void __launch_bounds__(kThreads)
+    norms_partial_kernel(double* partial, const int64_t* __restrict__ ids, int64_t num, int64_t n, uint64_t seed,
+                         int64_t chunks) {
+  static_assert(kNormChunk % (static_cast<int64_t>(Group<S>::kSize) * kThreads) == 0, "whole rounds of groups");
+  __shared__ double shared[kThreads];
+  const int64_t total = num * chunks;
+  for (int64_t p = blockIdx.x; p < total; p += gridDim.x) {  // uniform per block: __syncthreads is safe
+    const int64_t k = p / chunks;
+    const int64_t lo = (p % chunks) * kNormChunk;
+    const int64_t hi = n - lo < kNormChunk ? n : lo + kNormChunk;
+    const double s = norms_thread_sum<S>(seed, load_shared_value(ids + k), lo, hi, static_cast<int>(threadIdx.x));
+    const double sum = block_sum(s, shared);
+    if (threadIdx.x == 0) partial[p] = sum;
+  }
+}
+
+// out[k] = sum over c of partial[k * chunks + c], in a fixed order; one block per sample.
+__global__ void __launch_bounds__(kThreads)
+    norms_final_kernel(double* out, const double* __restrict__ partial, int64_t num, int64_t chunks) {
+  __shared__ double shared[kThreads];
+  for (int64_t k = blockIdx.x; k < num; k += gridDim.x) {
+    double s = 0.0;
+    for (int64_t c = threadIdx.x; c < chunks; c += kThreads) s += partial[k * chunks + c];
+    const double sum = block_sum(s, shared);
+    if (threadIdx.x == 0) out[k] = sum;
+  }
+}
+
+__global__ void philox_words_kernel(uint32_t* out, int64_t blocks, uint64_t seed, uint32_t sample,
+                                    uint64_t block0) {
+  for (int64_t b = first_item(); b < blocks; b += item_stride()) {
+    const Words w = block_words(seed, sample, block0 + static_cast<uint64_t>(b));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[4 * b + i] = w.x[i];
+  }
+}
+
+__global__ void philox_raw_kernel(uint32_t* out, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                  uint32_t k1) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const Words w = zo::philox4x32_10(c0, c1, c2, c3, k0, k1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = w.x[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host side.
+
+[[noreturn]] void fail(const char* what, cudaError_t err) {
+  throw std::runtime_error(std::string("zo_kernels._C_cuda: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
+                           cudaGetErrorString(err));
+}
+
+// A failed runtime call is also recorded as the thread's "last error": clear it, or the next launch
+// check would report it again.
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    fail(what, err);
+  }
+}
+
+// Every launch is checked: configuration errors and sticky errors of earlier kernels surface here
+// (cudaGetLastError also resets the non-sticky ones).
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) fail(kernel, err);
+}
+
+cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+// Makes `device` current for the launches of one call and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int current = 0;
+    check(cudaGetDevice(&current), "cudaGetDevice");
+    if (current != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      previous_ = current;
+    }
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+int sm_count(int device) {
+  constexpr int kCached = 64;
+  static std::atomic<int> cache[kCached] = {};
+  if (device >= 0 && device < kCached) {
+    const int cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  int count = 0;
+  check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  count = std::max(count, 1);
+  if (device >= 0 && device < kCached) cache[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// Blocks for a grid-stride loop over `items` (threads' work items, or blocks' with per_block = 1).
+unsigned grid_for(int64_t items, int64_t per_block, int device) {
+  const int64_t wanted = (items + per_block - 1) / per_block;
+  const int64_t cap = sm_count(device) * kBlocksPerSm;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, cap)));
+}
+
+void check_ids(int stream, int dtype) {
+  if (stream != kNormal && stream != kRademacher) throw std::invalid_argument("zo_kernels._C_cuda: unknown stream id");
+  if (dtype < kFloat32 || dtype > kBFloat16) throw std::invalid_argument("zo_kernels._C_cuda: unsupported dtype id");
+}
+
+// Calls Op<S, D>::run(args...) for runtime stream and dtype ids.
+template <template <int, int> class Op, int S, typename... Args>
+void dispatch_dtype(int dtype, Args... args) {
+  switch (dtype) {
+    case kFloat32: return Op<S, kFloat32>::run(args...);
+    case kFloat64: return Op<S, kFloat64>::run(args...);
+    case kFloat16: return Op<S, kFloat16>::run(args...);
+    case kBFloat16: return Op<S, kBFloat16>::run(args...);
+    default: throw std::invalid_argument("zo_kernels._C_cuda: unsupported dtype id");
+  }
+}
+
+template <template <int, int> class Op, typename... Args>
+void dispatch(int stream, int dtype, Args... args) {
+  switch (stream) {
+    case kNormal: return dispatch_dtype<Op, kNormal>(dtype, args...);
+    case kRademacher: return dispatch_dtype<Op, kRademacher>(dtype, args...);
+    default: throw std::invalid_argument("zo_kernels._C_cuda: unknown stream id");
+  }
+}
+
+template <int S, int D>
+struct PerturbOp {
+  static void run(void* out, const void* theta, int64_t n, uint64_t seed, uint32_t sample, double scale,
+                  int64_t offset, int device, cudaStream_t stream) {
+    using IO = Io<D>;
+    using T = typename IO::T;
+    const int64_t groups = groups_for<S>(n, offset);
+    perturb_kernel<S, D><<<grid_for(groups, kThreads, device), kThreads, 0, stream>>>(
+        static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample, static_cast<typename IO::Acc>(scale),
+        offset, groups);
+    check_launch("perturb kernel launch");
+  }
+};
+
+template <int S, int D>
+struct AccumulateOp {
+  static void run(void* data, int64_t n, const void* weights, const int64_t* ids, int64_t num, uint64_t seed,
+                  int64_t offset, double lr, bool subtract, int device, cudaStream_t stream) {
+    using IO = Io<D>;
+    using T = typename IO::T;
+    using Acc = typename IO::Acc;
+    const int64_t groups = groups_for<S>(n, offset);
+    accumulate_kernel<S, D><<<grid_for(groups, kThreads, device), kThreads, 0, stream>>>(
+        static_cast<T*>(data), n, static_cast<const Acc*>(weights), ids, num, seed, offset, groups,
+        static_cast<Acc>(lr), subtract);
+    check_launch(subtract ? "step kernel launch" : "reduce kernel launch");
+  }
+};
+
+}  // namespace
+
+void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
+             double scale, int64_t offset, int device, uintptr_t cuda_stream) {
+  check_ids(stream, dtype);
+  if (n <= 0) return;
+  DeviceGuard guard(device);
+  dispatch<PerturbOp>(stream, dtype, out, theta, n, seed, sample, scale, offset, device, as_stream(cuda_stream));
+}
+
+void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+            uint64_t seed, int64_t offset, int device, uintptr_t cuda_stream) {
+  check_ids(stream, dtype);
+  if (n <= 0) return;
+  DeviceGuard guard(device);
+  dispatch<AccumulateOp>(stream, dtype, grad, n, weights, ids, num, seed, offset, 1.0, false, device,
+                         as_stream(cuda_stream));
+}
+
+void step(void* theta, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+          uint64_t seed, double lr, int64_t offset, int device, uintptr_t cuda_stream) {
+  check_ids(stream, dtype);
+  if (n <= 0) return;
+  DeviceGuard guard(device);
+  dispatch<AccumulateOp>(stream, dtype, theta, n, weights, ids, num, seed, offset, lr, true, device,
+                         as_stream(cuda_stream));
+}
+
+int64_t squared_norms_workspace(int64_t num, int64_t n) { return num > 0 && n > 0 ? num * chunks_for(n) : 0; }
+
+void squared_norms(double* out, double* workspace, const int64_t* ids, int64_t num, int64_t n, int stream,
+                   uint64_t seed, int device, uintptr_t cuda_stream) {
+  check_ids(stream, kFloat32);
+  if (num <= 0) return;
+  DeviceGuard guard(device);
+  const cudaStream_t st = as_stream(cuda_stream);
+  const int64_t chunks = n > 0 ? chunks_for(n) : 0;
+  if (chunks > 0) {
+    const unsigned grid = grid_for(num * chunks, 1, device);
+    if (stream == kNormal) {
+      norms_partial_kernel<kNormal><<<grid, kThreads, 0, st>>>(workspace, ids, num, n, seed, chunks);
+    } else {
+      norms_partial_kernel<kRademacher><<<grid, kThreads, 0, st>>>(workspace, ids, num, n, seed, chunks);
+    }
+    check_launch("squared_norms partial-sum kernel launch");
+  }
+  norms_final_kernel<<<grid_for(num, 1, device), kThreads, 0, st>>>(out, workspace, num, chunks);
+  check_launch("squared_norms final-sum kernel launch");
+}
+
+void fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset, int device,
+          uintptr_t cuda_stream) {
+  check_ids(stream, kFloat32);
+  if (n <= 0) return;
+  DeviceGuard guard(device);
+  const cudaStream_t st = as_stream(cuda_stream);
+  if (stream == kNormal) {
+    const int64_t groups = groups_for<kNormal>(n, offset);
+    fill_kernel<kNormal><<<grid_for(groups, kThreads, device), kThreads, 0, st>>>(out, n, seed, sample, offset,
+                                                                                  groups);
+  } else {
+    const int64_t groups = groups_for<kRademacher>(n, offset);
+    fill_kernel<kRademacher><<<grid_for(groups, kThreads, device), kThreads, 0, st>>>(out, n, seed, sample, offset,
+                                                                                      groups);
+  }
+  check_launch("fill kernel launch");
+}
+
+void philox_words(uint32_t* out, int64_t blocks, uint64_t seed, uint32_t sample, uint64_t block0, int device,
+                  uintptr_t cuda_stream) {
+  if (blocks <= 0) return;
+  DeviceGuard guard(device);
+  philox_words_kernel<<<grid_for(blocks, kThreads, device), kThreads, 0, as_stream(cuda_stream)>>>(out, blocks, seed,
+                                                                                                  sample, block0);
+  check_launch("philox_words kernel launch");
+}
+
+void philox4x32_10(uint32_t* out, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
+                   int device, uintptr_t cuda_stream) {
+  DeviceGuard guard(device);
+  philox_raw_kernel<<<1, 1, 0, as_stream(cuda_stream)>>>(out, c0, c1, c2, c3, k0, k1);
+  check_launch("philox4x32_10 kernel launch");
+}
+
+int device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the (non-sticky) error: no driver or no device is not a failure here
+    return 0;
+  }
+  return count;
+}
+
+int runtime_version() { return CUDART_VERSION; }
+
+int min_architecture() {
+#if defined(__CUDA_ARCH_LIST__)
+  constexpr int kArchs[] = {__CUDA_ARCH_LIST__};
+  int lowest = kArchs[0];
+  for (int a : kArchs) lowest = std::min(lowest, a);
+  return lowest;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace cuda
+}  // namespace zo

@@ -1,0 +1,63 @@
+// Fused CUDA kernels over the noise stream of docs/noise.md, with the semantics of csrc/cpu/kernels.h.
+//
+// Every pointer is a device address validated by the Python layer (zo_kernels/kernels/native_cuda.py):
+// on `device`, contiguous, of the given dtype, with the stated number of elements. `cuda_stream` is a
+// cudaStream_t passed as an integer (torch.cuda.current_stream().cuda_stream); every kernel runs on it
+// and nothing here synchronizes the host. A launch error is thrown as std::runtime_error carrying the
+// CUDA error string. This header needs no CUDA header, so the bindings compile with the host compiler.
+#pragma once
+
+#include <cstdint>
+
+namespace zo {
+namespace cuda {
+
+// Element dtype ids, the same as csrc/cpu/scalar_io.h (checked by a static_assert in kernels.cu).
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// out[j] = theta[j] + scale * z(seed, sample, offset + j). out may be theta (in place).
+void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
+             double scale, int64_t offset, int device, uintptr_t cuda_stream);
+
+// grad[j] += sum_k weights[k] * z(seed, ids[k], offset + j), each element's sum over k in order.
+// `weights` holds `num` values of the accumulation type: float for float32/float16/bfloat16 data,
+// double for float64 data. An id outside [0, 2**32) turns the result into NaN (checking it on the
+// host would need a device sync).
+void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+            uint64_t seed, int64_t offset, int device, uintptr_t cuda_stream);
+
+// theta[j] -= lr * sum_k weights[k] * z(seed, ids[k], offset + j), without writing a gradient.
+void step(void* theta, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+          uint64_t seed, double lr, int64_t offset, int device, uintptr_t cuda_stream);
+
+// Number of doubles of device scratch memory that squared_norms needs for (num, n).
+int64_t squared_norms_workspace(int64_t num, int64_t n);
+
+// out[k] = sum_{j < n} z(seed, ids[k], j)^2 in double: per-chunk partial sums into `workspace`, then
+// one fixed-order sum per sample (deterministic, independent of the device's size).
+void squared_norms(double* out, double* workspace, const int64_t* ids, int64_t num, int64_t n, int stream,
+                   uint64_t seed, int device, uintptr_t cuda_stream);
+
+// out[j] = z(seed, sample, offset + j) as float32 (for tests).
+void fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset, int device,
+          uintptr_t cuda_stream);
+
+// out[4 * b + w] = word w of block (block0 + b) of (seed, sample) (for tests).
+void philox_words(uint32_t* out, int64_t blocks, uint64_t seed, uint32_t sample, uint64_t block0, int device,
+                  uintptr_t cuda_stream);
+
+// out[0..3] = Philox4x32-10 of one counter and key, computed on the device (known-answer tests).
+void philox4x32_10(uint32_t* out, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
+                   int device, uintptr_t cuda_stream);
+
+// Visible CUDA devices (0 when no driver or device is present; never throws).
+int device_count();
+
+// CUDART_VERSION the module was built against.
+int runtime_version();
+
+// The lowest architecture the kernels were compiled for, as 100 * major + 10 * minor (800 for sm_80).
+int min_architecture();
+
+}  // namespace cuda
+}  // namespace zo

@@ -1,0 +1,342 @@
+"""Every CUDA source compiles with nvcc for sm_90, cleanly, and keeps the accurate math (no GPU needed)."""
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from zo_kernels.kernels.native import DTYPE_IDS, STREAM_IDS
+from zo_kernels.kernels.native_cuda import NativeCudaBackend, load_backend, load_extension
+from zo_kernels.reference import noise
+
+from helpers import assert_close
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+CUDA_FILES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*"))) + [os.path.join(ROOT, "CMakeLists.txt")]
+
+# Fast-math intrinsics and flags would move the normals away from the reference by far more than 1e-6.
+FAST_MATH = re.compile(r"__(sin|cos|sincos|log|log2|log10|exp|exp10|pow|tan|fdividef)f\s*\(|use_fast_math|ftz=true")
+# PTX instructions that only fast math produces here (the accurate sqrtf is sqrt.rn).
+APPROX_PTX = re.compile(r"\b(sin|cos|lg2|ex2|sqrt|rsqrt)\.approx")
+
+
+def _nvcc():
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def test_there_are_cuda_sources():
+    assert SOURCES, "csrc/cuda/*.cu is empty"
+
+
+def test_the_built_extension_imports_without_a_gpu_and_explains_availability():
+    ext, why = load_extension()
+    backend, reason = load_backend()
+    if ext is None:
+        assert why.startswith("not built") and backend is None and reason == why
+        pytest.skip(why)
+    # The CUDA runtime is linked statically: importing needs no libcudart and no driver.
+    assert ext.ABI_VERSION == 1 and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
+    assert ext.squared_norms_workspace(3, 65537) == 3 * 2
+    if not torch.cuda.is_available():
+        assert backend is None and reason.startswith("built, but no CUDA device is visible"), reason
+    else:
+        assert (backend is None) == (reason != "available"), reason
+
+
+def test_python_layer_refuses_cpu_tensors_before_any_call():
+    class Fail:
+        MIN_ARCH = 800
+
+        def __getattr__(self, name):
+            def call(*args):
+                raise AssertionError(f"the extension must not be called ({name})")
+
+            return call
+
+    backend = NativeCudaBackend(Fail())
+    assert not backend.supports(torch.device("cpu"), torch.float32)
+    assert not backend.supports(torch.device("cuda", 0), torch.int32)
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        backend.perturb(x, x, "normal", 0, 0, 1.0, 0)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        backend.prepare_perturb(x, x, "normal", 0, 0)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        backend.reduce(x, torch.ones(1), torch.zeros(1, dtype=torch.int64), "normal", 0, 0)
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        backend.step(x, torch.ones(1), torch.zeros(1, dtype=torch.int64), "normal", 0, 0.1, 0)
+    with pytest.raises(ValueError, match="CUDA device"):
+        backend.sample("normal", 0, 0, 0, 4, "cpu")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
+def test_compiles_for_sm90_without_warnings(source, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    cmd = [
+        nvcc, "-std=c++17", "-arch=sm_90", "-O3", "-c", source, "-I", CSRC, "-o", str(tmp_path / "out.o"),
+        "--keep", "--keep-dir", str(tmp_path),  # keeps the PTX for the check below
+        "-Xptxas=-warn-spills",  # a register spill in a kernel is a performance bug
+        "-Xcompiler=-Wall,-Wextra,-Wno-unknown-pragmas",  # philox.h's `#pragma unroll` is for nvcc
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"nvcc failed on {source}:\n{output[-6000:]}"
+    warnings = [line for line in output.splitlines() if "warning" in line.lower()]
+    assert not warnings, f"nvcc warnings for {source}:\n" + "\n".join(warnings)
+    ptx = glob.glob(str(tmp_path / "*.ptx"))
+    assert ptx, "nvcc --keep left no PTX"
+    for path in ptx:
+        with open(path, encoding="utf-8") as f:
+            approx = sorted(set(APPROX_PTX.findall(f.read())))
+        assert not approx, f"{source}: approximate math instructions in the PTX: {approx}"
+
+
+@pytest.mark.parametrize("path", CUDA_FILES, ids=os.path.basename)
+def test_no_fast_math(path):
+    with open(path, encoding="utf-8") as f:
+        code = f.read()
+    comment = r"#[^\n]*" if path.endswith(".txt") else r"//[^\n]*|/\*.*?\*/"
+    code = re.sub(comment, "", code, flags=re.S)  # comments may warn against fast math
+    found = FAST_MATH.search(code)
+    assert found is None, f"{path} uses fast math: {found.group(0)!r}"
+
+
+# --- The kernels' work items, run on the CPU -------------------------------------------------------
+#
+# csrc/cuda/kernels.cu keeps each thread's work (one group of elements) in __host__ __device__
+# functions. This harness includes that file and runs those functions item by item on the CPU with
+# the kernels' grid-stride schedule (and the squared norms' tree order), so the indexing, head/tail
+# handling, vectorized and scalar paths, dtype conversions and summation order are checked against
+# the reference without a GPU. Only the math library differs (glibc here, CUDA's on the device).
+
+HARNESS = r"""
+#include "cuda/kernels.cu"
+
+#include <vector>
+
+namespace {
+using namespace zo;
+using namespace zo::cuda;
+
+int g_blocks = 3;  // a small grid, so that the grid-stride loops take several rounds
+
+template <typename F>
+void for_each_item(int64_t items, F f) {
+  const int64_t stride = static_cast<int64_t>(g_blocks) * kThreads;
+  for (int b = 0; b < g_blocks; ++b)
+    for (int t = 0; t < kThreads; ++t)
+      for (int64_t q = static_cast<int64_t>(b) * kThreads + t; q < items; q += stride) f(q);
+}
+
+template <int S, int D>
+struct EmuPerturb {
+  static void run(void* out, const void* theta, int64_t n, uint64_t seed, uint32_t sample, double scale,
+                  int64_t offset) {
+    using T = typename Io<D>::T;
+    for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
+      perturb_item<S, D>(static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample,
+                         static_cast<typename Io<D>::Acc>(scale), offset, q);
+    });
+  }
+};
+
+template <int S, int D>
+struct EmuAccumulate {
+  static void run(void* data, int64_t n, const void* weights, const int64_t* ids, int64_t num, uint64_t seed,
+                  int64_t offset, double lr, bool subtract) {
+    using T = typename Io<D>::T;
+    using Acc = typename Io<D>::Acc;
+    for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
+      accumulate_item<S, D>(static_cast<T*>(data), n, static_cast<const Acc*>(weights), ids, num, seed, offset,
+                            static_cast<Acc>(lr), subtract, q);
+    });
+  }
+};
+
+double tree_sum(std::vector<double> v) {  // block_sum's order
+  for (int s = kThreads / 2; s > 0; s >>= 1)
+    for (int t = 0; t < s; ++t) v[t] += v[t + s];
+  return v[0];
+}
+
+template <int S>
+void emu_norms(double* out, const int64_t* ids, int64_t num, int64_t n, uint64_t seed) {
+  const int64_t chunks = n > 0 ? chunks_for(n) : 0;
+  std::vector<double> partial(static_cast<size_t>(num * chunks));
+  for (int64_t p = 0; p < num * chunks; ++p) {
+    const int64_t lo = (p % chunks) * kNormChunk;
+    const int64_t hi = n - lo < kNormChunk ? n : lo + kNormChunk;
+    std::vector<double> v(kThreads);
+    for (int t = 0; t < kThreads; ++t) v[t] = norms_thread_sum<S>(seed, ids[p / chunks], lo, hi, t);
+    partial[p] = tree_sum(v);
+  }
+  for (int64_t k = 0; k < num; ++k) {
+    std::vector<double> v(kThreads, 0.0);
+    for (int t = 0; t < kThreads; ++t)
+      for (int64_t c = t; c < chunks; c += kThreads) v[t] += partial[k * chunks + c];
+    out[k] = tree_sum(v);
+  }
+}
+}  // namespace
+
+extern "C" {
+void emu_set_blocks(int blocks) { g_blocks = blocks; }
+int64_t emu_groups(int stream, int64_t n, int64_t offset) {
+  return stream == kNormal ? groups_for<kNormal>(n, offset) : groups_for<kRademacher>(n, offset);
+}
+void emu_perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
+                 double scale, int64_t offset) {
+  if (n > 0) dispatch<EmuPerturb>(stream, dtype, out, theta, n, seed, sample, scale, offset);
+}
+void emu_accumulate(void* data, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num,
+                    int stream, uint64_t seed, int64_t offset, double lr, int subtract) {
+  if (n > 0) dispatch<EmuAccumulate>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract != 0);
+}
+void emu_fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset) {
+  if (stream == kNormal) for_each_item(groups_for<kNormal>(n, offset), [&](int64_t q) {
+    fill_item<kNormal>(out, n, seed, sample, offset, q); });
+  else for_each_item(groups_for<kRademacher>(n, offset), [&](int64_t q) {
+    fill_item<kRademacher>(out, n, seed, sample, offset, q); });
+}
+void emu_squared_norms(double* out, const int64_t* ids, int64_t num, int64_t n, int stream, uint64_t seed) {
+  if (stream == kNormal) emu_norms<kNormal>(out, ids, num, n, seed);
+  else emu_norms<kRademacher>(out, ids, num, n, seed);
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    work = tmp_path_factory.mktemp("emu")
+    source, lib = work / "harness.cu", work / "libharness.so"
+    source.write_text(HARNESS)
+    cmd = [
+        nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler=-fPIC", "-I", CSRC, str(source), "-o", str(lib),
+        "-gencode", "arch=compute_90,code=compute_90",  # PTX only: the device code is not what runs here
+    ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"harness build failed:\n{(result.stdout + result.stderr)[-6000:]}"
+    h = ctypes.CDLL(str(lib))
+    P, INT, I64, U64, U32, D = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32,
+                              ctypes.c_double)  # fmt: skip
+    h.emu_set_blocks.argtypes = [INT]
+    h.emu_groups.argtypes, h.emu_groups.restype = [INT, I64, I64], I64
+    h.emu_perturb.argtypes = [P, P, I64, INT, INT, U64, U32, D, I64]
+    h.emu_accumulate.argtypes = [P, I64, INT, P, P, I64, INT, U64, I64, D, INT]
+    h.emu_fill.argtypes = [P, I64, INT, U64, U32, I64]
+    h.emu_squared_norms.argtypes = [P, P, I64, I64, INT, U64]
+    return h
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SIZES = [0, 1, 3, 127, 128, 129, 2049, 5000]
+
+
+def _shifted_cpu(values, shift):
+    storage = torch.full((values.numel() + shift + 1,), float("nan"), dtype=values.dtype)
+    view = storage[shift : shift + values.numel()]
+    view.copy_(values)
+    return view
+
+
+def test_emulated_group_count(emu):
+    for stream, g in ((0, 4), (1, 16)):
+        for n in (1, 2, 15, 16, 17, 1000):
+            for offset in (0, 1, 3, 4, 15, 16, 17, 2**40 + 9):
+                first, last = offset // g, (offset + n - 1) // g
+                assert emu.emu_groups(stream, n, offset) == last - first + 1
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("stream", ["normal", "rademacher"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_emulated_perturb_matches_the_reference(emu, dt, stream, shift):
+    for n in SIZES:
+        for offset in (0, 5, 16 * 12345, 2**31 + 3):
+            theta = _shifted_cpu(torch.randn(n, dtype=torch.float64).to(dt), shift)
+            out = _shifted_cpu(torch.full((n,), float("nan"), dtype=dt), shift)
+            emu.emu_perturb(
+                out.data_ptr(), theta.data_ptr(), n, DTYPE_IDS[dt], STREAM_IDS[stream], 42, 9, -0.37, offset
+            )
+            ref = torch.empty_like(theta)
+            noise.perturb(ref, theta, stream, 42, 9, -0.37, offset)
+            assert_close(out, ref, dt)
+            emu.emu_perturb(theta.data_ptr(), theta.data_ptr(), n, DTYPE_IDS[dt], STREAM_IDS[stream], 42, 9, -0.37,
+                            offset)  # fmt: skip
+            assert torch.equal(theta, out)  # in place gives the same bits
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("stream", ["normal", "rademacher"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_emulated_reduce_and_step_match_the_reference(emu, dt, stream, shift):
+    acc = noise.accumulation_dtype(dt)
+    num = 13
+    ids = torch.randperm(40)[:num].to(torch.int64)
+    weights = torch.randn(num, dtype=torch.float64)
+    w = weights.to(acc)
+    for n in SIZES:
+        for offset in (0, 5, 16 * 777, 2**33 + 125):
+            start = torch.randn(n, dtype=torch.float64).to(dt)
+            expected = start.to(acc) + noise.combine(weights, ids, stream, 5, offset, n, dt)
+            grad = _shifted_cpu(start, shift)
+            emu.emu_accumulate(grad.data_ptr(), n, DTYPE_IDS[dt], w.data_ptr(), ids.data_ptr(), num,
+                               STREAM_IDS[stream], 5, offset, 1.0, 0)  # fmt: skip
+            assert_close(grad, expected, dt, scale=4)
+            for lr in (0.5, 1.0):
+                theta = _shifted_cpu(start, shift)
+                emu.emu_accumulate(theta.data_ptr(), n, DTYPE_IDS[dt], w.data_ptr(), ids.data_ptr(), num,
+                                   STREAM_IDS[stream], 5, offset, lr, 1)  # fmt: skip
+                assert_close(theta, start.to(acc) - lr * (expected - start.to(acc)), dt, scale=4)
+
+
+def test_emulated_vector_and_scalar_paths_agree_bitwise(emu):
+    for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        for stream in ("normal", "rademacher"):
+            values = torch.randn(777, dtype=torch.float64).to(dt)
+            w, ids = torch.randn(3, dtype=acc), torch.tensor([0, 5, 6])
+            for offset in (0, 16, 19):
+                grads = []
+                for shift in (0, 1, 2, 3):
+                    g = _shifted_cpu(values, shift)
+                    emu.emu_accumulate(g.data_ptr(), 777, DTYPE_IDS[dt], w.data_ptr(), ids.data_ptr(), 3,
+                                       STREAM_IDS[stream], 1, offset, 1.0, 0)  # fmt: skip
+                    grads.append(g.clone())
+                assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_emulated_out_of_range_ids_poison(emu):
+    grad = torch.zeros(50)
+    w, ids = torch.ones(2), torch.tensor([1, 2**32])
+    emu.emu_accumulate(grad.data_ptr(), 50, 0, w.data_ptr(), ids.data_ptr(), 2, 0, 0, 0, 1.0, 0)
+    assert bool(torch.isnan(grad).all())
+
+
+@pytest.mark.parametrize("stream", ["normal", "rademacher"])
+def test_emulated_fill_and_squared_norms_match_the_reference(emu, stream):
+    for n, offset in ((1, 0), (131, 3), (4099, 2**34 + 127)):
+        out = torch.full((n,), float("nan"))
+        emu.emu_fill(out.data_ptr(), n, STREAM_IDS[stream], 77, 3, offset)
+        torch.testing.assert_close(out, noise.noise(stream, 77, torch.tensor([3]), offset, n)[0], rtol=0, atol=1e-6)
+    ids = torch.tensor([0, 4, 17])
+    for n in (0, 1, 2049, 2 * 65536 + 77):
+        out = torch.full((3,), float("nan"), dtype=torch.float64)
+        emu.emu_squared_norms(out.data_ptr(), ids.data_ptr(), 3, n, STREAM_IDS[stream], 3)
+        torch.testing.assert_close(out, noise.squared_norms(stream, 3, ids, n), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,245 @@
+"""The compiled CUDA backend (``zo_kernels._C_cuda``): validation of every tensor, then a raw-pointer launch.
+
+Like the CPU backend (:mod:`.native`), the extension takes device addresses, element counts, dtype ids,
+the device index and the CUDA stream handle, never libtorch types, so it works with any PyTorch
+version. This module is the only guard between a Python mistake and a wild device pointer: it checks
+device, dtype, contiguity and sizes of every tensor before the call. Kernels run on the current
+stream of the tensors' device (``torch.cuda.current_stream(device)``), so they order with the
+surrounding PyTorch work exactly like a PyTorch op; ``perturb``, ``reduce`` and ``step`` never
+synchronize the host.
+
+One check cannot be made without a device sync: whether the ``sample_ids`` of ``reduce``/``step``
+lie in ``[0, 2**32)`` when they live on the GPU. The kernels turn the result into NaN instead of
+silently wrapping such an id (``squared_norms``, which returns a tensor anyway, raises).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..reference.noise import STREAMS, accumulation_dtype
+from .base import Backend
+from .native import DTYPE_IDS, STREAM_IDS
+
+_MAX_INDEX = 2**63 - 1
+
+
+def _min_capability(ext: ModuleType) -> Tuple[int, int]:
+    """The lowest compute capability the module has code for (by default sm_80 and sm_90, compute_90 PTX)."""
+    arch = int(getattr(ext, "MIN_ARCH", 800))
+    return arch // 100, (arch % 100) // 10
+
+
+def load_extension() -> Tuple[Optional[ModuleType], str]:
+    """Import ``zo_kernels._C_cuda``; return ``(module, 'available')`` or ``(None, 'not built: ...')``."""
+    try:
+        from .. import _C_cuda  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, (
+            f"not built ({exc}); reinstall with nvcc on PATH (`ZO_KERNELS_BUILD_CUDA=1 pip install .`), "
+            "or set ZO_KERNELS_REQUIRE_NATIVE=1 to see why the build failed"
+        )
+    return _C_cuda, "available"
+
+
+def load_backend() -> Tuple[Optional[NativeCudaBackend], str]:
+    """``(backend, 'available')`` if ``_C_cuda`` imports and a CUDA device is visible, else ``(None, why)``."""
+    ext, why = load_extension()
+    if ext is None:
+        return None, why
+    if not torch.cuda.is_available():
+        return None, "built, but no CUDA device is visible (torch.cuda.is_available() is False)"
+    lowest = _min_capability(ext)
+    capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    if not any(c >= lowest for c in capabilities):
+        return None, f"built for compute capability {lowest}+, but the visible devices have {capabilities}"
+    return NativeCudaBackend(ext), "available"
+
+
+def _check_tensor(
+    t: torch.Tensor,
+    name: str,
+    dtype: Optional[torch.dtype] = None,
+    numel: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor for the 'cuda' backend, got {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} like the other arguments, got {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dtype not in DTYPE_IDS and dtype is None:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} must have {numel} elements, got {t.numel()}")
+
+
+def _check_stream_args(stream: str, seed: int, offset: int, numel: int = 0) -> int:
+    if stream not in STREAM_IDS:
+        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if offset + numel > _MAX_INDEX:
+        raise ValueError(f"offset + numel must be < 2**63, got {offset} + {numel}")
+    return STREAM_IDS[stream]
+
+
+def _check_sample_id(sample_id: int) -> None:
+    if not 0 <= sample_id < 2**32:
+        raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
+
+
+# The current stream's cudaStream_t as an int: torch's raw accessor (what torch.compile's generated
+# code calls; ~10x cheaper than building a torch.cuda.Stream), else the public API.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream_handle(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _cuda_device(device=None) -> torch.device:
+    """``device`` (None: the current one) as a CUDA device with an explicit index; ValueError if not CUDA."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device for the 'cuda' backend, got {device}")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class NativeCudaBackend(Backend):
+    """Fused perturb / reduce / step on CUDA tensors with the CUDA C++ kernels.
+
+    Each element's sum over the samples runs in the order given by ``sample_ids`` inside one thread,
+    so results are bitwise identical run to run.
+    """
+
+    name = "cuda"
+
+    def __init__(self, ext: ModuleType) -> None:
+        self._C = ext
+        self._min_capability = _min_capability(ext)
+        self._capable: Dict[int, bool] = {}
+
+    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """CUDA tensors of float32, float64, float16 or bfloat16, on a device the module has code for."""
+        if device.type != "cuda" or dtype not in DTYPE_IDS:
+            return False
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index not in self._capable:
+            self._capable[index] = torch.cuda.get_device_capability(index) >= self._min_capability
+        return self._capable[index]
+
+    def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
+        _check_tensor(theta, "theta")
+        _check_tensor(out, "out", theta.dtype, theta.numel(), theta.device)
+        _check_sample_id(sample_id)
+        s = _check_stream_args(stream, seed, offset, theta.numel())
+        device = theta.device
+        self._C.perturb(
+            out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
+            float(scale), offset, device.index, _stream_handle(device),
+        )  # fmt: skip
+
+    def prepare_perturb(self, out, theta, stream, seed, offset):  # noqa: D102
+        _check_tensor(theta, "theta")
+        _check_tensor(out, "out", theta.dtype, theta.numel(), theta.device)
+        s = _check_stream_args(stream, seed, offset, theta.numel())
+        device = theta.device
+        args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
+        kernel, index = self._C.perturb, device.index
+
+        def perturb(sample_id: int, scale: float) -> None:
+            _check_sample_id(sample_id)
+            # The buffers were validated above and belong to the caller for the whole loop; the
+            # stream is looked up per call, so each launch goes to the stream current at that time.
+            kernel(*args, sample_id, float(scale), offset, index, _stream_handle(device))
+
+        return perturb
+
+    def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
+        _check_tensor(data, "data")
+        s = _check_stream_args(stream, seed, offset, data.numel())
+        device = data.device
+        for t, name in ((weights, "weights"), (sample_ids, "sample_ids")):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.device != device:
+                raise ValueError(f"{name} must be on {device} like the data, got {t.device}")
+        if sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
+            raise TypeError(f"sample_ids must have an integer dtype, got {sample_ids.dtype}")
+        if weights.dtype.is_complex:
+            raise TypeError(f"weights must be real, got {weights.dtype}")
+        # Conversions run on the device, on the current stream (no host sync); no-ops when the caller
+        # already passes int64 ids and weights in the accumulation dtype.
+        ids = sample_ids.reshape(-1).to(torch.int64).contiguous()
+        w = weights.reshape(-1).to(accumulation_dtype(data.dtype)).contiguous()
+        _check_tensor(ids, "sample_ids", torch.int64, device=device)
+        _check_tensor(w, "weights", accumulation_dtype(data.dtype), ids.numel(), device)
+        fn(
+            data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], w.data_ptr(), ids.data_ptr(), ids.numel(), s, seed,
+            *extra, offset, device.index, _stream_handle(device),
+        )  # fmt: skip
+
+    def reduce(self, grad, weights, sample_ids, stream, seed, offset):  # noqa: D102
+        self._accumulate(self._C.reduce, grad, weights, sample_ids, stream, seed, offset)
+
+    def step(self, theta, weights, sample_ids, stream, seed, lr, offset):  # noqa: D102
+        self._accumulate(self._C.step, theta, weights, sample_ids, stream, seed, offset, float(lr))
+
+    def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
+        s = _check_stream_args(stream, seed, 0, numel)
+        if numel < 0:
+            raise ValueError(f"numel must be >= 0, got {numel}")
+        if not isinstance(sample_ids, torch.Tensor):
+            raise TypeError(f"sample_ids must be a tensor, got {type(sample_ids).__name__}")
+        device = _cuda_device(sample_ids.device if sample_ids.device.type == "cuda" else None)
+        ids = sample_ids.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
+        # This call returns a tensor the caller reads anyway, so the range check may sync.
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 2**32):
+            raise ValueError("sample_ids must be in [0, 2**32)")
+        out = torch.empty(ids.numel(), dtype=torch.float64, device=device)
+        work = torch.empty(self._C.squared_norms_workspace(ids.numel(), numel), dtype=torch.float64, device=device)
+        self._C.squared_norms(
+            out.data_ptr(), work.data_ptr(), ids.data_ptr(), ids.numel(), numel, s, seed, device.index,
+            _stream_handle(device),
+        )  # fmt: skip
+        return out.to(sample_ids.device)
+
+    def sample(self, stream, seed, sample_id, offset, numel, device=None):  # noqa: D102
+        dev = _cuda_device(device)
+        _check_sample_id(sample_id)
+        s = _check_stream_args(stream, seed, offset, numel)
+        if numel < 0:
+            raise ValueError(f"numel must be >= 0, got {numel}")
+        out = torch.empty(numel, dtype=torch.float32, device=dev)
+        self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, dev.index, _stream_handle(dev))
+        return out
+
+    def philox_words(self, seed: int, sample_id: int, block0: int, blocks: int) -> torch.Tensor:
+        """The uint32 words of ``blocks`` consecutive Philox blocks, as int64 (blocks, 4), on the current GPU."""
+        _check_stream_args(STREAMS[0], seed, 0)
+        _check_sample_id(sample_id)
+        if not 0 <= block0 < 2**64:
+            raise ValueError(f"block0 must be in [0, 2**64), got {block0}")
+        if blocks < 0:
+            raise ValueError(f"blocks must be >= 0, got {blocks}")
+        dev = _cuda_device()
+        out = torch.empty((blocks, 4), dtype=torch.int32, device=dev)
+        self._C.philox_words(out.data_ptr(), blocks, seed, sample_id, block0, dev.index, _stream_handle(dev))
+        return out.to(torch.int64) & 0xFFFFFFFF
