@@ -39,13 +39,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "perturb",
       [](uintptr_t out, uintptr_t theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
-         double scale, int64_t offset, int threads) {
+         double scale, int64_t offset, int threads, uintptr_t keep) {
         py::gil_scoped_release release;
         zo::cpu::perturb(ptr<void>(out), ptr<const void>(theta), n, dtype, stream, seed, sample, scale, offset,
-                         threads);
+                         ptr<float>(keep), threads);
       },
       py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
-      py::arg("sample"), py::arg("scale"), py::arg("offset"), py::arg("threads"));
+      py::arg("sample"), py::arg("scale"), py::arg("offset"), py::arg("threads"), py::arg("keep") = 0,
+      "out = theta + scale * z; keep (a float32 buffer's address, 0 for none) also receives z.");
 
   m.def(
       "reduce",

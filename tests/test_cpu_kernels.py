@@ -134,3 +134,28 @@ def test_selected_for_cpu_tensors_by_default(monkeypatch):
     assert backends.select(torch.device("cpu"), torch.float32, "reference").name == "reference"
     monkeypatch.setenv("ZO_KERNELS_BACKEND", "reference")
     assert backends.select(torch.device("cpu"), torch.bfloat16).name == "reference"
+
+
+@pytest.mark.parametrize("method", ["naive", "forward", "antithetic"])
+@pytest.mark.parametrize("dist", ["Normal", "Rademacher", "Sphere"])
+def test_zero_order_on_cpu_matches_the_reference_backend(method, dist):
+    """Same seed, same gradient: the cpu backend keeps normal noise instead of regenerating it in reduce."""
+    import zo_kernels
+    from zo_kernels import distributions
+
+    params = {"w": torch.randn(50, 70), "b": torch.randn(70, dtype=torch.float64), "h": torch.randn(9).bfloat16()}
+    x = torch.randn(4, 50)
+
+    def loss(p, x):
+        return ((x @ p["w"]).double() + p["b"]).tanh().sum() + p["h"].double().square().sum()
+
+    grads = {}
+    for backend in ("reference", "cpu"):
+        tree = {k: v.clone().requires_grad_() for k, v in params.items()}
+        fn = zo_kernels.zero_order(
+            getattr(distributions, dist)(), method=method, num_samples=12, sigma=0.1, seed=3, backend=backend
+        )
+        fn(loss)(tree, x).backward()
+        grads[backend] = tree
+    for k in params:
+        assert_close(grads["cpu"][k].grad, grads["reference"][k].grad, params[k].dtype, scale=10)

@@ -165,25 +165,46 @@ def _fused_gradients(
         scales = (math.sqrt(total) / norms.sqrt()).tolist()
 
     segments, scratch = _segments(leaves, offsets, chosen)
-    perturbers = [seg.backend.prepare_perturb(seg.out, seg.theta, noise.stream, seed, seg.offset) for seg in segments]
-    rows = []
-    for sign in _signs(s.method):
-        row = []
-        for i in range(s.num_samples):
+    # Keep each sample's noise and accumulate it at once where that beats regenerating it in
+    # `reduce` (CPU normals); the sum still runs over samples in order, so it stays deterministic.
+    keep = all(seg.backend.prefers_kept_noise(noise.stream) for seg in segments)
+    kept = [
+        torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device) if keep else None for seg in segments
+    ]
+    sums = [
+        torch.zeros_like(seg.theta, dtype=accumulation_dtype(seg.theta.dtype)) if keep else None for seg in segments
+    ]
+    perturbers = [
+        seg.backend.prepare_perturb(seg.out, seg.theta, noise.stream, seed, seg.offset, **({"keep": z} if keep else {}))
+        for seg, z in zip(segments, kept)
+    ]
+    signs = _signs(s.method)
+    per_sample = []
+    for i in range(s.num_samples):
+        sample_losses = []
+        for sign in signs:
             scale = sign * s.sigma * scales[i]
             for perturb in perturbers:
                 perturb(i, scale)
-            row.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
-        rows.append(_stack_losses(row))
-    losses = torch.stack(rows)
+            sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+        per_sample.append(_stack_losses(sample_losses))
+        if keep:
+            w = _weights(per_sample[-1][:, None], f0, grad_out, s)[0] * scales[i]
+            for acc, z in zip(sums, kept):
+                acc.add_(z.to(acc.dtype) * w.to(acc.dtype))
+    losses = torch.stack(per_sample, dim=1)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
 
-    weights = _weights(losses, f0, grad_out, s) * torch.tensor(scales, dtype=torch.float64).to(losses.device)
+    if not keep:
+        weights = _weights(losses, f0, grad_out, s) * torch.tensor(scales, dtype=torch.float64).to(losses.device)
     grads = []
-    for seg in segments:
-        g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
-        w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
-        seg.backend.reduce(g, w, ids.to(g.device), noise.stream, seed, seg.offset)
+    for seg, acc in zip(segments, sums):
+        if acc is not None:
+            g = acc.to(seg.theta.dtype)
+        else:
+            g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
+            w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
+            seg.backend.reduce(g, w, ids.to(g.device), noise.stream, seed, seg.offset)
         grads.extend(g[lo:hi].view(shape) for lo, hi, shape in seg.parts)
     return grads
 

@@ -86,7 +86,7 @@ int team_size(int threads, int64_t work) {
 
 template <int D>
 void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint64_t seed, uint32_t sample,
-                  double scale, int64_t offset, int threads) {
+                  double scale, int64_t offset, float* keep, int threads) {
   using IO = Io<D>;
   using T = typename IO::T;
   using Acc = typename IO::Acc;
@@ -101,6 +101,7 @@ void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint
     const int64_t len = std::min(kTile, n - lo);
     fill(z, seed, sample, static_cast<uint64_t>(offset + lo), len);
     for (int64_t k = 0; k < len; ++k) out[lo + k] = IO::store(IO::load(theta[lo + k]) + s * static_cast<Acc>(z[k]));
+    if (keep != nullptr) std::copy(z, z + len, keep + lo);
   }
 }
 
@@ -168,8 +169,8 @@ struct AccumulateOp {
 }  // namespace
 
 void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
-             double scale, int64_t offset, int threads) {
-  dispatch<PerturbOp>(dtype, out, theta, n, fill_for(stream), seed, sample, scale, offset, threads);
+             double scale, int64_t offset, float* keep, int threads) {
+  dispatch<PerturbOp>(dtype, out, theta, n, fill_for(stream), seed, sample, scale, offset, keep, threads);
 }
 
 void reduce(void* grad, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,

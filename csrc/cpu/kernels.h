@@ -7,9 +7,9 @@
 namespace zo {
 namespace cpu {
 
-// out[j] = theta[j] + scale * z(seed, sample, offset + j)
+// out[j] = theta[j] + scale * z(seed, sample, offset + j); also keep[j] = z(...) when keep is not null.
 void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
-             double scale, int64_t offset, int threads);
+             double scale, int64_t offset, float* keep, int threads);
 
 // grad[j] += sum_k weights[k] * z(seed, ids[k], offset + j); each element's sum runs over k in order.
 void reduce(void* grad, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,

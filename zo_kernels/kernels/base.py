@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -56,11 +56,33 @@ class Backend(abc.ABC):
         """float32 ``z(seed, sample_id, offset + j)`` for ``j < numel`` on ``device`` (materialized noise)."""
 
     def prepare_perturb(
-        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, offset: int
+        self,
+        out: torch.Tensor,
+        theta: torch.Tensor,
+        stream: str,
+        seed: int,
+        offset: int,
+        keep: Optional[torch.Tensor] = None,
     ) -> Callable[[int, float], None]:
         """A function ``(sample_id, scale) -> None`` doing ``perturb`` into ``out`` for a fixed buffer pair.
 
         The estimate perturbs the same buffers once per sample; a backend may validate them once
-        here and return a cheaper call.
+        here and return a cheaper call. With ``keep`` (a float32 buffer like ``theta``), each call
+        also leaves the unscaled noise ``z`` there, for backends where keeping it beats
+        regenerating it in ``reduce`` (see :meth:`prefers_kept_noise`).
         """
-        return lambda sample_id, scale: self.perturb(out, theta, stream, seed, sample_id, scale, offset)
+
+        def perturb(sample_id: int, scale: float) -> None:
+            self.perturb(out, theta, stream, seed, sample_id, scale, offset)
+            if keep is not None:
+                keep.copy_(self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device))
+
+        return perturb
+
+    def prefers_kept_noise(self, stream: str) -> bool:
+        """Whether keeping one sample's noise (``n`` floats) and accumulating it is cheaper than ``reduce``.
+
+        False by default: regenerating is free on GPUs. The CPU backend measures otherwise for
+        the normal stream, whose Box-Muller costs more than reading a kept buffer.
+        """
+        return False

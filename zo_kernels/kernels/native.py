@@ -98,20 +98,32 @@ class NativeCpuBackend(Backend):
             float(scale), offset, self._threads(),
         )  # fmt: skip
 
-    def prepare_perturb(self, out, theta, stream, seed, offset):  # noqa: D102
+    def prepare_perturb(self, out, theta, stream, seed, offset, keep=None):  # noqa: D102
         _check_tensor(theta, "theta")
         _check_tensor(out, "out", theta.dtype, theta.numel())
+        if keep is not None:
+            _check_tensor(keep, "keep", torch.float32, theta.numel())
         s = _check_stream_args(stream, seed, offset)
         args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
+        keep_ptr = 0 if keep is None else keep.data_ptr()
         kernel, threads = self._C.perturb, self._threads()
 
         def perturb(sample_id: int, scale: float) -> None:
             if not 0 <= sample_id < 2**32:
                 raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
             # The buffers were validated above and belong to the caller for the whole loop.
-            kernel(*args, sample_id, float(scale), offset, threads)
+            kernel(*args, sample_id, float(scale), offset, threads, keep_ptr)
 
         return perturb
+
+    def prefers_kept_noise(self, stream: str) -> bool:
+        """True for the normal stream: Box-Muller costs ~4x more than an axpy over a kept buffer.
+
+        Measured (bench/results/cpu.md): regenerating normals in ``reduce`` made about half of the
+        time beyond the bare evaluations on a 265k-parameter MLP; Rademacher signs regenerate at
+        memory speed, so they are not kept.
+        """
+        return stream == "normal"
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")
