@@ -143,8 +143,9 @@ def test_zero_order_on_cpu_matches_the_reference_backend(method, dist):
     import zo_kernels
     from zo_kernels import distributions
 
-    params = {"w": torch.randn(50, 70), "b": torch.randn(70, dtype=torch.float64), "h": torch.randn(9).bfloat16()}
-    x = torch.randn(4, 50)
+    # w is large enough for the cpu backend to keep its normals (KEEP_MIN_NUMEL); b and h are not.
+    params = {"w": torch.randn(200, 200), "b": torch.randn(200, dtype=torch.float64), "h": torch.randn(9).bfloat16()}
+    x = torch.randn(4, 200)
 
     def loss(p, x):
         return ((x @ p["w"]).double() + p["b"]).tanh().sum() + p["h"].double().square().sum()
@@ -157,5 +158,7 @@ def test_zero_order_on_cpu_matches_the_reference_backend(method, dist):
         )
         fn(loss)(tree, x).backward()
         grads[backend] = tree
+    # The noise agrees to ~1e-6 between backends; the losses' differences divided by sigma amplify
+    # that by about |grad f| / sigma, hence the wider tolerance than for a single kernel.
     for k in params:
-        assert_close(grads["cpu"][k].grad, grads["reference"][k].grad, params[k].dtype, scale=10)
+        assert_close(grads["cpu"][k].grad, grads["reference"][k].grad, params[k].dtype, scale=50)

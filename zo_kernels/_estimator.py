@@ -166,16 +166,21 @@ def _fused_gradients(
 
     segments, scratch = _segments(leaves, offsets, chosen)
     # Keep each sample's noise and accumulate it at once where that beats regenerating it in
-    # `reduce` (CPU normals); the sum still runs over samples in order, so it stays deterministic.
-    keep = all(seg.backend.prefers_kept_noise(noise.stream) for seg in segments)
+    # `reduce` (large CPU vectors of normals); the sum still runs over samples in order.
     kept = [
-        torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device) if keep else None for seg in segments
+        torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
+        if seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
+        else None
+        for seg in segments
     ]
     sums = [
-        torch.zeros_like(seg.theta, dtype=accumulation_dtype(seg.theta.dtype)) if keep else None for seg in segments
+        None if z is None else torch.zeros_like(z, dtype=accumulation_dtype(seg.theta.dtype))
+        for seg, z in zip(segments, kept)
     ]
     perturbers = [
-        seg.backend.prepare_perturb(seg.out, seg.theta, noise.stream, seed, seg.offset, **({"keep": z} if keep else {}))
+        seg.backend.prepare_perturb(
+            seg.out, seg.theta, noise.stream, seed, seg.offset, **({} if z is None else {"keep": z})
+        )
         for seg, z in zip(segments, kept)
     ]
     signs = _signs(s.method)
@@ -188,14 +193,15 @@ def _fused_gradients(
                 perturb(i, scale)
             sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
         per_sample.append(_stack_losses(sample_losses))
-        if keep:
+        if any(z is not None for z in kept):
             w = _weights(per_sample[-1][:, None], f0, grad_out, s)[0] * scales[i]
             for acc, z in zip(sums, kept):
-                acc.add_(z.to(acc.dtype) * w.to(acc.dtype))
+                if acc is not None:
+                    acc.add_(z.to(acc.dtype) * w.to(acc.dtype))
     losses = torch.stack(per_sample, dim=1)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
 
-    if not keep:
+    if any(z is None for z in kept):
         weights = _weights(losses, f0, grad_out, s) * torch.tensor(scales, dtype=torch.float64).to(losses.device)
     grads = []
     for seg, acc in zip(segments, sums):

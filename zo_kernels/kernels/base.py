@@ -79,8 +79,8 @@ class Backend(abc.ABC):
 
         return perturb
 
-    def prefers_kept_noise(self, stream: str) -> bool:
-        """Whether keeping one sample's noise (``n`` floats) and accumulating it is cheaper than ``reduce``.
+    def prefers_kept_noise(self, stream: str, numel: int) -> bool:
+        """Whether keeping one sample's noise (``numel`` floats) and accumulating it beats ``reduce``.
 
         False by default: regenerating is free on GPUs. The CPU backend measures otherwise for
         the normal stream, whose Box-Muller costs more than reading a kept buffer.

@@ -116,14 +116,18 @@ class NativeCpuBackend(Backend):
 
         return perturb
 
-    def prefers_kept_noise(self, stream: str) -> bool:
-        """True for the normal stream: Box-Muller costs ~4x more than an axpy over a kept buffer.
+    #: Below this many elements, regenerating the noise in one ``reduce`` costs less than the
+    #: per-sample accumulation calls that keeping it needs (about 30 us each, i.e. ~15k normals).
+    KEEP_MIN_NUMEL = 1 << 15
+
+    def prefers_kept_noise(self, stream: str, numel: int) -> bool:
+        """True for the normal stream of large vectors: Box-Muller costs ~4x more than an axpy.
 
         Measured (bench/results/cpu.md): regenerating normals in ``reduce`` made about half of the
-        time beyond the bare evaluations on a 265k-parameter MLP; Rademacher signs regenerate at
-        memory speed, so they are not kept.
+        time beyond the bare evaluations on a 265k-parameter MLP, and keeping them made the
+        2k-parameter linear model slower; Rademacher signs regenerate at memory speed.
         """
-        return stream == "normal"
+        return stream == "normal" and numel >= self.KEEP_MIN_NUMEL
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")
