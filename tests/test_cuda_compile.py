@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from zo_kernels.kernels.native import DTYPE_IDS, STREAM_IDS
+from zo_kernels.kernels.checks import DTYPE_IDS, STREAM_IDS
 from zo_kernels.kernels.native_cuda import NativeCudaBackend, load_backend, load_extension
 from zo_kernels.reference import noise
 

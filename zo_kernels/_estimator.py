@@ -197,7 +197,7 @@ def _fused_gradients(
             w = _weights(per_sample[-1][:, None], f0, grad_out, s)[0] * scales[i]
             for acc, z in zip(sums, kept):
                 if acc is not None:
-                    acc.add_(z.to(acc.dtype) * w.to(acc.dtype))
+                    acc.addcmul_(z, w.to(acc.dtype))
     losses = torch.stack(per_sample, dim=1)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
 

@@ -54,7 +54,7 @@ void fill_tile<kRademacher>(float* z, uint64_t seed, uint32_t sample, uint64_t s
   for (int wi = 0; wi < 4 * nblocks; ++wi) {
     const uint32_t word = words[wi];
     float* dst = values + 32 * wi;
-    for (int b = 0; b < 32; ++b) dst[b] = as_float(0x3F800000u | ((word & kBit[b]) ? 0u : 0x80000000u));
+    for (int b = 0; b < 32; ++b) dst[b] = bits_float(0x3F800000u | ((word & kBit[b]) ? 0u : 0x80000000u));
   }
   std::copy(values + lane0, values + lane0 + len, z);
 }

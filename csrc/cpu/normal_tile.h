@@ -9,9 +9,9 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "../philox.h"
+#include "scalar_io.h"
 
 namespace zo {
 namespace cpu {
@@ -19,28 +19,16 @@ namespace cpu {
 // Most Philox blocks one tile can touch: kTile / 4 + 1 (a tile that starts mid-block).
 constexpr int kMaxTileBlocks = 2048 / 4 + 1;
 
-inline float as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t as_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
 // Natural log of a positive, normal float. Mantissa m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 +
 // f^3 P(f) with f = m - 1 (minimax coefficients as in Cephes' logf), plus e * ln 2 in two parts.
 inline float log_positive(float x) {
-  const uint32_t bits = as_bits(x);
+  const uint32_t bits = float_bits(x);
   const uint32_t mantissa = bits & 0x007FFFFFu;
   // Mantissa above sqrt(2)'s (0x3504F3): halve m (exponent field 126 instead of 127) and add 1 to
   // e, with integer arithmetic rather than a branch so that the loop vectorizes.
   const uint32_t big = mantissa > 0x3504F3u ? 1u : 0u;
   const int32_t e = static_cast<int32_t>(bits >> 23) - 127 + static_cast<int32_t>(big);
-  const float m = as_float(mantissa | (0x3F800000u - (big << 23)));
+  const float m = bits_float(mantissa | (0x3F800000u - (big << 23)));
   const float f = m - 1.0f;
   const float z = f * f;
   float p = 7.0376836292e-2f;
@@ -74,11 +62,11 @@ inline void sincos_0_2pi(float t, float* s_out, float* c_out) {
   // Quadrant q: odd quadrants swap sin and cos; sin is negated in quadrants 2, 3 and cos in 1, 2.
   // Done on the bits (mask blend, sign flip) so that the loop has no control flow.
   const uint32_t swap = 0u - static_cast<uint32_t>(q & 1);
-  const uint32_t sb = as_bits(s), cb = as_bits(c);
+  const uint32_t sb = float_bits(s), cb = float_bits(c);
   const uint32_t sin_bits = (sb & ~swap) | (cb & swap);
   const uint32_t cos_bits = (cb & ~swap) | (sb & swap);
-  *s_out = as_float(sin_bits ^ (static_cast<uint32_t>(q & 2) << 30));
-  *c_out = as_float(cos_bits ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
+  *s_out = bits_float(sin_bits ^ (static_cast<uint32_t>(q & 2) << 30));
+  *c_out = bits_float(cos_bits ^ (static_cast<uint32_t>((q + 1) & 2) << 30));
 }
 
 // Normals of blocks [block0, block0 + nblocks) of (seed, sample), lanes in order: out[4*i + l].

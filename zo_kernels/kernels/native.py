@@ -8,15 +8,13 @@ mistake and a wild pointer, and checks device, dtype, contiguity and sizes befor
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..reference.noise import STREAMS
 from .base import Backend
-
-DTYPE_IDS: Dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-STREAM_IDS: Dict[str, int] = {name: k for k, name in enumerate(STREAMS)}
+from .checks import DTYPE_IDS, check_sample_id, check_stream_args, check_tensor
 
 
 def load_extension() -> Tuple[Optional[ModuleType], str]:
@@ -36,28 +34,7 @@ def load_extension() -> Tuple[Optional[ModuleType], str]:
 
 
 def _check_tensor(t: torch.Tensor, name: str, dtype: Optional[torch.dtype] = None, numel: Optional[int] = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU for the 'cpu' backend, got {t.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.dtype not in DTYPE_IDS and dtype is None:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"{name} must have {numel} elements, got {t.numel()}")
-
-
-def _check_stream_args(stream: str, seed: int, offset: int) -> int:
-    if stream not in STREAM_IDS:
-        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    return STREAM_IDS[stream]
+    check_tensor(t, name, "cpu", "cpu", dtype, numel)
 
 
 def _check_ids(sample_ids: torch.Tensor, weights: torch.Tensor) -> None:
@@ -90,9 +67,8 @@ class NativeCpuBackend(Backend):
     def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
         _check_tensor(theta, "theta")
         _check_tensor(out, "out", theta.dtype, theta.numel())
-        if not 0 <= sample_id < 2**32:
-            raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
-        s = _check_stream_args(stream, seed, offset)
+        check_sample_id(sample_id)
+        s = check_stream_args(stream, seed, offset)
         self._C.perturb(
             out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
             float(scale), offset, self._threads(),
@@ -103,14 +79,13 @@ class NativeCpuBackend(Backend):
         _check_tensor(out, "out", theta.dtype, theta.numel())
         if keep is not None:
             _check_tensor(keep, "keep", torch.float32, theta.numel())
-        s = _check_stream_args(stream, seed, offset)
+        s = check_stream_args(stream, seed, offset)
         args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
         keep_ptr = 0 if keep is None else keep.data_ptr()
         kernel, threads = self._C.perturb, self._threads()
 
         def perturb(sample_id: int, scale: float) -> None:
-            if not 0 <= sample_id < 2**32:
-                raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
+            check_sample_id(sample_id)
             # The buffers were validated above and belong to the caller for the whole loop.
             kernel(*args, sample_id, float(scale), offset, threads, keep_ptr)
 
@@ -131,7 +106,7 @@ class NativeCpuBackend(Backend):
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")
-        s = _check_stream_args(stream, seed, offset)
+        s = check_stream_args(stream, seed, offset)
         ids = sample_ids.to(torch.int64).contiguous()
         w = weights.to(torch.float64).contiguous()
         _check_ids(ids, w)
@@ -147,7 +122,7 @@ class NativeCpuBackend(Backend):
         self._accumulate(self._C.step, theta, weights, sample_ids, stream, seed, offset, float(lr))
 
     def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
-        s = _check_stream_args(stream, seed, 0)
+        s = check_stream_args(stream, seed, 0)
         ids = sample_ids.to(device="cpu", dtype=torch.int64).contiguous()
         out = torch.empty(ids.numel(), dtype=torch.float64)
         self._C.squared_norms(out.data_ptr(), ids.data_ptr(), ids.numel(), numel, s, seed, self._threads())
@@ -156,16 +131,15 @@ class NativeCpuBackend(Backend):
     def sample(self, stream, seed, sample_id, offset, numel, device="cpu"):  # noqa: D102
         if torch.device(device).type != "cpu":
             raise ValueError(f"device must be the CPU for the 'cpu' backend, got {device}")
-        if not 0 <= sample_id < 2**32:
-            raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
-        s = _check_stream_args(stream, seed, offset)
+        check_sample_id(sample_id)
+        s = check_stream_args(stream, seed, offset)
         out = torch.empty(numel, dtype=torch.float32)
         self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, self._threads())
         return out
 
     def philox_words(self, seed: int, sample_id: int, block0: int, blocks: int) -> torch.Tensor:
         """The uint32 words of ``blocks`` consecutive Philox blocks, as int64 of shape (blocks, 4)."""
-        _check_stream_args(STREAMS[0], seed, block0)
+        check_stream_args(STREAMS[0], seed, block0)
         out = torch.empty((blocks, 4), dtype=torch.int32)
         self._C.philox_words(out.data_ptr(), blocks, seed, sample_id, block0)
         return out.to(torch.int64) & 0xFFFFFFFF

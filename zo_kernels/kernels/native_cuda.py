@@ -22,9 +22,7 @@ import torch
 
 from ..reference.noise import STREAMS, accumulation_dtype
 from .base import Backend
-from .native import DTYPE_IDS, STREAM_IDS
-
-_MAX_INDEX = 2**63 - 1
+from .checks import DTYPE_IDS, check_sample_id, check_stream_args, check_tensor
 
 
 def _min_capability(ext: ModuleType) -> Tuple[int, int]:
@@ -66,37 +64,7 @@ def _check_tensor(
     numel: Optional[int] = None,
     device: Optional[torch.device] = None,
 ) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor for the 'cuda' backend, got {t.device}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} must be on {device} like the other arguments, got {t.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if t.dtype not in DTYPE_IDS and dtype is None:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-    if numel is not None and t.numel() != numel:
-        raise ValueError(f"{name} must have {numel} elements, got {t.numel()}")
-
-
-def _check_stream_args(stream: str, seed: int, offset: int, numel: int = 0) -> int:
-    if stream not in STREAM_IDS:
-        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    if offset + numel > _MAX_INDEX:
-        raise ValueError(f"offset + numel must be < 2**63, got {offset} + {numel}")
-    return STREAM_IDS[stream]
-
-
-def _check_sample_id(sample_id: int) -> None:
-    if not 0 <= sample_id < 2**32:
-        raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")
+    check_tensor(t, name, "cuda", "cuda", dtype, numel, device)
 
 
 # The current stream's cudaStream_t as an int: torch's raw accessor (what torch.compile's generated
@@ -148,8 +116,8 @@ class NativeCudaBackend(Backend):
     def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
         _check_tensor(theta, "theta")
         _check_tensor(out, "out", theta.dtype, theta.numel(), theta.device)
-        _check_sample_id(sample_id)
-        s = _check_stream_args(stream, seed, offset, theta.numel())
+        check_sample_id(sample_id)
+        s = check_stream_args(stream, seed, offset, theta.numel())
         device = theta.device
         self._C.perturb(
             out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
@@ -159,13 +127,13 @@ class NativeCudaBackend(Backend):
     def prepare_perturb(self, out, theta, stream, seed, offset):  # noqa: D102
         _check_tensor(theta, "theta")
         _check_tensor(out, "out", theta.dtype, theta.numel(), theta.device)
-        s = _check_stream_args(stream, seed, offset, theta.numel())
+        s = check_stream_args(stream, seed, offset, theta.numel())
         device = theta.device
         args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
         kernel, index = self._C.perturb, device.index
 
         def perturb(sample_id: int, scale: float) -> None:
-            _check_sample_id(sample_id)
+            check_sample_id(sample_id)
             # The buffers were validated above and belong to the caller for the whole loop; the
             # stream is looked up per call, so each launch goes to the stream current at that time.
             kernel(*args, sample_id, float(scale), offset, index, _stream_handle(device))
@@ -174,7 +142,7 @@ class NativeCudaBackend(Backend):
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")
-        s = _check_stream_args(stream, seed, offset, data.numel())
+        s = check_stream_args(stream, seed, offset, data.numel())
         device = data.device
         for t, name in ((weights, "weights"), (sample_ids, "sample_ids")):
             if not isinstance(t, torch.Tensor):
@@ -203,7 +171,7 @@ class NativeCudaBackend(Backend):
         self._accumulate(self._C.step, theta, weights, sample_ids, stream, seed, offset, float(lr))
 
     def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
-        s = _check_stream_args(stream, seed, 0, numel)
+        s = check_stream_args(stream, seed, 0, numel)
         if numel < 0:
             raise ValueError(f"numel must be >= 0, got {numel}")
         if not isinstance(sample_ids, torch.Tensor):
@@ -223,8 +191,8 @@ class NativeCudaBackend(Backend):
 
     def sample(self, stream, seed, sample_id, offset, numel, device=None):  # noqa: D102
         dev = _cuda_device(device)
-        _check_sample_id(sample_id)
-        s = _check_stream_args(stream, seed, offset, numel)
+        check_sample_id(sample_id)
+        s = check_stream_args(stream, seed, offset, numel)
         if numel < 0:
             raise ValueError(f"numel must be >= 0, got {numel}")
         out = torch.empty(numel, dtype=torch.float32, device=dev)
@@ -233,8 +201,8 @@ class NativeCudaBackend(Backend):
 
     def philox_words(self, seed: int, sample_id: int, block0: int, blocks: int) -> torch.Tensor:
         """The uint32 words of ``blocks`` consecutive Philox blocks, as int64 (blocks, 4), on the current GPU."""
-        _check_stream_args(STREAMS[0], seed, 0)
-        _check_sample_id(sample_id)
+        check_stream_args(STREAMS[0], seed, 0)
+        check_sample_id(sample_id)
         if not 0 <= block0 < 2**64:
             raise ValueError(f"block0 must be in [0, 2**64), got {block0}")
         if blocks < 0:
