@@ -187,10 +187,13 @@ def _fused_gradients(
     per_sample = []
     for i in range(s.num_samples):
         sample_losses = []
-        for sign in signs:
+        for k, sign in enumerate(signs):
             scale = sign * s.sigma * scales[i]
-            for perturb in perturbers:
-                perturb(i, scale)
+            for perturb, seg, z in zip(perturbers, segments, kept):
+                if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z, no regeneration
+                    torch.add(seg.theta, z, alpha=scale, out=seg.out)
+                else:
+                    perturb(i, scale)
             sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
         per_sample.append(_stack_losses(sample_losses))
         if any(z is not None for z in kept):
