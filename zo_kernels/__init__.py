@@ -1,18 +1,22 @@
 """zo_kernels: fast, lean zero-order (evolution-strategy) gradient estimation for PyTorch."""
 
-from . import backends, diff, distributions, nn  # noqa: E402  (diff imports api and nn)
+from . import backends, diff, distributions, nn, optim
 from ._estimator import NonFiniteLossError
 from .api import zero_order
 from .nn import ZeroOrderGradientModule
+from .seed_gradient import SeedGradient, estimate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NonFiniteLossError",
+    "SeedGradient",
     "ZeroOrderGradientModule",
     "backends",
     "diff",
     "distributions",
+    "estimate",
     "nn",
+    "optim",
     "zero_order",
 ]

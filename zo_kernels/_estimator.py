@@ -146,9 +146,32 @@ def _segments(
     return segments, scratch
 
 
-def _fused_gradients(
-    evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, grad_out: torch.Tensor, s: Settings
-) -> List[torch.Tensor]:
+@dataclass
+class FusedPass:
+    """What the evaluation loop of one fused estimate produced."""
+
+    seed: int
+    sample_ids: torch.Tensor  # int64, CPU
+    scales: List[float]  # per-sample noise scale: sqrt(n)/|g_i| for Sphere, else 1
+    losses: torch.Tensor  # float64 (len(signs), N): f(theta + sign * sigma * z_i)
+    segments: List[_Segment]
+    sums: List[Optional[torch.Tensor]]  # per segment: sum_i w_i z_i already accumulated, or None
+
+    def weights(self, f0: torch.Tensor, grad_out: torch.Tensor, s: Settings) -> torch.Tensor:
+        """The float64 weights ``w_i`` of ``sum_i w_i z_i``, sphere scales included."""
+        scales = torch.tensor(self.scales, dtype=torch.float64).to(self.losses.device)
+        return _weights(self.losses, f0, grad_out, s) * scales
+
+
+def fused_pass(
+    evaluate: Evaluate,
+    leaves: Sequence[torch.Tensor],
+    f0: torch.Tensor,
+    grad_out: torch.Tensor,
+    s: Settings,
+    accumulate: bool = True,
+) -> FusedPass:
+    """Evaluate the N perturbed losses with the fused stream (and, with ``accumulate``, the kept-noise sums)."""
     noise = s.fused
     assert noise is not None
     seed = resolve_seed(s.seed)
@@ -169,7 +192,7 @@ def _fused_gradients(
     # `reduce` (large CPU vectors of normals); the sum still runs over samples in order.
     kept = [
         torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
-        if seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
+        if accumulate and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
         else None
         for seg in segments
     ]
@@ -203,17 +226,23 @@ def _fused_gradients(
                     acc.addcmul_(z, w.to(acc.dtype))
     losses = torch.stack(per_sample, dim=1)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
+    return FusedPass(seed, ids, scales, losses, segments, sums)
 
-    if any(z is None for z in kept):
-        weights = _weights(losses, f0, grad_out, s) * torch.tensor(scales, dtype=torch.float64).to(losses.device)
+
+def _fused_gradients(
+    evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, grad_out: torch.Tensor, s: Settings
+) -> List[torch.Tensor]:
+    done = fused_pass(evaluate, leaves, f0, grad_out, s)
+    if any(acc is None for acc in done.sums):
+        weights = done.weights(f0, grad_out, s)
     grads = []
-    for seg, acc in zip(segments, sums):
+    for seg, acc in zip(done.segments, done.sums):
         if acc is not None:
             g = acc.to(seg.theta.dtype)
         else:
             g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
             w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
-            seg.backend.reduce(g, w, ids.to(g.device), noise.stream, seed, seg.offset)
+            seg.backend.reduce(g, w, done.sample_ids.to(g.device), s.fused.stream, done.seed, seg.offset)
         grads.extend(g[lo:hi].view(shape) for lo, hi, shape in seg.parts)
     return grads
 
