@@ -41,6 +41,27 @@ class Settings:
     backend: Optional[str]
     fused: Optional[FusedDistribution]
     sampler: Optional[Sampler]
+    inplace: bool = False
+
+
+#: Parameter dtypes that ``inplace=True`` accepts. Restoring ``theta + sigma z - sigma z`` rounds
+#: twice per perturbation: about 1e-7 relative per cycle in float32, but up to 2**-8 in bfloat16 and
+#: 2**-11 in float16 (tests/test_inplace.py measures both), which would visibly move the weights
+#: after a few hundred samples. Half-precision parameters are refused rather than silently drifting.
+INPLACE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_inplace_leaves(leaves: Sequence[torch.Tensor]) -> None:
+    """Raise unless every leaf can be perturbed and restored in place."""
+    for k, p in enumerate(leaves):
+        if p.dtype not in INPLACE_DTYPES:
+            raise TypeError(
+                f"inplace=True needs float32 or float64 parameters, but leaf {k} is {p.dtype}: perturbing and "
+                "restoring half-precision storage drifts by up to one rounding of that dtype per sample; "
+                "use inplace=False (one scratch copy of the parameters) for such parameters"
+            )
+        if not p.is_contiguous():
+            raise ValueError(f"inplace=True needs contiguous parameters, but leaf {k} is not contiguous")
 
 
 def resolve_seed(seed: Union[None, int, torch.Generator]) -> int:
@@ -187,12 +208,22 @@ def fused_pass(
         norms = chosen[0].squared_norms(noise.stream, seed, ids.to(leaves[0].device), total)
         scales = (math.sqrt(total) / norms.sqrt()).tolist()
 
-    segments, scratch = _segments(leaves, offsets, chosen)
+    if s.inplace:
+        check_inplace_leaves(leaves)
+        # The parameters' own storage is perturbed and restored: no second copy exists. `.data`
+        # keeps autograd's version counters out of it (the values are restored before returning).
+        segments = [
+            _Segment(b, p.data.view(-1), p.data.view(-1), off, [(0, p.numel(), p.shape)])
+            for b, p, off in zip(chosen, leaves, offsets)
+        ]
+        scratch = [p.data for p in leaves]
+    else:
+        segments, scratch = _segments(leaves, offsets, chosen)
     # Keep each sample's noise and accumulate it at once where that beats regenerating it in
     # `reduce` (large CPU vectors of normals); the sum still runs over samples in order.
     kept = [
         torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
-        if accumulate and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
+        if accumulate and not s.inplace and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
         else None
         for seg in segments
     ]
@@ -210,14 +241,21 @@ def fused_pass(
     per_sample = []
     for i in range(s.num_samples):
         sample_losses = []
-        for k, sign in enumerate(signs):
-            scale = sign * s.sigma * scales[i]
-            for perturb, seg, z in zip(perturbers, segments, kept):
-                if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z, no regeneration
-                    torch.add(seg.theta, z, alpha=scale, out=seg.out)
-                else:
-                    perturb(i, scale)
-            sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+        applied = 0.0  # in place: the multiple of z_i currently added to the parameters
+        try:
+            for k, sign in enumerate(signs):
+                scale = sign * s.sigma * scales[i]
+                for perturb, seg, z in zip(perturbers, segments, kept):
+                    if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z, no regeneration
+                        torch.add(seg.theta, z, alpha=scale, out=seg.out)
+                    else:
+                        perturb(i, scale - applied if s.inplace else scale)
+                applied = scale
+                sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+        finally:
+            if s.inplace and applied != 0.0:  # restore, also when the function raised
+                for perturb in perturbers:
+                    perturb(i, -applied)
         per_sample.append(_stack_losses(sample_losses))
         if any(z is not None for z in kept):
             w = _weights(per_sample[-1][:, None], f0, grad_out, s)[0] * scales[i]

@@ -88,6 +88,7 @@ def zero_order(
     *,
     seed: Union[None, int, torch.Generator] = None,
     backend: Optional[str] = None,
+    inplace: bool = False,
 ) -> Callable[[LossFn], LossFn]:
     """Decorate a scalar loss function so that autograd differentiates it by evolution strategies.
 
@@ -119,6 +120,12 @@ def zero_order(
             not for training). A ``torch.Generator`` draws one seed per estimate from it.
         backend: force a backend by name (see ``zo_kernels.backends.available()``); by default
             the best one for each tensor's device and dtype, or ``$ZO_KERNELS_BACKEND``.
+        inplace: MeZO's memory mode (built-in distributions only): perturb the parameters' own
+            storage (``+sigma z``, evaluate, ``-sigma z``; antithetic ``+, -2, +``) instead of a
+            scratch copy, so the peak memory is that of inference. The parameters are restored
+            after every sample, also when the function raises; restoring rounds, so they may move
+            by about one float32 rounding per sample (float32/float64 parameters only, contiguous).
+            The function must not keep references to its parameter arguments.
 
     Returns:
         A decorator. The decorated function takes the same arguments and returns the same scalar.
@@ -139,7 +146,15 @@ def zero_order(
         sampler=None,
     )
     if settings.fused is None:
+        if inplace:
+            raise ValueError(
+                "inplace=True needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher() or "
+                "Sphere()): their noise is regenerated to restore the parameters"
+            )
         settings = dataclasses.replace(settings, sampler=v.as_sampler(distribution))
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    settings = dataclasses.replace(settings, inplace=inplace)
     argnums_t = v.check_argnums(argnums)
 
     def decorator(fn: LossFn) -> LossFn:

@@ -127,6 +127,7 @@ def estimate(
     sigma: float = 1.0,
     seed: Union[None, int, torch.Generator] = None,
     backend: Optional[str] = None,
+    inplace: bool = False,
     **kwargs: Any,
 ) -> SeedGradient:
     """Estimate the gradient of ``fn(params, *args, **kwargs)`` and return it seed-compressed.
@@ -146,6 +147,7 @@ def estimate(
         sigma: smoothing scale.
         seed: ``None`` (one draw from torch's generator), an int, or a ``torch.Generator``.
         backend: force a backend by name.
+        inplace: perturb the parameters' storage instead of a copy (see :func:`zo_kernels.zero_order`).
         **kwargs: keyword arguments of ``fn``, passed through.
 
     Returns:
@@ -165,6 +167,7 @@ def estimate(
         backend=backend,
         fused=fused,
         sampler=None,
+        inplace=bool(inplace),
     )
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
@@ -174,8 +177,9 @@ def estimate(
         return fn(pytree.tree_unflatten(list(tensors), spec), *args, **kwargs)
 
     f0 = v.check_output(evaluate([p.detach() for p in leaves]), "fn").detach()
-    done = fused_pass(evaluate, [p.detach() for p in leaves], f0, torch.ones((), dtype=torch.float64), settings, False)
-    weights = done.weights(f0, torch.ones((), dtype=torch.float64), settings).cpu()
+    one = torch.ones((), dtype=torch.float64)
+    done = fused_pass(evaluate, leaves, f0, one, settings, accumulate=False)
+    weights = done.weights(f0, one, settings).cpu()
     return SeedGradient(
         seed=done.seed,
         sample_ids=done.sample_ids.cpu(),
