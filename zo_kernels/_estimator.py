@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import backends as _backends
+from . import distributed as _distributed
 from ._validate import Sampler, check_output, check_sample
 from .distributions import FusedDistribution, draw_seed
 from .reference.noise import accumulation_dtype
@@ -42,6 +43,7 @@ class Settings:
     fused: Optional[FusedDistribution]
     sampler: Optional[Sampler]
     inplace: bool = False
+    process_group: Any = None
 
 
 #: Parameter dtypes that ``inplace=True`` accepts. Restoring ``theta + sigma z - sigma z`` rounds
@@ -196,6 +198,10 @@ def fused_pass(
     noise = s.fused
     assert noise is not None
     seed = resolve_seed(s.seed)
+    first, count = 0, s.num_samples
+    if s.process_group is not None:
+        seed = _distributed.shared_seed(seed, s.process_group, leaves[0].device if leaves else torch.device("cpu"))
+        first, count = _distributed.share(s.num_samples, s.process_group)
     seed_text = f"seed={seed}"
     chosen = [_backends.select(p.device, p.dtype, s.backend) for p in leaves]
     offsets = [0]
@@ -223,7 +229,10 @@ def fused_pass(
     # `reduce` (large CPU vectors of normals); the sum still runs over samples in order.
     kept = [
         torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
-        if accumulate and not s.inplace and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
+        if accumulate
+        and not s.inplace
+        and s.process_group is None  # every rank rebuilds all N samples: nothing to keep
+        and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
         else None
         for seg in segments
     ]
@@ -239,7 +248,7 @@ def fused_pass(
     ]
     signs = _signs(s.method)
     per_sample = []
-    for i in range(s.num_samples):
+    for i in range(first, first + count):
         sample_losses = []
         applied = 0.0  # in place: the multiple of z_i currently added to the parameters
         try:
@@ -262,7 +271,12 @@ def fused_pass(
             for acc, z in zip(sums, kept):
                 if acc is not None:
                     acc.addcmul_(z, w.to(acc.dtype))
-    losses = torch.stack(per_sample, dim=1)
+    if per_sample:
+        losses = torch.stack(per_sample, dim=1)
+    else:  # a rank with no share of the samples
+        losses = torch.zeros((len(signs), 0), dtype=torch.float64, device=f0.device)
+    if s.process_group is not None:
+        losses = _distributed.gather_losses(losses, s.num_samples, s.process_group)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
     return FusedPass(seed, ids, scales, losses, segments, sums)
 

@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 from . import _validate as v
 from ._estimator import Settings, estimate_gradients
 from .backends import get as _get_backend
+from .distributed import check_process_group
 from .distributions import as_fused
 
 LossFn = Callable[..., torch.Tensor]
@@ -89,6 +90,7 @@ def zero_order(
     seed: Union[None, int, torch.Generator] = None,
     backend: Optional[str] = None,
     inplace: bool = False,
+    process_group: Any = None,
 ) -> Callable[[LossFn], LossFn]:
     """Decorate a scalar loss function so that autograd differentiates it by evolution strategies.
 
@@ -126,6 +128,10 @@ def zero_order(
             after every sample, also when the function raises; restoring rounds, so they may move
             by about one float32 rounding per sample (float32/float64 parameters only, contiguous).
             The function must not keep references to its parameter arguments.
+        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``; built-in
+            distributions only): each rank evaluates its share of the N samples, the ranks
+            all-gather the N losses, and every rank builds the same gradient from the shared seed
+            (rank 0's). Every rank must call the function with the same parameters.
 
     Returns:
         A decorator. The decorated function takes the same arguments and returns the same scalar.
@@ -154,7 +160,9 @@ def zero_order(
         settings = dataclasses.replace(settings, sampler=v.as_sampler(distribution))
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    settings = dataclasses.replace(settings, inplace=inplace)
+    if process_group is not None and settings.fused is None:
+        raise ValueError("process_group needs a built-in distribution: the ranks share noise through its seed")
+    settings = dataclasses.replace(settings, inplace=inplace, process_group=check_process_group(process_group))
     argnums_t = v.check_argnums(argnums)
 
     def decorator(fn: LossFn) -> LossFn:

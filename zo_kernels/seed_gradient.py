@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 from . import _validate as v
 from . import backends as _backends
 from ._estimator import Settings, fused_pass
+from .distributed import check_process_group
 from .distributions import FusedDistribution, Normal, as_fused
 from .reference.noise import accumulation_dtype
 
@@ -128,6 +129,7 @@ def estimate(
     seed: Union[None, int, torch.Generator] = None,
     backend: Optional[str] = None,
     inplace: bool = False,
+    process_group: Any = None,
     **kwargs: Any,
 ) -> SeedGradient:
     """Estimate the gradient of ``fn(params, *args, **kwargs)`` and return it seed-compressed.
@@ -148,6 +150,8 @@ def estimate(
         seed: ``None`` (one draw from torch's generator), an int, or a ``torch.Generator``.
         backend: force a backend by name.
         inplace: perturb the parameters' storage instead of a copy (see :func:`zo_kernels.zero_order`).
+        process_group: spread the samples over a ``torch.distributed`` group (see
+            :func:`zo_kernels.zero_order`); every rank returns the same SeedGradient.
         **kwargs: keyword arguments of ``fn``, passed through.
 
     Returns:
@@ -168,6 +172,7 @@ def estimate(
         fused=fused,
         sampler=None,
         inplace=bool(inplace),
+        process_group=check_process_group(process_group),
     )
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
