@@ -12,9 +12,11 @@ Two paths share the weights formula:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -44,6 +46,9 @@ class Settings:
     sampler: Optional[Sampler]
     inplace: bool = False
     process_group: Any = None
+    batch_size: Optional[int] = None
+    #: Shared by every call of one decorated function: why batched evaluation failed, once it has.
+    batch_state: Dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 
 #: Parameter dtypes that ``inplace=True`` accepts. Restoring ``theta + sigma z - sigma z`` rounds
@@ -231,6 +236,7 @@ def fused_pass(
         torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
         if accumulate
         and not s.inplace
+        and s.batch_size is None
         and s.process_group is None  # every rank rebuilds all N samples: nothing to keep
         and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
         else None
@@ -247,8 +253,12 @@ def fused_pass(
         for seg, z in zip(segments, kept)
     ]
     signs = _signs(s.method)
-    per_sample = []
-    for i in range(first, first + count):
+    per_sample: List[torch.Tensor] = []
+    start = first
+    if s.batch_size is not None and "failed" not in s.batch_state:
+        per_sample = _evaluate_batched(evaluate, segments, noise.stream, seed, scales, signs, s, first, count)
+        start = first + len(per_sample)  # the loop takes over where batching stopped, if it did
+    for i in range(start, first + count):
         sample_losses = []
         applied = 0.0  # in place: the multiple of z_i currently added to the parameters
         try:
@@ -279,6 +289,58 @@ def fused_pass(
         losses = _distributed.gather_losses(losses, s.num_samples, s.process_group)
     _raise_if_not_finite(losses, f0, s.method, seed_text)
     return FusedPass(seed, ids, scales, losses, segments, sums)
+
+
+def _evaluate_batched(
+    evaluate: Evaluate,
+    segments: Sequence[_Segment],
+    stream: str,
+    seed: int,
+    scales: Sequence[float],
+    signs: Sequence[float],
+    s: Settings,
+    first: int,
+    count: int,
+) -> List[torch.Tensor]:
+    """Per-sample losses of samples ``first, first + 1, ...``, ``batch_size`` evaluations per vmapped call.
+
+    Stops early (returning the samples done so far) the first time ``torch.func.vmap`` cannot run
+    the function; that is recorded in ``s.batch_state`` and warned about once, and the caller's
+    loop evaluates the rest one by one from then on.
+    """
+    evals = [(i, sign) for i in range(first, first + count) for sign in signs]
+    width = min(s.batch_size or 1, max(len(evals), 1))
+    buffers = [
+        torch.empty((width, seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device) for seg in segments
+    ]
+    batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
+    losses: List[torch.Tensor] = []
+    for lo in range(0, len(evals), width):
+        chunk = evals[lo : lo + width]
+        for row, (i, sign) in enumerate(chunk):
+            for seg, buf in zip(segments, buffers):
+                seg.backend.perturb(buf[row], seg.theta, stream, seed, i, sign * s.sigma * scales[i], seg.offset)
+        leaves = [
+            buf[: len(chunk), a:b].view(len(chunk), *shape)
+            for seg, buf in zip(segments, buffers)
+            for a, b, shape in seg.parts
+        ]
+        try:
+            out = batched(*leaves)
+        except Exception as exc:  # noqa: BLE001 - any failure under vmap means: evaluate one by one
+            s.batch_state["failed"] = f"{type(exc).__name__}: {exc}".split("\n")[0]
+            warnings.warn(
+                f"zo_kernels: batch_size={s.batch_size} is ignored from now on for this function: torch.func.vmap "
+                f"cannot run it ({s.batch_state['failed']}); its samples are evaluated one by one",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),) or not out.dtype.is_floating_point:
+            raise RuntimeError("the function must return a floating-point scalar tensor for every sample under vmap")
+        losses.extend(out.detach().unbind(0))
+    done = len(losses) // len(signs)
+    return [_stack_losses(losses[k * len(signs) : (k + 1) * len(signs)]) for k in range(done)]
 
 
 def _fused_gradients(

@@ -20,12 +20,12 @@ def check_method(method: object) -> str:
     return method
 
 
-def check_num_samples(num_samples: object) -> int:
-    """Return ``num_samples`` as an int >= 1."""
+def check_num_samples(num_samples: object, name: str = "num_samples") -> int:
+    """Return ``num_samples`` (or the count called ``name``) as an int >= 1."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"num_samples must be an int >= 1, got {type(num_samples).__name__} {num_samples!r}")
+        raise TypeError(f"{name} must be an int >= 1, got {type(num_samples).__name__} {num_samples!r}")
     if num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples}")
+        raise ValueError(f"{name} must be an int >= 1, got {num_samples}")
     return int(num_samples)
 
 

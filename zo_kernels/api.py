@@ -91,6 +91,7 @@ def zero_order(
     backend: Optional[str] = None,
     inplace: bool = False,
     process_group: Any = None,
+    batch_size: Optional[int] = None,
 ) -> Callable[[LossFn], LossFn]:
     """Decorate a scalar loss function so that autograd differentiates it by evolution strategies.
 
@@ -132,6 +133,13 @@ def zero_order(
             distributions only): each rank evaluates its share of the N samples, the ranks
             all-gather the N losses, and every rank builds the same gradient from the shared seed
             (rank 0's). Every rank must call the function with the same parameters.
+        batch_size: evaluate ``batch_size`` perturbed parameter sets per call of the function,
+            through ``torch.func.vmap`` (built-in distributions only). Memory grows with
+            ``batch_size * n`` (one perturbed copy of the parameters per batch row). If the
+            function cannot be vmapped (e.g. it calls ``.item()`` or uses data-dependent Python
+            control flow), a ``RuntimeWarning`` says why once and the samples are evaluated one by
+            one from then on; the samples of the failed batch are then evaluated again by the loop.
+            ``None`` (default): one evaluation per call.
 
     Returns:
         A decorator. The decorated function takes the same arguments and returns the same scalar.
@@ -160,9 +168,17 @@ def zero_order(
         settings = dataclasses.replace(settings, sampler=v.as_sampler(distribution))
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if batch_size is not None:
+        if settings.fused is None:
+            raise ValueError("batch_size needs a built-in distribution (zo_kernels.distributions.Normal() ...)")
+        if inplace:
+            raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
+        v.check_num_samples(batch_size, "batch_size")
     if process_group is not None and settings.fused is None:
         raise ValueError("process_group needs a built-in distribution: the ranks share noise through its seed")
-    settings = dataclasses.replace(settings, inplace=inplace, process_group=check_process_group(process_group))
+    settings = dataclasses.replace(
+        settings, inplace=inplace, process_group=check_process_group(process_group), batch_size=batch_size
+    )
     argnums_t = v.check_argnums(argnums)
 
     def decorator(fn: LossFn) -> LossFn:

@@ -130,6 +130,7 @@ def estimate(
     backend: Optional[str] = None,
     inplace: bool = False,
     process_group: Any = None,
+    batch_size: Optional[int] = None,
     **kwargs: Any,
 ) -> SeedGradient:
     """Estimate the gradient of ``fn(params, *args, **kwargs)`` and return it seed-compressed.
@@ -152,6 +153,8 @@ def estimate(
         inplace: perturb the parameters' storage instead of a copy (see :func:`zo_kernels.zero_order`).
         process_group: spread the samples over a ``torch.distributed`` group (see
             :func:`zo_kernels.zero_order`); every rank returns the same SeedGradient.
+        batch_size: evaluate that many perturbed parameter sets per vmapped call (see
+            :func:`zo_kernels.zero_order`).
         **kwargs: keyword arguments of ``fn``, passed through.
 
     Returns:
@@ -173,6 +176,7 @@ def estimate(
         sampler=None,
         inplace=bool(inplace),
         process_group=check_process_group(process_group),
+        batch_size=None if batch_size is None else v.check_num_samples(batch_size, "batch_size"),
     )
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
