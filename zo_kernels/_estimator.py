@@ -146,27 +146,45 @@ class _Segment:
     parts: List[Tuple[int, int, torch.Size]]  # (start, stop, shape) of each leaf inside the segment
 
 
+#: Leaves are concatenated into one segment (one kernel call per sample) while the segment stays
+#: below this many elements; the concatenation is a copy, so large tensors get their own segment
+#: and are read in place: then the only parameter-sized allocation is the scratch buffer.
+CONCAT_MAX_NUMEL = 1 << 20
+
+
 def _segments(
     leaves: Sequence[torch.Tensor], offsets: Sequence[int], chosen: Sequence[_backends.Backend]
 ) -> Tuple[List[_Segment], List[torch.Tensor]]:
-    """Group leaves into as few kernel calls as possible, and the perturbed views the function sees.
+    """Group leaves into few kernel calls, and the perturbed views the function sees.
 
-    Leaves that share a device, dtype and backend are concatenated into one flat buffer (their flat
-    offsets are consecutive by construction), so a model with hundreds of tensors costs one
-    perturb call per sample instead of hundreds.
+    Consecutive small leaves that share a device, dtype and backend are concatenated into one flat
+    buffer (their flat offsets are consecutive by construction), so a model with hundreds of small
+    tensors costs one perturb call per sample instead of hundreds.
     """
     segments: List[_Segment] = []
     groups: List[List[int]] = []
+    size = 0
     for k, p in enumerate(leaves):
         prev = leaves[groups[-1][0]] if groups else None
-        if prev is not None and (prev.device, prev.dtype) == (p.device, p.dtype) and chosen[k] is chosen[groups[-1][0]]:
+        joinable = (
+            prev is not None
+            and (prev.device, prev.dtype) == (p.device, p.dtype)
+            and chosen[k] is chosen[groups[-1][0]]
+            and size + p.numel() <= CONCAT_MAX_NUMEL
+        )
+        if joinable:
             groups[-1].append(k)
+            size += p.numel()
         else:
             groups.append([k])
+            size = p.numel()
     scratch: List[torch.Tensor] = []
     for group in groups:
         base = offsets[group[0]]
-        theta = torch.cat([leaves[k].detach().reshape(-1) for k in group])
+        if len(group) == 1 and leaves[group[0]].is_contiguous():
+            theta = leaves[group[0]].detach().view(-1)  # no copy
+        else:
+            theta = torch.cat([leaves[k].detach().reshape(-1) for k in group])
         out = torch.empty_like(theta)
         parts = [(offsets[k] - base, offsets[k + 1] - base, leaves[k].shape) for k in group]
         segments.append(_Segment(chosen[group[0]], theta, out, base, parts))
@@ -313,13 +331,21 @@ def _evaluate_batched(
     buffers = [
         torch.empty((width, seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device) for seg in segments
     ]
+    # One prepared (validated once) perturb per buffer row and segment, reused for every chunk.
+    rows = [
+        [
+            seg.backend.prepare_perturb(buf[row], seg.theta, stream, seed, seg.offset)
+            for seg, buf in zip(segments, buffers)
+        ]
+        for row in range(width)
+    ]
     batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
     losses: List[torch.Tensor] = []
     for lo in range(0, len(evals), width):
         chunk = evals[lo : lo + width]
         for row, (i, sign) in enumerate(chunk):
-            for seg, buf in zip(segments, buffers):
-                seg.backend.perturb(buf[row], seg.theta, stream, seed, i, sign * s.sigma * scales[i], seg.offset)
+            for perturb in rows[row]:
+                perturb(i, sign * s.sigma * scales[i])
         leaves = [
             buf[: len(chunk), a:b].view(len(chunk), *shape)
             for seg, buf in zip(segments, buffers)
