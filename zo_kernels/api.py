@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -150,34 +149,8 @@ def zero_order(
         zo_kernels.NonFiniteLossError: at backward time, if a perturbed loss is NaN or infinite
             (the message names the sample index and the seed). Gradients are then not written.
     """
-    settings = Settings(
-        method=v.check_method(method),
-        num_samples=v.check_num_samples(num_samples),
-        sigma=v.check_sigma(sigma),
-        seed=v.check_seed(seed),
-        backend=_check_backend(backend),
-        fused=as_fused(distribution),
-        sampler=None,
-    )
-    if settings.fused is None:
-        if inplace:
-            raise ValueError(
-                "inplace=True needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher() or "
-                "Sphere()): their noise is regenerated to restore the parameters"
-            )
-        settings = dataclasses.replace(settings, sampler=v.as_sampler(distribution))
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if batch_size is not None:
-        if settings.fused is None:
-            raise ValueError("batch_size needs a built-in distribution (zo_kernels.distributions.Normal() ...)")
-        if inplace:
-            raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
-        v.check_num_samples(batch_size, "batch_size")
-    if process_group is not None and settings.fused is None:
-        raise ValueError("process_group needs a built-in distribution: the ranks share noise through its seed")
-    settings = dataclasses.replace(
-        settings, inplace=inplace, process_group=check_process_group(process_group), batch_size=batch_size
+    settings = make_settings(
+        distribution, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size
     )
     argnums_t = v.check_argnums(argnums)
 
@@ -193,6 +166,46 @@ def zero_order(
         return wrapped
 
     return decorator
+
+
+def make_settings(
+    distribution: Any,
+    method: str,
+    num_samples: int,
+    sigma: float,
+    seed: Union[None, int, torch.Generator],
+    backend: Optional[str],
+    inplace: bool,
+    process_group: Any,
+    batch_size: Optional[int],
+) -> Settings:
+    """Validate every estimator argument (each error names it) into the settings of one estimator."""
+    fused = as_fused(distribution)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if fused is None:
+        for name, given in (("inplace=True", inplace), ("batch_size", batch_size), ("process_group", process_group)):
+            if given is not None and given is not False:
+                raise ValueError(
+                    f"{name} needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher() or "
+                    "Sphere()): it relies on regenerating the noise from its seed"
+                )
+    if batch_size is not None:
+        v.check_num_samples(batch_size, "batch_size")
+        if inplace:
+            raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
+    return Settings(
+        method=v.check_method(method),
+        num_samples=v.check_num_samples(num_samples),
+        sigma=v.check_sigma(sigma),
+        seed=v.check_seed(seed),
+        backend=_check_backend(backend),
+        fused=fused,
+        sampler=None if fused is not None else v.as_sampler(distribution),
+        inplace=inplace,
+        process_group=check_process_group(process_group),
+        batch_size=batch_size,
+    )
 
 
 def _check_backend(backend: Optional[str]) -> Optional[str]:

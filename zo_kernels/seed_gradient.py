@@ -16,8 +16,8 @@ from torch.utils import _pytree as pytree
 
 from . import _validate as v
 from . import backends as _backends
-from ._estimator import Settings, fused_pass
-from .distributed import check_process_group
+from ._estimator import fused_pass
+from .api import make_settings
 from .distributions import FusedDistribution, Normal, as_fused
 from .reference.noise import accumulation_dtype
 
@@ -166,18 +166,7 @@ def estimate(
             "distribution must be zo_kernels.distributions.Normal(), Rademacher() or Sphere() "
             f"(a seed-compressed gradient needs the counter-based stream), got {type(distribution).__name__}"
         )
-    settings = Settings(
-        method=v.check_method(method),
-        num_samples=v.check_num_samples(num_samples),
-        sigma=v.check_sigma(sigma),
-        seed=v.check_seed(seed),
-        backend=backend,
-        fused=fused,
-        sampler=None,
-        inplace=bool(inplace),
-        process_group=check_process_group(process_group),
-        batch_size=None if batch_size is None else v.check_num_samples(batch_size, "batch_size"),
-    )
+    settings = make_settings(fused, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size)
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
         v.check_leaf(leaf, f"leaf {k} of params")
