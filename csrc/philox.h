@@ -99,18 +99,4 @@ ZO_HD float rademacher_sign(const Words& w, int lane) {
   return ((w.x[lane >> 5] >> (lane & 31)) & 1u) ? 1.0f : -1.0f;
 }
 
-// z(seed, sample, j) for one element; the kernels use block-wise loops instead, this is for tests.
-template <int S>
-ZO_HD float stream_value(uint64_t seed, uint32_t sample, uint64_t j) {
-  constexpr int P = StreamTraits<S>::kPerBlock;
-  const Words w = block_words(seed, sample, j / P);
-  const int lane = static_cast<int>(j % P);
-  if (S == kNormal) {
-    float v[4];
-    normal_block(w, v);
-    return v[lane];
-  }
-  return rademacher_sign(w, lane);
-}
-
 }  // namespace zo

@@ -59,16 +59,11 @@ void fill_tile<kRademacher>(float* z, uint64_t seed, uint32_t sample, uint64_t s
   std::copy(values + lane0, values + lane0 + len, z);
 }
 
-template <int S>
-void fill_any(float* z, uint64_t seed, uint32_t sample, uint64_t start, int64_t len) {
-  fill_tile<S>(z, seed, sample, start, len);
-}
-
 using FillFn = void (*)(float*, uint64_t, uint32_t, uint64_t, int64_t);
 
 FillFn fill_for(int stream) {
-  if (stream == kNormal) return &fill_any<kNormal>;
-  if (stream == kRademacher) return &fill_any<kRademacher>;
+  if (stream == kNormal) return &fill_tile<kNormal>;
+  if (stream == kRademacher) return &fill_tile<kRademacher>;
   throw std::invalid_argument("zo_kernels._C: unknown stream id");
 }
 
