@@ -27,7 +27,7 @@ T* ptr(uintptr_t address) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "zo_kernels fused CPU kernels (C++17, OpenMP) over the Philox4x32-10 noise stream";
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;  // zo_kernels/kernels/native.py checks it
 #if defined(_OPENMP)
   m.attr("OPENMP") = true;
   m.def("max_threads", []() { return omp_get_max_threads(); });
@@ -47,6 +47,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
       py::arg("sample"), py::arg("scale"), py::arg("offset"), py::arg("threads"), py::arg("keep") = 0,
       "out = theta + scale * z; keep (a float32 buffer's address, 0 for none) also receives z.");
+
+  m.def(
+      "perturb_rows",
+      [](uintptr_t out, uintptr_t theta, int64_t n, int dtype, int stream, uint64_t seed, uintptr_t ids, int64_t num,
+         uintptr_t scales, int signs, int64_t offset, uintptr_t keep, int threads) {
+        py::gil_scoped_release release;
+        zo::cpu::perturb_rows(ptr<void>(out), ptr<const void>(theta), n, dtype, stream, seed, ptr<const int64_t>(ids),
+                              num, ptr<const double>(scales), signs, offset, ptr<float>(keep), threads);
+      },
+      py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
+      py::arg("ids"), py::arg("num"), py::arg("scales"), py::arg("signs"), py::arg("offset"), py::arg("keep"),
+      py::arg("threads"),
+      "Rows i * signs + k of out = theta + scales[i * signs + k] * z_{ids[i]}; keep (0 for none) row i = z_{ids[i]}.");
 
   m.def(
       "reduce",

@@ -88,3 +88,43 @@ def test_batch_size_errors(kwargs, exc, match):
         zo_kernels.zero_order(distributions.Normal(), **kwargs)
     with pytest.raises(ValueError, match="built-in distribution"):
         zo_kernels.zero_order(torch.distributions.Laplace(0.0, 1.0), batch_size=4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_with_kept_noise_equals_the_loop(method):
+    # 4,096 + 64 parameters and 16 samples per call: the cpu backend keeps the block's noise and
+    # accumulates it with one matrix-vector product instead of regenerating it in `reduce`.
+    g = torch.Generator().manual_seed(5)
+    params = {"w": torch.randn(64, 64, generator=g) / 8, "b": torch.randn(64, generator=g)}
+    x = torch.randn(16, 64, generator=g)
+
+    def loss(p, x):
+        return (x @ p["w"] + p["b"]).tanh().square().mean()
+
+    kw = dict(method=method, num_samples=40, sigma=0.05, seed=11)
+    loop = grads(zo_kernels.zero_order(distributions.Normal(), **kw)(loss), params, x)
+    batched = grads(zo_kernels.zero_order(distributions.Normal(), batch_size=32, **kw)(loss), params, x)
+    for a, b in zip(batched, loop):
+        assert_close(a, b, torch.float32, scale=10)
+
+
+def test_vmap_failing_on_a_later_batch_still_gives_the_loop_gradient():
+    params, x, loss = problem()
+    calls = []
+
+    def fails_on_second_batch(p, x):
+        calls.append(1)
+        value = loss(p, x)
+        if len(calls) == 3:  # the first call evaluates f(theta), then the batches
+            value.item()
+        return value
+
+    kw = dict(method="antithetic", num_samples=10, sigma=0.05, seed=4)
+    loop = grads(zo_kernels.zero_order(distributions.Normal(), **kw)(loss), params, x)
+    fn = zo_kernels.zero_order(distributions.Normal(), batch_size=8, **kw)(fails_on_second_batch)
+    with pytest.warns(RuntimeWarning, match="cannot run it"):
+        batched = grads(fn, params, x)
+    # f(theta), the first batch (4 samples), the failed batch, then the 6 remaining samples one sign at a time
+    assert len(calls) == 1 + 1 + 1 + 6 * 2
+    for a, b in zip(batched, loop):
+        assert_close(a, b, torch.float32, scale=10)

@@ -63,6 +63,30 @@ def test_perturb(cpu, dtype, n, stream):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 129, 2049, 5000])
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("signs", [1, 2])
+@pytest.mark.parametrize("keep", [False, True], ids=["regenerate", "keep"])
+def test_perturb_rows(cpu, dtype, n, stream, signs, keep):
+    theta = torch.randn(n, dtype=torch.float64).to(dtype)
+    offset = int(torch.randint(0, 2**33, ()).item())
+    seed = int(torch.randint(0, 2**62, ()).item())
+    ids = torch.randperm(50)[:5]
+    scales = torch.randn(5, signs, dtype=torch.float64)
+    out = torch.full((5 * signs, n), float("nan"), dtype=dtype)  # poison: every row must be written
+    kept = torch.full((5, n), float("nan")) if keep else None
+    cpu.perturb_rows(out, theta, stream, seed, ids, scales, offset, keep=kept)
+    z = noise.noise(stream, seed, ids, offset, n)
+    for i in range(5):
+        for k in range(signs):
+            ref = torch.empty_like(theta)
+            noise.perturb(ref, theta, stream, seed, int(ids[i]), float(scales[i, k]), offset)
+            assert_close(out[i * signs + k], ref, dtype)
+    if keep:
+        torch.testing.assert_close(kept, z, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stream", noise.STREAMS)
 def test_reduce_and_step(cpu, dtype, n, stream):
@@ -119,6 +143,24 @@ def test_deterministic_across_runs_and_thread_counts(cpu, stream):
         (lambda b: b.perturb(torch.zeros(4), torch.zeros(4), "normal", 0, 2**32, 1.0, 0), "sample_id"),
         (lambda b: b.perturb(torch.zeros(4), torch.zeros(4), "normal", 0, 0, 1.0, -1), "offset"),
         (lambda b: b.perturb(torch.zeros(4), torch.zeros(4, dtype=torch.int32), "normal", 0, 0, 1.0, 0), "float32"),
+        (
+            lambda b: b.perturb_rows(
+                torch.zeros(3, 4), torch.zeros(4), "normal", 0, torch.arange(2), torch.ones(2, 2), 0
+            ),
+            "scales must have dtype",
+        ),
+        (
+            lambda b: b.perturb_rows(
+                torch.zeros(3, 4), torch.zeros(4), "normal", 0, torch.arange(2), torch.ones(2, 2).double(), 0
+            ),
+            "out must have 16 elements",
+        ),
+        (
+            lambda b: b.perturb_rows(
+                torch.zeros(2, 4), torch.zeros(4), "normal", 0, torch.tensor([0, 2**32]), torch.ones(2, 1).double(), 0
+            ),
+            "sample_ids",
+        ),
         (lambda b: b.reduce(torch.zeros(4), torch.ones(3), torch.arange(2), "normal", 0, 0), "weights must have 2"),
         (lambda b: b.reduce(torch.zeros(4), torch.ones(1), torch.tensor([-1]), "normal", 0, 0), "sample_ids"),
     ],

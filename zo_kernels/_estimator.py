@@ -248,21 +248,34 @@ def fused_pass(
         scratch = [p.data for p in leaves]
     else:
         segments, scratch = _segments(leaves, offsets, chosen)
+    batching = s.batch_size is not None and "failed" not in s.batch_state
     # Keep each sample's noise and accumulate it at once where that beats regenerating it in
     # `reduce` (large CPU vectors of normals); the sum still runs over samples in order.
-    kept = [
-        torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
-        if accumulate
+    rows = _samples_per_call(s, count) if batching else 1  # samples whose noise one accumulation reads
+    keeps = [
+        accumulate
         and not s.inplace
-        and s.batch_size is None
         and s.process_group is None  # every rank rebuilds all N samples: nothing to keep
-        and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel())
-        else None
+        and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel(), rows)
         for seg in segments
     ]
     sums = [
-        None if z is None else torch.zeros_like(z, dtype=accumulation_dtype(seg.theta.dtype))
-        for seg, z in zip(segments, kept)
+        torch.zeros(seg.theta.shape, dtype=accumulation_dtype(seg.theta.dtype), device=seg.theta.device)
+        if keep
+        else None
+        for seg, keep in zip(segments, keeps)
+    ]
+    blocks: List[torch.Tensor] = []
+    start = first
+    if batching:
+        blocks = _evaluate_batched(evaluate, segments, sums, noise.stream, seed, scales, f0, grad_out, s, first, count)
+        start = first + sum(block.shape[1] for block in blocks)
+        if start < first + count:  # vmap failed part-way: the kept sums miss the rest, `reduce` redoes them all
+            sums = [None] * len(segments)
+            keeps = [False] * len(segments)
+    kept = [
+        torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device) if keep and not batching else None
+        for seg, keep in zip(segments, keeps)
     ]
     perturbers = [
         seg.backend.prepare_perturb(
@@ -271,11 +284,6 @@ def fused_pass(
         for seg, z in zip(segments, kept)
     ]
     signs = _signs(s.method)
-    per_sample: List[torch.Tensor] = []
-    start = first
-    if s.batch_size is not None and "failed" not in s.batch_state:
-        per_sample = _evaluate_batched(evaluate, segments, noise.stream, seed, scales, signs, s, first, count)
-        start = first + len(per_sample)  # the loop takes over where batching stopped, if it did
     for i in range(start, first + count):
         sample_losses = []
         applied = 0.0  # in place: the multiple of z_i currently added to the parameters
@@ -293,14 +301,14 @@ def fused_pass(
             if s.inplace and applied != 0.0:  # restore, also when the function raised
                 for perturb in perturbers:
                     perturb(i, -applied)
-        per_sample.append(_stack_losses(sample_losses))
+        blocks.append(_stack_losses(sample_losses)[:, None])
         if any(z is not None for z in kept):
-            w = _weights(per_sample[-1][:, None], f0, grad_out, s)[0] * scales[i]
+            w = _weights(blocks[-1], f0, grad_out, s)[0] * scales[i]
             for acc, z in zip(sums, kept):
-                if acc is not None:
+                if acc is not None and z is not None:
                     acc.addcmul_(z, w.to(acc.dtype))
-    if per_sample:
-        losses = torch.stack(per_sample, dim=1)
+    if blocks:
+        losses = torch.cat(blocks, dim=1)
     else:  # a rank with no share of the samples
         losses = torch.zeros((len(signs), 0), dtype=torch.float64, device=f0.device)
     if s.process_group is not None:
@@ -309,47 +317,56 @@ def fused_pass(
     return FusedPass(seed, ids, scales, losses, segments, sums)
 
 
+def _samples_per_call(s: Settings, count: int) -> int:
+    """Samples per vmapped call: ``batch_size`` evaluations, an antithetic pair never split."""
+    return max(1, min(count, (s.batch_size or 1) // len(_signs(s.method))))
+
+
 def _evaluate_batched(
     evaluate: Evaluate,
     segments: Sequence[_Segment],
+    sums: List[Optional[torch.Tensor]],
     stream: str,
     seed: int,
     scales: Sequence[float],
-    signs: Sequence[float],
+    f0: torch.Tensor,
+    grad_out: torch.Tensor,
     s: Settings,
     first: int,
     count: int,
 ) -> List[torch.Tensor]:
-    """Per-sample losses of samples ``first, first + 1, ...``, ``batch_size`` evaluations per vmapped call.
+    """Losses of samples ``first, first + 1, ...`` as ``(signs, k)`` blocks, one vmapped call per block.
 
-    Stops early (returning the samples done so far) the first time ``torch.func.vmap`` cannot run
+    A block holds ``batch_size // signs`` samples (an antithetic pair is never split, so at least
+    one), perturbed by one ``perturb_rows`` call per segment. Where ``sums[k]`` is a tensor, the
+    block's noise is kept and ``sum_i w_i z_i`` accumulated into it with one matrix-vector product.
+    Stops early (returning the blocks done so far) the first time ``torch.func.vmap`` cannot run
     the function; that is recorded in ``s.batch_state`` and warned about once, and the caller's
     loop evaluates the rest one by one from then on.
     """
-    evals = [(i, sign) for i in range(first, first + count) for sign in signs]
-    width = min(s.batch_size or 1, max(len(evals), 1))
+    signs = _signs(s.method)
+    width = _samples_per_call(s, count)
     buffers = [
-        torch.empty((width, seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device) for seg in segments
+        torch.empty((width * len(signs), seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device)
+        for seg in segments
     ]
-    # One prepared (validated once) perturb per buffer row and segment, reused for every chunk.
-    rows = [
-        [
-            seg.backend.prepare_perturb(buf[row], seg.theta, stream, seed, seg.offset)
-            for seg, buf in zip(segments, buffers)
-        ]
-        for row in range(width)
+    kept = [
+        None if acc is None else torch.empty((width, seg.theta.numel()), dtype=torch.float32, device=acc.device)
+        for seg, acc in zip(segments, sums)
     ]
+    all_scales = torch.tensor(scales, dtype=torch.float64)
     batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
-    losses: List[torch.Tensor] = []
-    for lo in range(0, len(evals), width):
-        chunk = evals[lo : lo + width]
-        for row, (i, sign) in enumerate(chunk):
-            for perturb in rows[row]:
-                perturb(i, sign * s.sigma * scales[i])
+    blocks: List[torch.Tensor] = []
+    for lo in range(first, first + count, width):
+        hi = min(lo + width, first + count)
+        ids = torch.arange(lo, hi, dtype=torch.int64)
+        row_scales = all_scales[lo:hi, None] * torch.tensor([sign * s.sigma for sign in signs], dtype=torch.float64)
+        rows = (hi - lo) * len(signs)
+        for seg, buf, z in zip(segments, buffers, kept):
+            keep = None if z is None else z[: hi - lo]
+            seg.backend.perturb_rows(buf[:rows], seg.theta, stream, seed, ids, row_scales, seg.offset, keep=keep)
         leaves = [
-            buf[: len(chunk), a:b].view(len(chunk), *shape)
-            for seg, buf in zip(segments, buffers)
-            for a, b, shape in seg.parts
+            buf[:rows, a:b].view(rows, *shape) for seg, buf in zip(segments, buffers) for a, b, shape in seg.parts
         ]
         try:
             out = batched(*leaves)
@@ -362,11 +379,16 @@ def _evaluate_batched(
                 stacklevel=2,
             )
             break
-        if not isinstance(out, torch.Tensor) or out.shape != (len(chunk),) or not out.dtype.is_floating_point:
+        if not isinstance(out, torch.Tensor) or out.shape != (rows,) or not out.dtype.is_floating_point:
             raise RuntimeError("the function must return a floating-point scalar tensor for every sample under vmap")
-        losses.extend(out.detach().unbind(0))
-    done = len(losses) // len(signs)
-    return [_stack_losses(losses[k * len(signs) : (k + 1) * len(signs)]) for k in range(done)]
+        block = out.detach().to(torch.float64).view(hi - lo, len(signs)).t()
+        blocks.append(block)
+        if any(z is not None for z in kept):
+            w = _weights(block, f0, grad_out, s) * all_scales[lo:hi].to(block.device)
+            for acc, z in zip(sums, kept):
+                if acc is not None and z is not None:
+                    acc.addmv_(z[: hi - lo].t().to(acc.dtype), w.to(acc.dtype))
+    return blocks
 
 
 def _fused_gradients(

@@ -133,8 +133,12 @@ def zero_order(
             all-gather the N losses, and every rank builds the same gradient from the shared seed
             (rank 0's). Every rank must call the function with the same parameters.
         batch_size: evaluate ``batch_size`` perturbed parameter sets per call of the function,
-            through ``torch.func.vmap`` (built-in distributions only). Memory grows with
-            ``batch_size * n`` (one perturbed copy of the parameters per batch row). If the
+            through ``torch.func.vmap`` (built-in distributions only); with 'antithetic' the
+            ``+sigma z`` and ``-sigma z`` rows of a sample share a call, so a call holds
+            ``max(1, batch_size // 2)`` samples. One kernel call per parameter segment perturbs
+            the whole batch. Memory grows with ``batch_size * n`` (one perturbed copy of the
+            parameters per batch row, plus, on the CPU backend with normal noise, the batch's
+            float32 noise, kept for the gradient instead of regenerated). If the
             function cannot be vmapped (e.g. it calls ``.item()`` or uses data-dependent Python
             control flow), a ``RuntimeWarning`` says why once and the samples are evaluated one by
             one from then on; the samples of the failed batch are then evaluated again by the loop.

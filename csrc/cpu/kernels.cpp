@@ -79,24 +79,32 @@ int team_size(int threads, int64_t work) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, useful)));
 }
 
+// Rows r = i * signs + k of `out` get theta + scales[r] * z(seed, ids[i], offset + j): the noise of
+// sample i is generated once per tile for all its rows (the antithetic pair shares it), and copied to
+// row i of `keep` when that is not null. One sample and one sign is the plain per-sample perturb.
 template <int D>
-void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint64_t seed, uint32_t sample,
-                  double scale, int64_t offset, float* keep, int threads) {
+void perturb_impl(void* out_v, const void* theta_v, int64_t n, FillFn fill, uint64_t seed, const int64_t* ids,
+                  int64_t num, const double* scales, int signs, int64_t offset, float* keep, int threads) {
   using IO = Io<D>;
   using T = typename IO::T;
   using Acc = typename IO::Acc;
   T* out = static_cast<T*>(out_v);
   const T* theta = static_cast<const T*>(theta_v);
-  const Acc s = static_cast<Acc>(scale);
-  const int team = team_size(threads, n);
+  const int64_t per_row = tiles(n);
+  const int team = team_size(threads, n * num * signs);
 #pragma omp parallel for num_threads(team) if (team > 1) schedule(static)
-  for (int64_t t = 0; t < tiles(n); ++t) {
+  for (int64_t job = 0; job < num * per_row; ++job) {
     float z[kTile];
-    const int64_t lo = t * kTile;
+    const int64_t i = job / per_row;
+    const int64_t lo = (job % per_row) * kTile;
     const int64_t len = std::min(kTile, n - lo);
-    fill(z, seed, sample, static_cast<uint64_t>(offset + lo), len);
-    for (int64_t k = 0; k < len; ++k) out[lo + k] = IO::store(IO::load(theta[lo + k]) + s * static_cast<Acc>(z[k]));
-    if (keep != nullptr) std::copy(z, z + len, keep + lo);
+    fill(z, seed, static_cast<uint32_t>(ids[i]), static_cast<uint64_t>(offset + lo), len);
+    for (int k = 0; k < signs; ++k) {
+      const Acc s = static_cast<Acc>(scales[i * signs + k]);
+      T* row = out + (i * signs + k) * n;
+      for (int64_t e = 0; e < len; ++e) row[lo + e] = IO::store(IO::load(theta[lo + e]) + s * static_cast<Acc>(z[e]));
+    }
+    if (keep != nullptr) std::copy(z, z + len, keep + i * n + lo);
   }
 }
 
@@ -165,7 +173,14 @@ struct AccumulateOp {
 
 void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
              double scale, int64_t offset, float* keep, int threads) {
-  dispatch<PerturbOp>(dtype, out, theta, n, fill_for(stream), seed, sample, scale, offset, keep, threads);
+  const int64_t id = sample;
+  dispatch<PerturbOp>(dtype, out, theta, n, fill_for(stream), seed, &id, int64_t(1), &scale, 1, offset, keep,
+                      threads);
+}
+
+void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, const int64_t* ids,
+                  int64_t num, const double* scales, int signs, int64_t offset, float* keep, int threads) {
+  dispatch<PerturbOp>(dtype, out, theta, n, fill_for(stream), seed, ids, num, scales, signs, offset, keep, threads);
 }
 
 void reduce(void* grad, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,

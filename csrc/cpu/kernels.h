@@ -11,6 +11,11 @@ namespace cpu {
 void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
              double scale, int64_t offset, float* keep, int threads);
 
+// Row i * signs + k of out (num * signs rows of n) = theta + scales[i * signs + k] * z(seed, ids[i], offset + j);
+// row i of keep (num rows of n float32, or null) = z(seed, ids[i], offset + j).
+void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, const int64_t* ids,
+                  int64_t num, const double* scales, int signs, int64_t offset, float* keep, int threads);
+
 // grad[j] += sum_k weights[k] * z(seed, ids[k], offset + j); each element's sum runs over k in order.
 void reduce(void* grad, int64_t n, int dtype, const double* weights, const int64_t* ids, int64_t num, int stream,
             uint64_t seed, int64_t offset, int threads);

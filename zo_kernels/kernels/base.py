@@ -79,8 +79,34 @@ class Backend(abc.ABC):
 
         return perturb
 
-    def prefers_kept_noise(self, stream: str, numel: int) -> bool:
-        """Whether keeping one sample's noise (``numel`` floats) and accumulating it beats ``reduce``.
+    def perturb_rows(
+        self,
+        out: torch.Tensor,
+        theta: torch.Tensor,
+        stream: str,
+        seed: int,
+        sample_ids: torch.Tensor,
+        scales: torch.Tensor,
+        offset: int,
+        keep: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Perturb a batch: row ``i * signs + k`` of ``out`` gets ``theta + scales[i, k] * z(seed, sample_ids[i])``.
+
+        ``out`` is ``(num * signs, theta.numel())``, ``sample_ids`` int64 ``(num,)`` and ``scales``
+        float64 ``(num, signs)``, both on the CPU (they are a handful of scalars); with ``keep``
+        (float32 ``(num, theta.numel())``), row ``i`` also receives ``z(seed, sample_ids[i])``. The
+        default makes one :meth:`perturb` call per row; a backend may generate each sample's noise
+        once for all its rows (the antithetic pair) in a single call.
+        """
+        signs = scales.shape[1]
+        for i, sample_id in enumerate(sample_ids.tolist()):
+            for k, scale in enumerate(scales[i].tolist()):
+                self.perturb(out[i * signs + k], theta, stream, seed, sample_id, scale, offset)
+            if keep is not None:
+                keep[i].copy_(self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device))
+
+    def prefers_kept_noise(self, stream: str, numel: int, rows: int = 1) -> bool:
+        """Whether keeping ``rows`` samples' noise (``numel`` floats each) and accumulating it beats ``reduce``.
 
         False by default: regenerating is free on GPUs. The CPU backend measures otherwise for
         the normal stream, whose Box-Muller costs more than reading a kept buffer.

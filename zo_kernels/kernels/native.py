@@ -16,6 +16,9 @@ from ..reference.noise import STREAMS
 from .base import Backend
 from .checks import DTYPE_IDS, check_sample_id, check_stream_args, check_tensor
 
+#: The ``zo_kernels._C`` entry points this module calls; bumped whenever csrc/bindings.cpp changes them.
+ABI_VERSION = 2
+
 
 def load_extension() -> Tuple[Optional[ModuleType], str]:
     """Import ``zo_kernels._C``; return ``(module, 'available')`` or ``(None, reason)``.
@@ -29,6 +32,11 @@ def load_extension() -> Tuple[Optional[ModuleType], str]:
         return None, (
             f"not built ({exc}); reinstall with a C++17 compiler (`pip install .`), "
             "or set ZO_KERNELS_REQUIRE_NATIVE=1 to see why the build failed"
+        )
+    if getattr(_C, "ABI_VERSION", None) != ABI_VERSION:
+        return None, (
+            f"stale build: zo_kernels._C has ABI version {getattr(_C, 'ABI_VERSION', None)}, this Python code needs "
+            f"{ABI_VERSION}; reinstall the package (`pip install .`)"
         )
     return _C, "available"
 
@@ -91,18 +99,40 @@ class NativeCpuBackend(Backend):
 
         return perturb
 
+    def perturb_rows(self, out, theta, stream, seed, sample_ids, scales, offset, keep=None):  # noqa: D102
+        _check_tensor(theta, "theta")
+        ids = sample_ids.to(torch.int64).contiguous()
+        _check_tensor(ids, "sample_ids", torch.int64)
+        num = ids.numel()
+        signs = scales.shape[1] if scales.dim() == 2 else 0
+        _check_tensor(scales, "scales", torch.float64, num * signs)
+        if scales.dim() != 2 or scales.shape[0] != num or signs < 1:
+            raise ValueError(f"scales must be (num_samples, signs) = ({num}, >=1), got {tuple(scales.shape)}")
+        _check_tensor(out, "out", theta.dtype, num * signs * theta.numel())
+        if keep is not None:
+            _check_tensor(keep, "keep", torch.float32, num * theta.numel())
+        if num and (int(ids.min()) < 0 or int(ids.max()) >= 2**32):
+            raise ValueError("sample_ids must be in [0, 2**32)")
+        s = check_stream_args(stream, seed, offset)
+        self._C.perturb_rows(
+            out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, ids.data_ptr(), num,
+            scales.data_ptr(), signs, offset, 0 if keep is None else keep.data_ptr(), self._threads(),
+        )  # fmt: skip
+
     #: Below this many elements, regenerating the noise in one ``reduce`` costs less than the
-    #: per-sample accumulation calls that keeping it needs (about 30 us each, i.e. ~15k normals).
+    #: accumulation calls that keeping it needs (about 30 us each, i.e. ~15k normals).
     KEEP_MIN_NUMEL = 1 << 15
 
-    def prefers_kept_noise(self, stream: str, numel: int) -> bool:
-        """True for the normal stream of large vectors: Box-Muller costs ~4x more than an axpy.
+    def prefers_kept_noise(self, stream: str, numel: int, rows: int = 1) -> bool:
+        """True for the normal stream of large batches: Box-Muller costs ~4x more than an axpy.
 
         Measured (bench/results/cpu.md): regenerating normals in ``reduce`` made about half of the
-        time beyond the bare evaluations on a 265k-parameter MLP, and keeping them made the
-        2k-parameter linear model slower; Rademacher signs regenerate at memory speed.
+        time beyond the bare evaluations on a 265k-parameter MLP, and keeping them one sample at a
+        time made the 2k-parameter linear model slower; a batch of ``rows`` samples is accumulated
+        in one matrix-vector product, so it counts as ``rows * numel`` elements. Rademacher signs
+        regenerate at memory speed.
         """
-        return stream == "normal" and numel >= self.KEEP_MIN_NUMEL
+        return stream == "normal" and numel * rows >= self.KEEP_MIN_NUMEL
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")
