@@ -16,7 +16,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -252,69 +252,112 @@ def fused_pass(
     # Keep each sample's noise and accumulate it at once where that beats regenerating it in
     # `reduce` (large CPU vectors of normals); the sum still runs over samples in order.
     rows = _samples_per_call(s, count) if batching else 1  # samples whose noise one accumulation reads
-    keeps = [
-        accumulate
+    sums: List[Optional[torch.Tensor]] = [
+        torch.zeros(seg.theta.shape, dtype=accumulation_dtype(seg.theta.dtype), device=seg.theta.device)
+        if accumulate
         and not s.inplace
         and s.process_group is None  # every rank rebuilds all N samples: nothing to keep
         and seg.backend.prefers_kept_noise(noise.stream, seg.theta.numel(), rows)
+        else None
         for seg in segments
     ]
-    sums = [
-        torch.zeros(seg.theta.shape, dtype=accumulation_dtype(seg.theta.dtype), device=seg.theta.device)
-        if keep
-        else None
-        for seg, keep in zip(segments, keeps)
-    ]
-    blocks: List[torch.Tensor] = []
-    start = first
-    if batching:
-        blocks = _evaluate_batched(evaluate, segments, sums, noise.stream, seed, scales, f0, grad_out, s, first, count)
-        start = first + sum(block.shape[1] for block in blocks)
-        if start < first + count:  # vmap failed part-way: the kept sums miss the rest, `reduce` redoes them all
-            sums = [None] * len(segments)
-            keeps = [False] * len(segments)
+
+    def share() -> List[torch.Tensor]:
+        blocks: List[torch.Tensor] = []
+        if batching:
+            blocks = _evaluate_batched(
+                evaluate, segments, sums, noise.stream, seed, scales, f0, grad_out, s, first, count
+            )
+            done = sum(block.shape[1] for block in blocks)
+            if done < count:  # vmap failed part-way: the kept sums miss the rest, `reduce` redoes them all
+                sums[:] = [None] * len(segments)
+            loop_sums: List[Optional[torch.Tensor]] = [None] * len(segments)
+        else:
+            done, loop_sums = 0, sums
+        loop = _evaluate_loop(evaluate, segments, scratch, loop_sums, noise.stream, seed, scales, f0, grad_out, s)
+        return blocks + loop(range(first + done, first + count), seed_text)
+
+    failure: Optional[BaseException] = None
+    try:
+        blocks = share()
+    except Exception as exc:
+        if s.process_group is None:
+            raise
+        # Still take part in the gather, flagged, so that the other ranks raise instead of waiting.
+        failure, blocks = exc, []
+    signs = _signs(s.method)
+    if blocks:
+        losses = torch.cat(blocks, dim=1)
+    else:  # a rank with no share of the samples (or one whose function raised)
+        losses = torch.zeros((len(signs), 0), dtype=torch.float64, device=f0.device)
+    if s.process_group is not None:
+        losses, failed_ranks = _distributed.gather_losses(losses, s.num_samples, s.process_group, failure is not None)
+        if failure is not None:
+            raise failure
+        if failed_ranks:
+            raise RuntimeError(
+                f"zo_kernels: the function raised on rank(s) {failed_ranks} while evaluating their share of the "
+                "samples (their tracebacks say which sample); no gradient was formed on any rank"
+            )
+    _raise_if_not_finite(losses, f0, s.method, seed_text)
+    return FusedPass(seed, ids, scales, losses, segments, sums)
+
+
+def _evaluate_loop(
+    evaluate: Evaluate,
+    segments: Sequence[_Segment],
+    scratch: Sequence[torch.Tensor],
+    sums: Sequence[Optional[torch.Tensor]],
+    stream: str,
+    seed: int,
+    scales: Sequence[float],
+    f0: torch.Tensor,
+    grad_out: torch.Tensor,
+    s: Settings,
+) -> Callable[[Iterable[int], str], List[torch.Tensor]]:
+    """One evaluation per call: a function of the sample ids giving their ``(signs, 1)`` loss blocks.
+
+    Where ``sums[k]`` is a tensor, each sample's noise is kept while perturbing (the antithetic twin
+    is formed from it) and ``w_i z_i`` accumulated into it at once, in sample order.
+    """
     kept = [
-        torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device) if keep and not batching else None
-        for seg, keep in zip(segments, keeps)
+        None if acc is None else torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
+        for seg, acc in zip(segments, sums)
     ]
     perturbers = [
-        seg.backend.prepare_perturb(
-            seg.out, seg.theta, noise.stream, seed, seg.offset, **({} if z is None else {"keep": z})
-        )
+        seg.backend.prepare_perturb(seg.out, seg.theta, stream, seed, seg.offset, **({} if z is None else {"keep": z}))
         for seg, z in zip(segments, kept)
     ]
     signs = _signs(s.method)
-    for i in range(start, first + count):
-        sample_losses = []
-        applied = 0.0  # in place: the multiple of z_i currently added to the parameters
-        try:
-            for k, sign in enumerate(signs):
-                scale = sign * s.sigma * scales[i]
-                for perturb, seg, z in zip(perturbers, segments, kept):
-                    if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z, no regeneration
-                        torch.add(seg.theta, z, alpha=scale, out=seg.out)
-                    else:
-                        perturb(i, scale - applied if s.inplace else scale)
-                applied = scale
-                sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
-        finally:
-            if s.inplace and applied != 0.0:  # restore, also when the function raised
-                for perturb in perturbers:
-                    perturb(i, -applied)
-        blocks.append(_stack_losses(sample_losses)[:, None])
-        if any(z is not None for z in kept):
-            w = _weights(blocks[-1], f0, grad_out, s)[0] * scales[i]
-            for acc, z in zip(sums, kept):
-                if acc is not None and z is not None:
-                    acc.addcmul_(z, w.to(acc.dtype))
-    if blocks:
-        losses = torch.cat(blocks, dim=1)
-    else:  # a rank with no share of the samples
-        losses = torch.zeros((len(signs), 0), dtype=torch.float64, device=f0.device)
-    if s.process_group is not None:
-        losses = _distributed.gather_losses(losses, s.num_samples, s.process_group)
-    _raise_if_not_finite(losses, f0, s.method, seed_text)
-    return FusedPass(seed, ids, scales, losses, segments, sums)
+
+    def run(ids: Iterable[int], seed_text: str) -> List[torch.Tensor]:
+        blocks = []
+        for i in ids:
+            sample_losses = []
+            applied = 0.0  # in place: the multiple of z_i currently added to the parameters
+            try:
+                for k, sign in enumerate(signs):
+                    scale = sign * s.sigma * scales[i]
+                    for perturb, seg, z in zip(perturbers, segments, kept):
+                        if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z
+                            torch.add(seg.theta, z, alpha=scale, out=seg.out)
+                        else:
+                            perturb(i, scale - applied if s.inplace else scale)
+                    applied = scale
+                    sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+            finally:
+                if s.inplace and applied != 0.0:  # restore, also when the function raised
+                    for perturb in perturbers:
+                        perturb(i, -applied)
+            blocks.append(_stack_losses(sample_losses)[:, None])
+            if any(z is not None for z in kept):
+                w = _weights(blocks[-1], f0, grad_out, s)[0] * scales[i]
+                for acc, z in zip(sums, kept):
+                    if acc is not None and z is not None:
+                        acc.addcmul_(z, w.to(acc.dtype))
+        return blocks
+
+    return run
 
 
 def _samples_per_call(s: Settings, count: int) -> int:
@@ -370,7 +413,7 @@ def _evaluate_batched(
         ]
         try:
             out = batched(*leaves)
-        except Exception as exc:  # noqa: BLE001 - any failure under vmap means: evaluate one by one
+        except (RuntimeError, NotImplementedError) as exc:  # what torch raises for what vmap cannot run
             s.batch_state["failed"] = f"{type(exc).__name__}: {exc}".split("\n")[0]
             warnings.warn(
                 f"zo_kernels: batch_size={s.batch_size} is ignored from now on for this function: torch.func.vmap "
@@ -379,6 +422,13 @@ def _evaluate_batched(
                 stacklevel=2,
             )
             break
+        except Exception as exc:  # the function's own error (ValueError, KeyError, ...): not vmap's doing
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(
+                    f"zo_kernels: raised while evaluating samples {lo}..{hi - 1} together under torch.func.vmap "
+                    f"(batch_size={s.batch_size}, seed={seed})"
+                )
+            raise
         if not isinstance(out, torch.Tensor) or out.shape != (rows,) or not out.dtype.is_floating_point:
             raise RuntimeError("the function must return a floating-point scalar tensor for every sample under vmap")
         block = out.detach().to(torch.float64).view(hi - lo, len(signs)).t()

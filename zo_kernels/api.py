@@ -131,7 +131,11 @@ def zero_order(
         process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``; built-in
             distributions only): each rank evaluates its share of the N samples, the ranks
             all-gather the N losses, and every rank builds the same gradient from the shared seed
-            (rank 0's). Every rank must call the function with the same parameters.
+            (rank 0's). Every rank must call the function with the same parameters. If the
+            function raises on one rank while evaluating its share, that rank re-raises it and
+            every other rank raises a ``RuntimeError`` naming it, at the same collective, instead
+            of waiting; a rank that dies or never reaches the backward pass leaves the others
+            waiting until the process group's ``timeout`` (set it in ``init_process_group``).
         batch_size: evaluate ``batch_size`` perturbed parameter sets per call of the function,
             through ``torch.func.vmap`` (built-in distributions only); with 'antithetic' the
             ``+sigma z`` and ``-sigma z`` rows of a sample share a call, so a call holds
@@ -140,8 +144,11 @@ def zero_order(
             parameters per batch row, plus, on the CPU backend with normal noise, the batch's
             float32 noise, kept for the gradient instead of regenerated). If the
             function cannot be vmapped (e.g. it calls ``.item()`` or uses data-dependent Python
-            control flow), a ``RuntimeWarning`` says why once and the samples are evaluated one by
-            one from then on; the samples of the failed batch are then evaluated again by the loop.
+            control flow: torch raises a ``RuntimeError`` or ``NotImplementedError`` under vmap), a
+            ``RuntimeWarning`` says why, once per decorated function, and the samples are evaluated
+            one by one from then on, starting with those of the failed batch (so the code the
+            function ran before failing under vmap runs once more for them). Any other exception
+            the function raises under vmap is its own error: it propagates, naming the batch's samples.
             ``None`` (default): one evaluation per call.
 
     Returns:

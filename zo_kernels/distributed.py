@@ -8,7 +8,7 @@ one bit for bit on one backend.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -48,15 +48,25 @@ def shared_seed(seed: int, group: Any, device: torch.device) -> int:
     return int(t.item()) + 2**63
 
 
-def gather_losses(local: torch.Tensor, num_samples: int, group: Optional[Any]) -> torch.Tensor:
-    """All ranks' ``(signs, count)`` losses, concatenated in sample-id order into ``(signs, num_samples)``."""
+def gather_losses(
+    local: torch.Tensor, num_samples: int, group: Optional[Any], failed: bool = False
+) -> Tuple[torch.Tensor, List[int]]:
+    """All ranks' ``(signs, count)`` losses in sample-id order ``(signs, num_samples)``, and the failed ranks.
+
+    A rank whose function raised still calls this (with ``failed=True``) so that no rank waits for
+    it: the flag travels in one extra column of the same all-gather, and every rank learns which
+    ranks failed.
+    """
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
     widest = -(-num_samples // world)
-    padded = torch.zeros((local.shape[0], widest), dtype=local.dtype, device=local.device)
+    padded = torch.zeros((local.shape[0], widest + 1), dtype=local.dtype, device=local.device)
     padded[:, : local.shape[1]] = local
+    padded[:, widest] = 1.0 if failed else 0.0
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
+    flags = torch.stack([part[0, widest] for part in parts]).tolist()
     counts = [num_samples // world + (1 if r < num_samples % world else 0) for r in range(world)]
-    return torch.cat([part[:, :count] for part, count in zip(parts, counts)], dim=1)
+    losses = torch.cat([part[:, :count] for part, count in zip(parts, counts)], dim=1)
+    return losses, [r for r, flag in enumerate(flags) if flag != 0.0]
