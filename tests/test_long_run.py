@@ -37,15 +37,25 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs() / b.double().abs().clamp_min(1e-3)).max().item()
 
 
+def _device_bytes(device: torch.device) -> int:
+    """Tensor memory in use: the process's resident set on the CPU, the caching allocator's count on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return _rss_bytes()
+
+
 @pytest.mark.slow
-def test_ten_thousand_inplace_cycles_drift_within_bound_and_leak_nothing():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ten_thousand_inplace_cycles_drift_within_bound_and_leak_nothing(device):
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    params = [torch.randn(16, 4, generator=g) * 0.5, torch.zeros(4)]
-    x, y = torch.randn(32, 16, generator=g), torch.randn(32, 4, generator=g)
+    params = [(torch.randn(16, 4, generator=g) * 0.5).to(device), torch.zeros(4, device=device)]
+    x, y = torch.randn(32, 16, generator=g).to(device), torch.randn(32, 4, generator=g).to(device)
     float64_replay = [p.double().clone() for p in params]
     float32_replay = [p.clone() for p in params]
-    step64 = zo_kernels.backends.select(torch.device("cpu"), torch.float64)
-    step32 = zo_kernels.backends.select(torch.device("cpu"), torch.float32)
+    step64 = zo_kernels.backends.select(device, torch.float64)
+    step32 = zo_kernels.backends.select(device, torch.float32)
     opt = ZOSGD(params, lr=LR)
 
     def loss(ps, x, y):
@@ -58,19 +68,20 @@ def test_ten_thousand_inplace_cycles_drift_within_bound_and_leak_nothing():
         opt.step(sg)
         offset = 0
         for t64, t32 in zip(float64_replay, float32_replay):
-            step64.step(t64.view(-1), sg.weights, sg.sample_ids, sg.stream, sg.seed, LR, offset)
-            step32.step(t32.view(-1), sg.weights, sg.sample_ids, sg.stream, sg.seed, LR, offset)
+            w, ids = sg.weights.to(device), sg.sample_ids.to(device)
+            step64.step(t64.view(-1), w, ids, sg.stream, sg.seed, LR, offset)
+            step32.step(t32.view(-1), w, ids, sg.stream, sg.seed, LR, offset)
             offset += t64.numel()
 
     start_loss = loss(params, x, y).item()
     for i in range(WARMUP):
         cycle(i)
     gc.collect()
-    rss, objects = _rss_bytes(), len(gc.get_objects())
+    rss, objects = _device_bytes(device), len(gc.get_objects())
     for i in range(WARMUP, CYCLES):
         cycle(i)
     gc.collect()
-    rss_growth, object_growth = _rss_bytes() - rss, len(gc.get_objects()) - objects
+    rss_growth, object_growth = _device_bytes(device) - rss, len(gc.get_objects()) - objects
 
     assert loss(params, x, y).item() < start_loss  # the run trained: the updates were real
     vs_float64 = max(_relative(p, r) for p, r in zip(params, float64_replay))
