@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint wheel bench clean
+.PHONY: setup demo test lint wheel bench sanitize clean
 
 $(STAMP): requirements-dev.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,24 @@ demo: setup
 	$(PY) python/demo.py
 
 lint: setup
-	$(VENV)/bin/ruff check zo_kernels tests bench python setup.py
+	$(VENV)/bin/ruff check zo_kernels tests bench python tools setup.py
 
 test: setup lint
 	$(PY) -m pytest -q tests
 
+# The C++ CPU kernels built with ASan + UBSan in build/sanitize, and the CPU kernel tests run
+# against them (tests/test_sanitizers.py runs the same under `make test`).
+sanitize: setup
+	bash tools/sanitize_cpu.sh
+
+docs: setup
+	$(PY) tools/gen_api_docs.py
+
 wheel: setup
 	$(PY) -m pip wheel --no-deps -w dist .
+
+bench: setup
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

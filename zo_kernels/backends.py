@@ -1,8 +1,11 @@
 """Backends that implement the fused noise operations, and the choice of one per call.
 
-Every backend implements the same four operations on the stream of ``docs/noise.md``:
+Every backend implements these operations on the stream of ``docs/noise.md``
+(``zo_kernels.kernels.base.Backend`` defines them):
 
 - ``perturb(out, theta, stream, seed, sample_id, scale, offset)``: ``out = theta + scale * z_i``
+- ``perturb_rows(out, theta, stream, seed, sample_ids, scales, offset)``: one batch of rows
+  ``theta + scales[i, k] * z_{ids[i]}`` (a default loops over ``perturb``; the CPU backend fuses it)
 - ``reduce(grad, weights, sample_ids, stream, seed, offset)``: ``grad += sum_k w_k z_{i_k}``
 - ``step(theta, weights, sample_ids, stream, seed, lr, offset)``: ``theta -= lr * sum_k w_k z_{i_k}``
 - ``squared_norms(stream, seed, sample_ids, numel)``: ``|z_i|^2`` over the first ``numel`` elements
@@ -23,6 +26,7 @@ import torch
 from .kernels.base import Backend
 from .reference import noise as _ref
 
+#: Environment variable naming the backend to force when ``backend=`` is not given (see :func:`select`).
 ENV_VAR = "ZO_KERNELS_BACKEND"
 
 
