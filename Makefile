@@ -26,7 +26,7 @@ test: setup lint
 # The C++ CPU kernels built with ASan + UBSan in build/sanitize, and the CPU kernel tests run
 # against them (tests/test_sanitizers.py runs the same under `make test`).
 sanitize: setup
-	bash tools/sanitize_cpu.sh
+	PYTHON=$(abspath $(PY)) bash tools/sanitize_cpu.sh
 
 docs: setup
 	$(PY) tools/gen_api_docs.py
