@@ -114,7 +114,8 @@ def zero_order(
         argnums: index, or tuple of indices, of the positional arguments to differentiate. Each
             may be a tensor or a pytree (nested tuple/list/dict) of floating-point tensors; every
             tensor in them is perturbed, and gradients flow to those that require grad.
-        num_samples: number of noise samples ``N`` (``2N`` evaluations for ``'antithetic'``).
+        num_samples: number of noise samples ``N`` (``2N`` evaluations for ``'antithetic'``), at most
+            ``2**32`` (sample ids are the 32-bit counter word of the noise stream).
         sigma: smoothing scale, a positive finite number.
         seed: ``None`` draws one seed per estimate from torch's default generator, so
             ``torch.manual_seed`` reproduces a run. An ``int`` in ``[0, 2**64)`` fixes the noise:
@@ -126,7 +127,8 @@ def zero_order(
             storage (``+sigma z``, evaluate, ``-sigma z``; antithetic ``+, -2, +``) instead of a
             scratch copy, so the peak memory is that of inference. The parameters are restored
             after every sample, also when the function raises; restoring rounds, so they may move
-            by about one float32 rounding per sample (float32/float64 parameters only, contiguous).
+            by about one float32 rounding per sample (float32/float64 parameters only, contiguous, no
+            two sharing memory).
             The function must not keep references to its parameter arguments.
         process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``; built-in
             distributions only): each rank evaluates its share of the N samples, the ranks
@@ -172,6 +174,8 @@ def zero_order(
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
             site = _CallSite(fn, args, kwargs, v.resolve_argnums(argnums_t, len(args)))
+            if settings.inplace:
+                v.check_disjoint(site.leaves, "inplace=True perturbs each differentiated tensor's own storage")
             return _ZeroOrderFunction.apply(settings, site, *site.leaves)
 
         return wrapped
@@ -207,7 +211,7 @@ def make_settings(
             raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
     return Settings(
         method=v.check_method(method),
-        num_samples=v.check_num_samples(num_samples),
+        num_samples=v.check_num_samples(num_samples, maximum=v.MAX_NUM_SAMPLES),
         sigma=v.check_sigma(sigma),
         seed=v.check_seed(seed),
         backend=_check_backend(backend),

@@ -9,7 +9,8 @@ writing ``g``, materialized when needed, stored, sent between processes, or repl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Union
+import numbers
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -19,9 +20,28 @@ from . import backends as _backends
 from ._estimator import fused_pass
 from .api import make_settings
 from .distributions import FusedDistribution, Normal, as_fused
-from .reference.noise import accumulation_dtype
+from .reference.noise import STREAMS, accumulation_dtype
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+_STATE_KEYS = ("seed", "sample_ids", "weights", "sigma", "stream", "shapes", "dtypes")
+
+
+def _state_int(value: Any, label: str, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi)``; ``hi`` is a power of two."""
+    bound = f"[{lo}, 2**{hi.bit_length() - 1})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{label} must be an int in {bound}, got {type(value).__name__} {value!r}")
+    if not lo <= value < hi:
+        raise ValueError(f"{label} must be an int in {bound}, got {value}")
+    return int(value)
+
+
+def _state_list(value: Any, label: str) -> list:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{label} must be a list, got {type(value).__name__}")
+    return list(value)
 
 
 @dataclasses.dataclass
@@ -47,7 +67,10 @@ class SeedGradient:
     dtypes: List[torch.dtype]
     loss: Optional[float] = None
 
-    def _check_layout(self, leaves: List[torch.Tensor]) -> None:
+    def _check_layout(self, leaves: List[Any]) -> None:
+        for k, p in enumerate(leaves):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params leaf {k} must be a tensor, got {type(p).__name__}")
         got = [(tuple(p.shape), p.dtype) for p in leaves]
         want = [(tuple(s), d) for s, d in zip(self.shapes, self.dtypes)]
         if got != want:
@@ -55,7 +78,10 @@ class SeedGradient:
 
     def materialize(self, device: Union[str, torch.device, None] = None) -> List[torch.Tensor]:
         """The gradient tensors, one per parameter (on ``device``, default the CPU)."""
-        where = torch.device(device) if device is not None else torch.device("cpu")
+        try:
+            where = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise TypeError(f"device must be a torch.device, a device string or None, got {device!r}") from exc
         grads, offset = [], 0
         for shape, dtype in zip(self.shapes, self.dtypes):
             g = torch.zeros(shape, dtype=dtype, device=where)
@@ -71,13 +97,18 @@ class SeedGradient:
         """``theta -= lr * g`` for every parameter, with the fused step kernel: ``g`` is never written.
 
         ``params`` is the pytree (or list) the estimate was made for; its tensors must be contiguous.
+        ``lr`` is a finite real number. Every check runs before the first parameter is updated.
         """
+        lr = v.check_real(lr, "lr")
         leaves = pytree.tree_leaves(params)
         self._check_layout(leaves)
+        for k, p in enumerate(leaves):
+            if not p.is_contiguous():
+                raise ValueError(
+                    f"apply_ updates parameters in place: every parameter must be contiguous, but leaf {k} is not"
+                )
         offset = 0
         for p in leaves:
-            if not p.is_contiguous():
-                raise ValueError("apply_ updates parameters in place: every parameter must be contiguous")
             w = self.weights.to(device=p.device, dtype=accumulation_dtype(p.dtype))
             backend = _backends.select(p.device, p.dtype)
             backend.step(p.data.view(-1), w, self.sample_ids.to(p.device), self.stream, self.seed, float(lr), offset)
@@ -104,16 +135,61 @@ class SeedGradient:
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, Any]) -> SeedGradient:
-        """The estimate described by ``state`` (from :meth:`state_dict`)."""
+        """The estimate described by ``state`` (from :meth:`state_dict`).
+
+        Every entry is checked (types, ranges, matching lengths) before anything is built, and each
+        error names the entry: a corrupted state never yields an estimate that fails, or silently
+        differs, later.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict (from SeedGradient.state_dict()), got {type(state).__name__}")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state is missing {missing} (it must come from SeedGradient.state_dict())")
+        seed = _state_int(state["seed"], "state['seed']", 0, 2**64)
+        ids = [
+            _state_int(i, "state['sample_ids'] entries", 0, 2**32)
+            for i in _state_list(state["sample_ids"], "state['sample_ids']")
+        ]
+        weights = _state_list(state["weights"], "state['weights']")
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, numbers.Real):
+                raise TypeError(f"state['weights'] must hold real numbers, got {type(w).__name__} {w!r}")
+        if len(weights) != len(ids):
+            raise ValueError(f"state['weights'] must have one weight per sample id ({len(ids)}), got {len(weights)}")
+        weights_t = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        if not bool(torch.isfinite(weights_t).all()):
+            raise ValueError("state['weights'] must be finite, got NaN or inf")
+        try:
+            sigma = v.check_sigma(state["sigma"])
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"state['sigma']: {exc}") from None
+        stream = state["stream"]
+        if not isinstance(stream, str) or stream not in STREAMS:
+            raise ValueError(f"state['stream'] must be one of {STREAMS}, got {stream!r}")
+        shapes = []
+        for shape in _state_list(state["shapes"], "state['shapes']"):
+            dims = _state_list(shape, "state['shapes'] entries")
+            shapes.append(torch.Size([_state_int(d, "state['shapes'] sizes", 0, 2**63) for d in dims]))
+        dtypes = []
+        for d in _state_list(state["dtypes"], "state['dtypes']"):
+            if not isinstance(d, str) or d not in _DTYPES:
+                raise ValueError(f"state['dtypes'] entries must be one of {sorted(_DTYPES)}, got {d!r}")
+            dtypes.append(_DTYPES[d])
+        if len(dtypes) != len(shapes):
+            raise ValueError(f"state['dtypes'] must have one dtype per shape ({len(shapes)}), got {len(dtypes)}")
+        loss = state.get("loss")
+        if loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
+            raise TypeError(f"state['loss'] must be a real number or None, got {type(loss).__name__} {loss!r}")
         return cls(
-            seed=int(state["seed"]),
-            sample_ids=torch.tensor(state["sample_ids"], dtype=torch.int64),
-            weights=torch.tensor(state["weights"], dtype=torch.float64),
-            sigma=float(state["sigma"]),
-            stream=str(state["stream"]),
-            shapes=[torch.Size(s) for s in state["shapes"]],
-            dtypes=[_DTYPES[d] for d in state["dtypes"]],
-            loss=state.get("loss"),
+            seed=seed,
+            sample_ids=torch.tensor(ids, dtype=torch.int64),
+            weights=weights_t,
+            sigma=sigma,
+            stream=stream,
+            shapes=shapes,
+            dtypes=dtypes,
+            loss=None if loss is None else float(loss),
         )
 
 
@@ -160,16 +236,25 @@ def estimate(
     Returns:
         The :class:`SeedGradient`; its ``loss`` is the unperturbed ``fn(params, ...)``.
     """
+    if not callable(fn):
+        raise TypeError(f"fn must be a function (the loss), got {type(fn).__name__}")
     fused = as_fused(distribution if distribution is not None else Normal())
     if fused is None:
+        given = (
+            f"the class {distribution.__name__} (pass an instance)"
+            if isinstance(distribution, type)
+            else type(distribution).__name__
+        )
         raise TypeError(
             "distribution must be zo_kernels.distributions.Normal(), Rademacher() or Sphere() "
-            f"(a seed-compressed gradient needs the counter-based stream), got {type(distribution).__name__}"
+            f"(a seed-compressed gradient needs the counter-based stream), got {given}"
         )
     settings = make_settings(fused, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size)
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
         v.check_leaf(leaf, f"leaf {k} of params")
+    if settings.inplace:
+        v.check_disjoint(leaves, "inplace=True perturbs each tensor of params in its own storage")
 
     def evaluate(tensors: Any) -> torch.Tensor:
         return fn(pytree.tree_unflatten(list(tensors), spec), *args, **kwargs)

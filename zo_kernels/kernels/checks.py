@@ -6,6 +6,7 @@ are the only guard between a Python mistake and a wild pointer. Each error names
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Optional
 
 import torch
@@ -53,8 +54,11 @@ def check_tensor(
 
 def check_stream_args(stream: str, seed: int, offset: int, numel: int = 0) -> int:
     """The stream id, after checking the stream name, the 64-bit seed and the flat index range."""
-    if stream not in STREAM_IDS:
+    if not isinstance(stream, str) or stream not in STREAM_IDS:
         raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+    for name, value in (("seed", seed), ("offset", offset), ("numel", numel)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     if offset < 0:
@@ -66,5 +70,7 @@ def check_stream_args(stream: str, seed: int, offset: int, numel: int = 0) -> in
 
 def check_sample_id(sample_id: int) -> None:
     """A sample id fits the counter's 32-bit word."""
+    if isinstance(sample_id, bool) or not isinstance(sample_id, numbers.Integral):
+        raise TypeError(f"sample_id must be an int, got {type(sample_id).__name__} {sample_id!r}")
     if not 0 <= sample_id < 2**32:
         raise ValueError(f"sample_id must be in [0, 2**32), got {sample_id}")

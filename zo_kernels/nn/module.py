@@ -68,6 +68,15 @@ def enable_zero_order_gradients(cls: type, method: str = "naive", num_samples: i
         params, slots = _parameter_slots(self)
         if len(params) == 0:
             raise RuntimeError("The module has no parameters.")
+        for p, where in zip(params, slots):
+            sub, name = where[0]
+            if not p.dtype.is_floating_point:
+                raise TypeError(
+                    f"parameter {name!r} of {type(sub).__name__} must be a floating-point tensor to receive "
+                    f"zero-order gradients, got dtype {p.dtype}"
+                )
+            if p.device.type == "meta":
+                raise ValueError(f"parameter {name!r} of {type(sub).__name__} is on the meta device: it has no values")
 
         @zero_order(self, method=method, argnums=0, num_samples=num_samples, sigma=sigma)
         def loss(flat_params: Tuple[torch.Tensor, ...], *inner_args: Any, **inner_kwargs: Any) -> torch.Tensor:
@@ -96,7 +105,15 @@ class ZeroOrderGradientModule(nn.Module, metaclass=abc.ABCMeta):
     """
 
     def __init_subclass__(cls, method: str = "naive", num_samples: int = 1, sigma: float = 1.0, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+        try:
+            super().__init_subclass__(**kwargs)
+        except TypeError as exc:
+            if not kwargs:
+                raise
+            raise TypeError(
+                f"{cls.__name__}: unexpected class keyword(s) {sorted(kwargs)}; ZeroOrderGradientModule takes "
+                "method, num_samples and sigma"
+            ) from exc
         enable_zero_order_gradients(cls, method=method, num_samples=num_samples, sigma=sigma)
 
     @abc.abstractmethod
