@@ -1,7 +1,9 @@
 """The examples in python/ run to completion: each in a fresh interpreter, a few steps, with a timeout."""
 
+import math
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -11,16 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 60
 
 
-def run_example(script, *args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+def run_example(script, *args, launcher=(), env=None, timeout=TIMEOUT_S):
+    """Run python/<script> in a fresh interpreter (after ``launcher``, e.g. ``-m torch.distributed.run ...``)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "python", script), *args],
+        [sys.executable, *launcher, os.path.join(ROOT, "python", script), *args],
         cwd=ROOT,
-        env=env,
+        env=full_env,
         capture_output=True,
         text=True,
-        timeout=TIMEOUT_S,
+        timeout=timeout,
     )
 
 
@@ -51,3 +54,104 @@ def test_demo_runs_and_prints_a_finite_loss():
     assert values, result.stdout
     assert all(0.0 <= v < 10.0 for v in values), result.stdout
     assert "time per step" in result.stdout, result.stdout
+
+
+# The examples below are small enough that one thread each is fastest (and frugal on a shared machine).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tutorial_both_apis_all_methods_reduce_the_loss():
+    result = run_example("tutorial.py", "--device", "cpu", "--steps", "30", "--print-every", "10", env=ONE_THREAD)
+    check(result)
+    values = losses(result.stdout)
+    assert values and all(math.isfinite(v) for v in values), result.stdout
+    runs = {
+        label: (float(start), float(end))
+        for label, start, end in re.findall(r"\[(\S+)\] loss (\S+) -> (\S+) in 30 steps", result.stdout)
+    }
+    expected = {f"{api}/{m}" for api in ("functional", "module") for m in ("naive", "forward", "antithetic")}
+    assert set(runs) == expected | {"autograd"}, result.stdout
+    assert len({start for start, _ in runs.values()}) == 1, result.stdout  # every run starts from the same weights
+    exact = runs["autograd"][1]
+    for label, (start, end) in runs.items():
+        assert math.isfinite(end), (label, result.stdout)
+        if label.endswith(("forward", "antithetic")):
+            # Baselined estimators follow the exact-gradient curve closely. ('naive' carries an
+            # f(theta)/sigma noise term and is not reliably below its start after 30 steps.)
+            assert end < 0.7 * start, (label, result.stdout)
+            assert end < 1.05 * exact, (label, result.stdout)
+    assert "final losses:" in result.stdout
+    # Relative error of the estimates against autograd's gradient: the baselined ones are within
+    # about sqrt(n / N) ~ 0.4 of it; 'naive' (no baseline) is an order of magnitude worse.
+    errors = dict(re.findall(r"\[estimate\] (\w+): relative error ([0-9.]+)", result.stdout))
+    assert set(errors) == {"naive", "forward", "antithetic"}, result.stdout
+    errors = {k: float(v) for k, v in errors.items()}
+    assert errors["forward"] < 0.8 and errors["antithetic"] < 0.8, result.stdout
+    assert errors["naive"] > 10 * max(errors["forward"], errors["antithetic"]), result.stdout
+
+
+@pytest.mark.slow
+def test_es_control_is_reproducible_and_prints_returns():
+    result = run_example("es_control.py", "--device", "cpu", "--iterations", "5", "--max-steps", "50", env=ONE_THREAD)
+    check(result)
+    returns = [float(v) for v in re.findall(r"iteration +\d+ +return +([0-9.]+)", result.stdout)]
+    assert len(returns) == 5, result.stdout
+    assert all(0.0 < r <= 50.0 for r in returns), result.stdout  # steps balanced, capped at --max-steps
+    assert "requires_grad=False" in result.stdout, result.stdout  # the return has no autograd graph
+    assert re.search(r"reproducibility checked: a second run with seed 0 gave identical returns", result.stdout)
+    assert "RuntimeWarning" not in result.stderr, result.stderr  # the rollout ran under vmap (batch_size)
+
+
+@pytest.mark.slow
+def test_blackbox_autograd_fails_and_zero_order_improves_the_objective():
+    result = run_example("blackbox.py", "--device", "cpu", "--iterations", "30", env=ONE_THREAD)
+    check(result)
+    assert "autograd through NumPy: no gradient" in result.stdout, result.stdout
+    assert "gradient max |g| = 0 (all zero)" in result.stdout, result.stdout
+    values = [float(v) for v in re.findall(r"iteration +\d+ +objective ([0-9.]+)", result.stdout)]
+    assert len(values) == 30 and all(0.0 <= v <= 1.0 for v in values), result.stdout
+    final = re.search(r"objective ([0-9.]+) -> ([0-9.]+) in 30 iterations", result.stdout)
+    assert final, result.stdout
+    start, end = float(final.group(1)), float(final.group(2))
+    assert start == values[0]
+    assert end < 0.5 * start, result.stdout  # the error rate of the quantized classifier at least halves
+
+
+def checksums(stdout):
+    return dict(re.findall(r"rank (\d+) final parameter checksum ([0-9a-f]{16})", stdout))
+
+
+@pytest.mark.slow
+def test_distributed_two_ranks_end_identical_and_match_one_process():
+    if not torch_distributed_available():
+        pytest.skip("no torch.distributed")
+    args = ("--device", "cpu", "--steps", "20", "--print-every", "5", "--timeout", "60")
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}")
+    two = run_example("distributed.py", *args, launcher=launcher, env=ONE_THREAD, timeout=120)
+    check(two)
+    ranks = checksums(two.stdout)
+    assert set(ranks) == {"0", "1"}, two.stdout
+    assert ranks["0"] == ranks["1"], two.stdout
+    assert "all 2 rank(s) hold bitwise-identical parameters" in two.stdout, two.stdout
+    values = losses(two.stdout)
+    assert len(values) == 5 and all(math.isfinite(v) for v in values), two.stdout  # rank 0 only: steps 0, 5, 10, 15, 19
+    assert values[-1] < values[0], two.stdout
+
+    # Without torchrun: a world of one process. Same seed, same samples: the same parameters, bit for bit.
+    one = run_example("distributed.py", *args, env=ONE_THREAD)
+    check(one)
+    assert checksums(one.stdout) == {"0": ranks["0"]}, (one.stdout, two.stdout)
+    assert losses(one.stdout) == values, (one.stdout, two.stdout)
+
+
+def torch_distributed_available():
+    import torch
+
+    return torch.distributed.is_available()
