@@ -178,8 +178,8 @@ SETTING_CASES = st.one_of(
     cases(
         "process_group",
         st.one_of(st.integers(), st.text(max_size=3), st.just(object())),
-        RuntimeError,
-        r"process_group was given, but torch.distributed.init_process_group\(\) has not been called",
+        TypeError,
+        r"process_group must be a torch.distributed.ProcessGroup",
     ),
     cases(
         "distribution",
@@ -704,7 +704,10 @@ def test_a_non_scalar_output_under_vmap(backend):
     untouched = Untouched(theta)
     f = counting(lambda t: square(t) if len(f.calls) == 1 else t * 2)
     loss = zo_kernels.zero_order(distributions.Normal(), num_samples=4, batch_size=2, backend=backend)(f)(theta)
-    with pytest.raises(RuntimeError, match=r"must return a floating-point scalar tensor for every sample under vmap"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"must return a floating-point scalar tensor for every sample, but under vmap it returned \(2, 4\).*samples 0\.\.1",
+    ):
         loss.backward()
     assert len(f.calls) == 2  # the unperturbed call and one batch
     untouched.check()
@@ -1264,13 +1267,11 @@ def test_builtin_sample_with_a_bad_seed(seed):
 # -- found and not fixed here (see the report): these document the wanted behaviour -----------------
 
 
-@pytest.mark.xfail(strict=True, reason="distributions.py (not in this change): sample_shape is not validated")
 def test_builtin_sample_with_a_negative_shape_names_the_argument():
     with pytest.raises((ValueError, TypeError), match="sample_shape"):
         distributions.Normal().sample((2, -1), seed=1)
 
 
-@pytest.mark.xfail(strict=True, reason="_estimator.py (not in this change): a non-finite estimate is written silently")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_an_estimate_that_overflows_is_an_error(backend):
     """sigma=1e-45 has a finite inverse, but 'naive' weights f/(sigma N) overflow float32: the

@@ -41,6 +41,7 @@ WORKER = textwrap.dedent(
                                      num_samples=7, sigma=0.05, seed=11, process_group=dist.group.WORLD)
             results[(method, name)] = ([tree[k].grad for k in tree], sg.weights)
     torch.save(results, out + f".{{rank}}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     """
 )

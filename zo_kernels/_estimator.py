@@ -45,10 +45,25 @@ class Settings:
     fused: Optional[FusedDistribution]
     sampler: Optional[Sampler]
     inplace: bool = False
-    process_group: Any = None
+    #: A weak reference to the ``torch.distributed`` group: holding the group itself would keep a
+    #: destroyed group's transport alive until interpreter exit, where gloo can abort the process.
+    group_ref: Optional[Callable[[], Any]] = None
     batch_size: Optional[int] = None
     #: Shared by every call of one decorated function: why batched evaluation failed, once it has.
     batch_state: Dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the samples are spread over, or None."""
+        if self.group_ref is None:
+            return None
+        group = self.group_ref()
+        if group is None:
+            raise RuntimeError(
+                "process_group: the torch.distributed group given to the decorator no longer exists "
+                "(destroy_process_group() was called); decorate the function again for a new group"
+            )
+        return group
 
 
 #: Parameter dtypes that ``inplace=True`` accepts. Restoring ``theta + sigma z - sigma z`` rounds
@@ -430,7 +445,11 @@ def _evaluate_batched(
                 )
             raise
         if not isinstance(out, torch.Tensor) or out.shape != (rows,) or not out.dtype.is_floating_point:
-            raise RuntimeError("the function must return a floating-point scalar tensor for every sample under vmap")
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RuntimeError(
+                f"the function must return a floating-point scalar tensor for every sample, but under vmap it "
+                f"returned {got} for samples {lo}..{hi - 1} (expected shape ({rows},) over the batch)"
+            )
         block = out.detach().to(torch.float64).view(hi - lo, len(signs)).t()
         blocks.append(block)
         if any(z is not None for z in kept):
@@ -506,5 +525,18 @@ def estimate_gradients(
     unperturbed loss (the 'forward' method's baseline).
     """
     if s.fused is not None:
-        return _fused_gradients(evaluate, leaves, f0, grad_out, s)
-    return _sampled_gradients(evaluate, leaves, f0, grad_out, s)
+        grads = _fused_gradients(evaluate, leaves, f0, grad_out, s)
+    else:
+        grads = _sampled_gradients(evaluate, leaves, f0, grad_out, s)
+    raise_if_estimate_not_finite(grads, s.sigma)
+    return grads
+
+
+def raise_if_estimate_not_finite(tensors: Sequence[torch.Tensor], sigma: float) -> None:
+    """Every loss was finite, yet the estimate may overflow (weights ~ loss / (sigma N)): refuse to return it."""
+    finite = [torch.isfinite(t).all() for t in tensors if t.numel()]
+    if finite and not bool(torch.stack([f.to(finite[0].device) for f in finite]).all()):
+        raise NonFiniteLossError(
+            f"zero_order: every loss was finite but the gradient estimate overflows its dtype (its weights are "
+            f"loss differences / (sigma * num_samples), with sigma={sigma}); raise sigma or scale the loss down"
+        )

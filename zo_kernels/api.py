@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -218,7 +219,7 @@ def make_settings(
         fused=fused,
         sampler=None if fused is not None else v.as_sampler(distribution),
         inplace=inplace,
-        process_group=check_process_group(process_group),
+        group_ref=None if process_group is None else weakref.ref(check_process_group(process_group)),
         batch_size=batch_size,
     )
 

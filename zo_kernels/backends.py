@@ -125,9 +125,13 @@ def select(device: torch.device, dtype: torch.dtype, requested: Optional[str] = 
     """
     name = requested if requested is not None else (os.environ.get(ENV_VAR) or None)
     if name is not None:
-        backend = get(name)
+        source = "" if requested is not None else f" (from ${ENV_VAR})"
+        try:
+            backend = get(name)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{source}") from None
         if not backend.supports(device, dtype):
-            raise ValueError(f"backend {name!r} does not support {dtype} tensors on {device}")
+            raise ValueError(f"backend {name!r}{source} does not support {dtype} tensors on {device}")
         return backend
     for candidate in PREFERENCE.get(device.type, ["reference"]):
         backend = _BACKENDS.get(candidate)

@@ -21,11 +21,11 @@ def check_process_group(group: Any) -> Any:
 
     if not dist.is_available():
         raise RuntimeError("process_group was given, but this PyTorch build has no torch.distributed")
-    if not dist.is_initialized():
-        raise RuntimeError("process_group was given, but torch.distributed.init_process_group() has not been called")
     if not isinstance(group, dist.ProcessGroup):
         kind = type(group).__name__
         raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), got {kind}")
+    if not dist.is_initialized():
+        raise RuntimeError("process_group was given, but torch.distributed.init_process_group() has not been called")
     return group
 
 

@@ -18,9 +18,17 @@ ShapeLike = Union[torch.Size, Sequence[int], int]
 
 
 def _as_size(sample_shape: ShapeLike) -> torch.Size:
-    if isinstance(sample_shape, int):
-        return torch.Size([sample_shape])
-    return torch.Size(sample_shape)
+    """``sample_shape`` as a ``torch.Size``; TypeError/ValueError naming it unless it is ints >= 0."""
+    dims = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"sample_shape must be an int or a sequence of ints, got {sample_shape!r}") from None
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"sample_shape must be an int or a sequence of ints, got {sample_shape!r}")
+    if any(d < 0 for d in dims):
+        raise ValueError(f"sample_shape must not have negative sizes, got {tuple(dims)}")
+    return torch.Size(dims)
 
 
 class FusedDistribution:
@@ -50,6 +58,10 @@ class FusedDistribution:
         shape = _as_size(sample_shape)
         if seed is None:
             seed = draw_seed()
+        elif isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int in [0, 2**64) or None, got {type(seed).__name__} {seed!r}")
+        elif not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
         where = torch.device(device) if device is not None else torch.device("cpu")
         z = backends.select(where, torch.float32).sample(self.stream, seed, 0, 0, shape.numel(), where)
         if self.sphere and z.numel() > 0:

@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from . import _validate as v
 from . import backends as _backends
-from ._estimator import fused_pass
+from ._estimator import fused_pass, raise_if_estimate_not_finite
 from .api import make_settings
 from .distributions import FusedDistribution, Normal, as_fused
 from .reference.noise import STREAMS, accumulation_dtype
@@ -263,6 +263,9 @@ def estimate(
     one = torch.ones((), dtype=torch.float64)
     done = fused_pass(evaluate, leaves, f0, one, settings, accumulate=False)
     weights = done.weights(f0, one, settings).cpu()
+    # The weights are float64; the parameters' accumulation dtype must hold them too.
+    dtypes = {accumulation_dtype(p.dtype) for p in leaves}
+    raise_if_estimate_not_finite([weights.to(dtype) for dtype in dtypes], settings.sigma)
     return SeedGradient(
         seed=done.seed,
         sample_ids=done.sample_ids.cpu(),
