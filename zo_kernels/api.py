@@ -97,8 +97,9 @@ def zero_order(
 
     The wrapped function returns its loss ``f(theta)`` unchanged; ``loss.backward()`` (or
     ``torch.autograd.grad``) then yields, for every tensor in the differentiated arguments, the
-    zero-order estimate of the gradient of the Gaussian-smoothed objective, times the upstream
-    gradient:
+    zero-order estimate of the gradient of the smoothed objective ``E[f(theta + sigma z)]`` (for
+    ``Normal`` noise, the Gaussian-smoothed objective; for other distributions, ``grad f`` up to
+    ``O(sigma**2)``), times the upstream gradient:
 
     - ``'naive'``: ``1/sigma * mean_i f(theta + sigma z_i) z_i``
     - ``'forward'``: ``1/sigma * mean_i (f(theta + sigma z_i) - f(theta)) z_i``

@@ -51,7 +51,8 @@ class SeedGradient:
     Attributes:
         seed: the 64-bit seed of the noise stream.
         sample_ids: int64 tensor of the N sample ids.
-        weights: float64 tensor of the N weights (sphere scales and 1/(sigma N) folded in).
+        weights: float64 tensor of the N weights (sphere scales and 1/(sigma N), for 'antithetic'
+            1/(2 sigma N), folded in).
         sigma: the smoothing scale the losses were evaluated with.
         stream: ``'normal'`` or ``'rademacher'``.
         shapes, dtypes: the layout of the flattened parameters.
