@@ -1,0 +1,723 @@
+"""``make bench``: every benchmark this machine can run, one summary table of ratios, and plots.
+
+Run from the repository root::
+
+    python bench/run.py                # full run: 2-5 minutes on 2 CPU cores (more on a busy machine)
+    python bench/run.py --quick        # smoke run: tiny sizes, 2 timed runs per point
+    python bench/run.py --out-dir DIR  # where the report and plots go (default bench/results)
+
+On the CPU always, and on the GPU too when ``torch.cuda.is_available()``, it times one antithetic
+gradient step of a tanh MLP ``d -> d -> 10`` (batch 64, Normal noise) for five contenders:
+
+- zo_kernels ``zero_order`` (best backend for the device) + ``.backward()``, against
+  (a) TorchOpt 0.7.3 ``torchopt.diff.zero_order`` + ``.backward()`` and
+  (b) plain PyTorch: ``Z = torch.randn(N, n)``, perturbations with rows of ``Z``, ``g = w @ Z``
+  (``bench/baselines.py``);
+- zo_kernels ``estimate(..., inplace=True)`` + ``ZOSGD.step`` against
+  (c) a MeZO-SGD step (per-parameter ``torch.normal`` loop, in-place perturbation, ``bench/baselines.py``).
+
+Two sweeps: the number of samples N at a fixed model, and the parameter count at a fixed N; the
+peak memory of one step at each parameter count, each (contender, size) in a fresh process
+(``bench/scale.py``'s method). Every time is the median of repeated runs after one warm-up
+(``bench/cpu_kernels.py``'s ``median_time``). It prints one table of ratios and writes
+``summary-<device>.md`` (that table, the data behind the plots, device, versions and date) and three
+PNG plots ``summary-<device>-{time-vs-samples,time-vs-params,memory-vs-params}.png``; ``--quick``
+adds ``-quick`` to these names so that a smoke run never replaces a full one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torchopt
+
+import zo_kernels
+from zo_kernels import backends, distributions
+from zo_kernels.optim import ZOSGD
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from baselines import MeZO, torch_matmul_step  # noqa: E402
+from cpu_kernels import (  # noqa: E402
+    THREADS,
+    choose_backend,
+    cpu_model,
+    fmt_ms,
+    fmt_ratio,
+    leaf_params,
+    load_note,
+    median_time,
+    mlp_loss,
+    omp_environment,
+)
+from scale import (  # noqa: E402
+    _reset_peak_rss,
+    _rss_kib,
+    fmt_mib,
+    run_workers,
+    start_monitor,
+    sync,
+    worker_env,
+)
+
+METHOD = "antithetic"
+SIGMA = 1e-3  # MeZO's eps; the same for every contender
+LR = 1e-7  # MeZO / ZOSGD learning rate: small, so repeated timing steps barely move the parameters
+BATCH = 64
+OUTPUTS = 10
+WORKER_TIMEOUT_S = 180
+
+#: Contender id -> label. "inference" is only measured for memory: one forward under no_grad.
+CONTENDERS: Dict[str, str] = {
+    "zo": "zo_kernels `zero_order` + backward",
+    "torchopt": "TorchOpt 0.7.3 `zero_order` + backward",
+    "torch": "PyTorch `randn(N, n)` + `w @ Z`",
+    "zo_mezo": "zo_kernels `estimate(inplace=True)` + `ZOSGD`",
+    "mezo": "MeZO per-parameter `torch.normal` loop",
+}
+MEMORY_CASES: Dict[str, str] = {"inference": "inference (one forward, no_grad)", **CONTENDERS}
+#: (baseline id, zo_kernels id, what the row compares)
+COMPARISONS: Tuple[Tuple[str, str, str], ...] = (
+    ("torchopt", "zo", "(a) TorchOpt 0.7.3 `torchopt.diff.zero_order`"),
+    ("torch", "zo", "(b) plain PyTorch `randn(N, n)` + matmul"),
+    ("mezo", "zo_mezo", "(c) MeZO per-parameter `torch.normal` loop, in place"),
+)
+STYLES: Dict[str, Tuple[str, str]] = {  # contender -> (colour, marker) of the plots
+    "zo": ("tab:blue", "o"),
+    "zo_mezo": ("tab:cyan", "s"),
+    "torchopt": ("tab:red", "v"),
+    "torch": ("tab:orange", "^"),
+    "mezo": ("tab:purple", "D"),
+    "inference": ("tab:gray", "x"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration, devices, progress
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and repeat counts of one run."""
+
+    quick: bool
+    widths: Tuple[int, ...]  # d of the MLP d -> d -> 10: the parameter-count sweep (time and memory)
+    sweep_width: int  # d of the num_samples sweep
+    sample_counts: Tuple[int, ...]  # N of the num_samples sweep
+    param_samples: int  # N of the parameter-count sweep (and of the memory points)
+    repeats: int  # timed runs per point, after one warm-up
+    budget_s: float  # stop repeating once a point took this long (keeping >= min(3, repeats) runs)
+
+    @staticmethod
+    def make(quick: bool) -> Config:
+        """The full configuration, or the ``--quick`` smoke-run one."""
+        if quick:
+            return Config(True, (32, 128), 128, (1, 4), 4, 2, 0.5)
+        return Config(False, (64, 256, 1024, 2048), 1024, (1, 4, 16, 64), 16, 7, 4.0)
+
+    def points(self) -> List[Tuple[int, int]]:
+        """Every (width, N) whose step time is measured: both sweeps, without duplicates."""
+        pts = [(self.sweep_width, n) for n in self.sample_counts] + [(w, self.param_samples) for w in self.widths]
+        return sorted(set(pts))
+
+
+def device_tag(device: torch.device) -> str:
+    """A short file-name tag: ``cpu``, or ``cuda-`` and the GPU's model (``cuda-h100``)."""
+    if device.type != "cuda":
+        return device.type
+    words = re.split(r"[^a-z0-9]+", torch.cuda.get_device_name(device).lower())
+    words = [w for w in words if w and w not in ("nvidia", "geforce", "tesla", "rtx", "gtx", "quadro")]
+    return "cuda-" + (words[0] if words else "gpu")
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words, for headers and plot titles."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{cpu_model()}, {THREADS} threads of {os.cpu_count()} CPUs"
+
+
+def zo_backend(device: torch.device) -> Tuple[str, str]:
+    """(backend name, note) that ``zero_order`` uses on ``device``: the best one available there."""
+    if device.type == "cpu":
+        return choose_backend()
+    name = backends.select(device, torch.float32).name
+    return name, f"{name} (best available for CUDA float32)"
+
+
+def versions() -> str:
+    """torch, zo_kernels, torchopt and python versions on one line."""
+    return (
+        f"torch {torch.__version__}, zo_kernels {zo_kernels.__version__}, torchopt {torchopt.__version__}, "
+        f"python {platform.python_version()}"
+    )
+
+
+def now() -> str:
+    """The local date and time, as in the other bench reports."""
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+class Progress:
+    """A textual progress bar on stderr: ``[#####.....] 12/40  35 s  label``."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, label: str) -> None:
+        """Print the bar with ``label`` as the task now running."""
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.0f} s  {label}"
+        if self.tty:
+            sys.stderr.write("\r" + line[:150].ljust(150))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def advance(self) -> None:
+        """Count one task as done."""
+        self.done += 1
+
+    def close(self) -> None:
+        """Show the full bar and end the line."""
+        self.show("done")
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# The problem and one step of each contender
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """The tanh MLP ``width -> width -> 10`` (``bench/cpu_kernels.py``'s ``mlp_loss``) with its data."""
+
+    width: int
+    params: Tuple[torch.Tensor, ...]  # leaves that require grad
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @property
+    def numel(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.params)
+
+    def plain_params(self) -> List[torch.Tensor]:
+        """A copy of the parameters that does not require grad (for the in-place contenders)."""
+        return [p.detach().clone() for p in self.params]
+
+
+def make_problem(width: int, device: torch.device) -> Problem:
+    """The same MLP and batch for a given width on every run and device (seeded)."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(width)
+    params = leaf_params(torch.nn.Linear(width, width), torch.nn.Linear(width, OUTPUTS))
+    x, y = torch.randn(BATCH, width), torch.randn(BATCH, OUTPUTS)
+    torch.random.set_rng_state(gen_state)
+    params = tuple(p.detach().to(device).requires_grad_() for p in params)
+    return Problem(width, params, x.to(device), y.to(device))
+
+
+def mlp_numel(width: int) -> int:
+    """Parameters of the MLP of ``width`` (without building it)."""
+    return width * width + width + width * OUTPUTS + OUTPUTS
+
+
+def make_step(case: str, problem: Problem, num_samples: int, backend: str) -> Callable[[], None]:
+    """A callable that runs one step of ``case`` on ``problem`` (and synchronizes the device)."""
+    device = problem.x.device
+    x, y = problem.x, problem.y
+    if case in ("zo", "torchopt", "torch"):
+        params = problem.params
+        if case == "zo":
+            fn = zo_kernels.zero_order(
+                distributions.Normal(), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA, backend=backend
+            )(mlp_loss)
+        elif case == "torchopt":
+            zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
+            fn = torchopt.diff.zero_order(
+                torch.distributions.Normal(zero, one), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA
+            )(mlp_loss)
+
+        def grad_step() -> None:
+            for p in params:
+                p.grad = None
+            if case == "torch":
+                torch_matmul_step(mlp_loss, params, x, y, num_samples=num_samples, sigma=SIGMA)
+            else:
+                fn(params, x, y).backward()
+            sync(device)
+
+        return grad_step
+    if case == "zo_mezo":
+        plain = problem.plain_params()
+        optimizer = ZOSGD(plain, lr=LR)
+
+        def zo_mezo_step() -> None:
+            sg = zo_kernels.estimate(
+                mlp_loss,
+                plain,
+                x,
+                y,
+                method=METHOD,
+                num_samples=num_samples,
+                sigma=SIGMA,
+                inplace=True,
+                backend=backend,
+            )
+            optimizer.step(sg)
+            sync(device)
+
+        return zo_mezo_step
+    if case == "mezo":
+        mezo = MeZO(problem.plain_params(), lr=LR, eps=SIGMA, num_samples=num_samples)
+
+        def mezo_step() -> None:
+            mezo.step(mlp_loss, x, y)
+            sync(device)
+
+        return mezo_step
+    if case == "inference":
+        params = problem.params
+
+        def inference() -> None:
+            with torch.no_grad():
+                mlp_loss(params, x, y)
+            sync(device)
+
+        return inference
+    raise ValueError(f"unknown case {case!r}")
+
+
+def check_grads(case: str, problem: Problem) -> None:
+    """After a gradient step: every ``.grad`` exists and is finite (otherwise the timing means nothing)."""
+    if case in ("zo", "torchopt", "torch"):
+        for p in problem.params:
+            if p.grad is None or not bool(torch.isfinite(p.grad).all()):
+                raise RuntimeError(f"{case}: a step left a missing or non-finite gradient (width {problem.width})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceResults:
+    """Everything measured on one device."""
+
+    device: torch.device
+    backend_note: str
+    times: Dict[Tuple[int, int], Dict[str, float]] = field(default_factory=dict)  # (width, N) -> case -> s
+    memory: Dict[int, Dict[str, Dict[str, Any]]] = field(default_factory=dict)  # width -> case -> worker result
+
+
+def time_points(cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: Progress) -> None:
+    """Median step time of every contender at every (width, N) point."""
+    for width, num in cfg.points():
+        problem = make_problem(width, device)
+        res.times[(width, num)] = {}
+        for case in CONTENDERS:
+            progress.show(f"{device.type}: step time, {case}, d={width} ({problem.numel:,} params), N={num}")
+            step = make_step(case, problem, num, backend)
+            res.times[(width, num)][case] = median_time(step, cfg.repeats, cfg.budget_s)
+            check_grads(case, problem)
+            progress.advance()
+        del problem
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def memory_worker(case: str, device_name_: str, width: int, num_samples: int, backend: str, out: str) -> None:
+    """One memory point in this (fresh) process: a warm-up step, then the peak of one measured step.
+
+    The method is ``bench/scale.py``'s: on a GPU ``torch.cuda.max_memory_allocated`` (parameters and
+    data included); on the CPU the parameters' bytes plus the growth of the resident set during the
+    step (peak RSS reset through ``/proc/self/clear_refs`` just before it).
+    """
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))
+    device = torch.device(device_name_)
+    problem = make_problem(width, device)
+    step = make_step(case, problem, num_samples, backend)
+    param_bytes = sum(p.numel() * p.element_size() for p in problem.params)
+    step()  # warm-up: lazy initialisations are not the step's memory
+    for p in problem.params:
+        p.grad = None
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        peak = torch.cuda.max_memory_allocated(device)
+        delta, method = peak - base, "cuda max_memory_allocated"
+    else:
+        exact = _reset_peak_rss()
+        base = _rss_kib("VmRSS" if exact else "VmHWM") * 1024
+        step()
+        delta = _rss_kib("VmHWM") * 1024 - base
+        peak = param_bytes + delta
+        method = "VmHWM reset" if exact else "VmHWM since start (could not reset)"
+    Path(out).write_text(json.dumps(dict(peak=peak, delta=delta, params=param_bytes, method=method)))
+
+
+def memory_parallelism() -> int:
+    """How many memory workers run side by side: one per CPU, at most 4."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def memory_points(cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: Progress) -> None:
+    """Peak memory of one step of every case at every width, each in a fresh subprocess.
+
+    The workers run single-threaded, one per CPU at a time (at most 4): each measures its own
+    process, so running side by side changes the wall time, not the peaks.
+    """
+    jobs = [(width, case) for width in cfg.widths for case in MEMORY_CASES]
+    at_once = memory_parallelism()
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def command(width: int, case: str) -> List[str]:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", case, "--device", str(device)]
+            cmd += ["--width", str(width), "--samples", str(cfg.param_samples), "--backend", backend]
+            return cmd + ["--worker-out", str(Path(tmp) / f"{case}_{width}.json")]
+
+        def collect(width: int, case: str) -> Dict[str, Any]:
+            return json.loads((Path(tmp) / f"{case}_{width}.json").read_text())
+
+        for lo in range(0, len(jobs), at_once):
+            group = jobs[lo : lo + at_once]
+            names = ", ".join(f"{case} d={width}" for width, case in group)
+            progress.show(f"{device.type}: peak memory ({names})")
+            try:
+                run_workers([command(w, c) for w, c in group], worker_env(1), WORKER_TIMEOUT_S)
+                for width, case in group:
+                    res.memory.setdefault(width, {})[case] = collect(width, case)
+            except RuntimeError:  # find out which one failed, and why
+                for width, case in group:
+                    try:
+                        run_workers([command(width, case)], worker_env(1), WORKER_TIMEOUT_S)
+                        res.memory.setdefault(width, {})[case] = collect(width, case)
+                    except RuntimeError as exc:
+                        res.memory.setdefault(width, {})[case] = {"error": str(exc)[:200]}
+            for _ in group:
+                progress.advance()
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    """A markdown table (empty cells as an en dash, pipes escaped)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join((c or "–").replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def fmt_time(seconds: float) -> str:
+    """A step time with three significant digits (``cpu_kernels.fmt_ms`` rounds sub-ms steps to 0.1 ms)."""
+    if seconds >= 10:
+        return fmt_ms(seconds)
+    ms = seconds * 1e3
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
+def fmt_mem(nbytes: float) -> str:
+    """Bytes in MiB with three significant digits below 100 MiB (``scale.fmt_mib`` above)."""
+    return fmt_mib(nbytes) if nbytes >= 100 * 2**20 else f"{nbytes / 2**20:.3g} MiB"
+
+
+def peak_of(res: DeviceResults, width: int, case: str) -> Optional[float]:
+    """The measured peak bytes, or None where the point failed or was not measured."""
+    return res.memory.get(width, {}).get(case, {}).get("peak")
+
+
+SUMMARY_COLUMNS = (
+    "device",
+    "baseline",
+    "zo_kernels",
+    "sweep",
+    "MLP d→d→10",
+    "N",
+    "baseline time",
+    "zo_kernels time",
+    "speed-up",
+    "baseline peak mem",
+    "zo_kernels peak mem",
+    "memory ratio",
+)
+
+
+def summary_rows(cfg: Config, results: Sequence[DeviceResults]) -> List[List[str]]:
+    """One row per (device, baseline, measured point): speed-up and memory ratio, baseline / zo_kernels."""
+    rows = []
+    for res in results:
+        tag = device_tag(res.device)
+        for base, ours, label in COMPARISONS:
+            sweeps = [("N", (cfg.sweep_width, n)) for n in cfg.sample_counts]
+            sweeps += [("params", (w, cfg.param_samples)) for w in cfg.widths]
+            for sweep, (width, num) in sweeps:
+                t = res.times[(width, num)]
+                row = [tag, label, CONTENDERS[ours], sweep, f"d={width}, {mlp_numel(width):,} params", str(num)]
+                row += [fmt_time(t[base]), fmt_time(t[ours]), fmt_ratio(t[base] / t[ours])]
+                mb, mo = peak_of(res, width, base), peak_of(res, width, ours)
+                if sweep == "params" and mb is not None and mo is not None:
+                    row += [fmt_mem(mb), fmt_mem(mo), fmt_ratio(mb / mo)]
+                else:
+                    row += ["", "", ""]
+                rows.append(row)
+    return rows
+
+
+def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
+    """The numbers behind the plots: every contender's median time and every case's peak memory."""
+    lines: List[str] = []
+    for res in results:
+        tag = device_tag(res.device)
+        lines += ["", f"### Step time per contender [{tag}] (median, milliseconds)", ""]
+        rows = []
+        for (width, num), t in sorted(res.times.items()):
+            rows.append([str(width), f"{mlp_numel(width):,}", str(num)] + [f"{t[c] * 1e3:,.2f}" for c in CONTENDERS])
+        lines += table(["d", "params", "N", *CONTENDERS.values()], rows)
+        lines += ["", f"### Peak memory of one step [{tag}], N={cfg.param_samples} (MiB)", ""]
+        rows = []
+        for width, cases in sorted(res.memory.items()):
+            cells = []
+            for case in MEMORY_CASES:
+                r = cases.get(case, {})
+                cells.append(f"{r['peak'] / 2**20:,.2f}" if "peak" in r else f"FAILED: {r.get('error', '?')}")
+            rows.append([str(width), f"{mlp_numel(width):,}", *cells])
+        lines += table(["d", "params", *MEMORY_CASES.values()], rows)
+        methods = sorted({r["method"] for cases in res.memory.values() for r in cases.values() if "method" in r})
+        lines += ["", f"Memory method: {', '.join(methods) or 'none succeeded'}."]
+    return lines
+
+
+def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> List[str]:
+    """The lines above the summary table."""
+    lines = [
+        "# zo_kernels benchmark summary (`make bench`, `bench/run.py`)",
+        "",
+        f"- date: {now()}",
+    ]
+    for res in results:
+        lines.append(f"- device [{device_tag(res.device)}]: {device_name(res.device)}; backend: {res.backend_note}")
+    lines += [
+        f"- versions: {versions()}",
+        f"- threads: {THREADS} (torch.set_num_threads); {omp_environment()}",
+        f"- {load}",
+        f"- mode: {'quick (smoke run: tiny sizes, numbers not meaningful)' if cfg.quick else 'full'}",
+        f"- problem: tanh MLP d→d→10 (`bench/cpu_kernels.py`'s `mlp_loss`), batch {BATCH}, MSE, float32; "
+        f"{METHOD}, Normal noise, sigma = {SIGMA:g}; N sweep at d = {cfg.sweep_width}, parameter sweep at "
+        f"N = {cfg.param_samples}",
+        "- one step: `zero_order`, TorchOpt and plain PyTorch return f(θ) and write every `.grad` "
+        f"(2N+1 evaluations); `estimate(inplace=True)` + `ZOSGD(lr={LR:g})` evaluates 2N+1 times and updates "
+        "the parameters; MeZO evaluates 2N times and updates them (`bench/baselines.py`)",
+        f"- timing: median of up to {cfg.repeats} runs after 1 warm-up (fewer, but at least "
+        f"{min(3, cfg.repeats)}, once a point took {cfg.budget_s:g} s), `time.perf_counter`, device synchronized "
+        "in each run",
+        "- speed-up = baseline time / zo_kernels time; memory ratio = baseline peak / zo_kernels peak "
+        "(> 1: zo_kernels is faster / smaller)",
+        "- peak memory: each (case, size) in a fresh single-threaded process after one warm-up step "
+        f"(`bench/scale.py`'s method, {memory_parallelism()} processes at a time); "
+        "GPU: `torch.cuda.max_memory_allocated`; CPU: parameter bytes + growth of the resident set during the "
+        "step (`VmHWM` reset through `/proc/self/clear_refs`, glibc `MALLOC_MMAP_THRESHOLD_=65536`), which "
+        "leaves out the Python/torch runtime",
+        "",
+    ]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------------
+
+
+def footnote(cfg: Config, results: Sequence[DeviceResults]) -> str:
+    """Device(s), versions, date and timing method, printed under every plot."""
+    devices = "; ".join(f"[{device_tag(r.device)}] {device_name(r.device)}, backend {r.backend_note}" for r in results)
+    mode = "QUICK SMOKE RUN, " if cfg.quick else ""
+    return (
+        f"{devices}\n{versions()}; {now()}\n{mode}median of up to {cfg.repeats} runs after 1 warm-up; "
+        f"MLP d→d→10, batch {BATCH}, {METHOD}, sigma={SIGMA:g}; bench/run.py"
+    )
+
+
+def plot(
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    series: Callable[[DeviceResults], Dict[str, List[Tuple[float, float]]]],
+    cfg: Config,
+    results: Sequence[DeviceResults],
+) -> None:
+    """One log-log figure, a panel per device, a line per case; title and footnote name device, versions, date."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.6), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for case, points in series(res).items():
+            if not points:
+                continue
+            colour, marker = STYLES[case]
+            xs, ys = zip(*sorted(points))
+            floor = case == "inference"  # dashed and on top: the in-place contenders lie on it
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                color=colour,
+                label=MEMORY_CASES[case].replace("`", ""),
+                linestyle="--" if floor else "-",
+                zorder=3 if floor else 2,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"[{device_tag(res.device)}] {device_name(res.device)}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.01, footnote(cfg, results), fontsize=7, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, prefix: str) -> List[Path]:
+    """The three PNGs: time vs N, time vs parameter count, peak memory vs parameter count."""
+    paths = [out_dir / f"{prefix}-{name}.png" for name in ("time-vs-samples", "time-vs-params", "memory-vs-params")]
+
+    def vs_samples(res: DeviceResults) -> Dict[str, List[Tuple[float, float]]]:
+        return {c: [(n, res.times[(cfg.sweep_width, n)][c]) for n in cfg.sample_counts] for c in CONTENDERS}
+
+    def vs_params(res: DeviceResults) -> Dict[str, List[Tuple[float, float]]]:
+        return {c: [(mlp_numel(w), res.times[(w, cfg.param_samples)][c]) for w in cfg.widths] for c in CONTENDERS}
+
+    def memory(res: DeviceResults) -> Dict[str, List[Tuple[float, float]]]:
+        out: Dict[str, List[Tuple[float, float]]] = {}
+        for case in MEMORY_CASES:
+            out[case] = [
+                (mlp_numel(w), peak / 2**20) for w in cfg.widths if (peak := peak_of(res, w, case)) is not None
+            ]
+        return out
+
+    sweep_numel = f"{mlp_numel(cfg.sweep_width):,}"
+    plot(
+        paths[0],
+        f"Time per gradient step vs num_samples N (MLP d={cfg.sweep_width}, {sweep_numel} params)\n{now()}",
+        "num_samples N",
+        "seconds per step (median)",
+        vs_samples,
+        cfg,
+        results,
+    )
+    plot(
+        paths[1],
+        f"Time per gradient step vs parameter count (N={cfg.param_samples})\n{now()}",
+        "parameters",
+        "seconds per step (median)",
+        vs_params,
+        cfg,
+        results,
+    )
+    plot(
+        paths[2],
+        f"Peak memory of one step vs parameter count (N={cfg.param_samples})\n{now()}",
+        "parameters",
+        "peak memory (MiB)",
+        memory,
+        cfg,
+        results,
+    )
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Command-line options (the worker ones are internal)."""
+    parser = argparse.ArgumentParser(description="Every zo_kernels benchmark of this machine (see bench/README.md).")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 timed runs per point")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results", help="report and plots go here")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--samples", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run every benchmark of this machine, print the summary table, write the report and the plots."""
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        memory_worker(args.memory_worker, args.device, args.width, args.samples, args.backend, args.worker_out)
+        return 0
+
+    torch.set_num_threads(THREADS)
+    cfg = Config.make(args.quick)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    prefix = f"summary-{device_tag(devices[-1])}" + ("-quick" if cfg.quick else "")
+    per_device = len(cfg.points()) * len(CONTENDERS) + len(cfg.widths) * len(MEMORY_CASES)
+    progress = Progress(per_device * len(devices))
+    before = start_monitor()
+    time.sleep(1.0)
+    load = load_note("in the second before the run", before)
+    during = start_monitor()
+    started = time.perf_counter()
+    results: List[DeviceResults] = []
+    for device in devices:
+        backend, note = zo_backend(device)
+        res = DeviceResults(device, note)
+        time_points(cfg, device, backend, res, progress)
+        memory_points(cfg, device, backend, res, progress)
+        results.append(res)
+    progress.close()
+
+    summary = table(SUMMARY_COLUMNS, summary_rows(cfg, results))
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(cfg, results, args.out_dir, prefix)
+    elapsed = time.perf_counter() - started
+    footer = [f"Measured in {elapsed:.1f} s. {load_note('during the run', during)}."]
+    report = header_lines(cfg, results, load) + ["## Summary: ratios against the baselines", ""] + summary
+    report += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    report += ["", "## Data behind the plots"] + data_tables(cfg, results) + ["", *footer]
+    md = args.out_dir / f"{prefix}.md"
+    md.write_text("\n".join(report) + "\n")
+    print("\n".join(header_lines(cfg, results, load) + ["## Summary: ratios against the baselines", ""] + summary))
+    print("\n" + footer[0])
+    print(f"\nWrote {md} and {', '.join(p.name for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

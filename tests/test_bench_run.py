@@ -1,0 +1,122 @@
+"""`bench/run.py --quick` (the smoke run of `make bench`) writes its report and three valid PNG plots."""
+
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 90  # the quick run takes about 20 s on 2 cores; slack for a busy machine
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BASELINES = ("(a) TorchOpt", "(b) plain PyTorch", "(c) MeZO")
+PLOTS = ("time-vs-samples", "time-vs-params", "memory-vs-params")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out-dir", str(out_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return out_dir, result
+
+
+def summary_rows(text):
+    """The rows of the summary table (the first markdown table after its heading)."""
+    section = text.split("## Summary: ratios against the baselines", 1)[1]
+    rows = []
+    for line in section.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[2:]  # without the header and the separator
+
+
+@pytest.mark.slow
+def test_report_has_a_ratio_row_for_each_baseline(quick_run):
+    out_dir, result = quick_run
+    reports = sorted(out_dir.glob("summary-*-quick.md"))
+    assert len(reports) == 1, sorted(p.name for p in out_dir.iterdir())
+    text = reports[0].read_text()
+    for needle in ("- date:", "- device [cpu]:", "torch ", "zo_kernels ", "torchopt ", "python "):
+        assert needle in text
+    rows = summary_rows(text)
+    assert rows
+    for baseline in BASELINES:
+        mine = [row for row in rows if row[1].startswith(baseline)]
+        assert mine, f"no summary row for {baseline}"
+        for row in mine:
+            assert re.fullmatch(r"\d+\.\d\dx", row[8]), row  # the speed-up column: a measured ratio
+    assert any(re.fullmatch(r"\d+\.\d\dx", row[11]) for row in rows)  # some memory ratios too
+    assert "## Summary: ratios against the baselines" in result.stdout  # the same table is printed
+    assert "] " in result.stderr and "/" in result.stderr  # the progress bar
+
+
+@pytest.mark.slow
+def test_plots_are_non_empty_valid_pngs(quick_run):
+    out_dir, _ = quick_run
+    for name in PLOTS:
+        paths = list(out_dir.glob(f"summary-*-quick-{name}.png"))
+        assert len(paths) == 1, name
+        data = paths[0].read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        length, chunk = struct.unpack(">I4s", data[8:16])
+        assert chunk == b"IHDR" and length == 13
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 200 and height > 200
+        assert data.rstrip(b"\0").endswith(b"IEND\xaeB`\x82")
+        assert len(data) > 10_000  # a drawn figure, not a blank canvas
+        report = out_dir / paths[0].name.replace(f"-{name}.png", ".md")
+        assert f"({paths[0].name})" in report.read_text()  # the report shows the plot
+
+
+def _bench_module(name):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _quadratic(params, target):
+    return sum(((p - t) ** 2).sum() for p, t in zip(params, target))
+
+
+def test_torch_matmul_baseline_estimates_the_gradient():
+    import torch
+
+    baselines = _bench_module("baselines")
+    params = (torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True))
+    target = (torch.zeros(3, 4), torch.ones(5))
+    loss = baselines.torch_matmul_step(_quadratic, params, target, num_samples=20_000, sigma=1e-2)
+    assert torch.allclose(loss, _quadratic([p.detach() for p in params], target))
+    for p, t in zip(params, target):
+        assert torch.allclose(p.grad, 2 * (p.detach() - t), atol=0.15, rtol=0.05)
+
+
+def test_mezo_baseline_restores_and_steps_along_minus_the_gradient():
+    import torch
+
+    baselines = _bench_module("baselines")
+    params = [torch.randn(3, 4), torch.randn(5)]
+    target = [torch.zeros(3, 4), torch.ones(5)]
+    start = [p.clone() for p in params]
+    baselines.MeZO(params, lr=0.0, eps=1e-3, num_samples=4).step(_quadratic, target)
+    for p, s in zip(params, start):
+        assert torch.allclose(p, s, atol=1e-5)  # +eps z, -2 eps z, +eps z: back where it started
+    mezo = baselines.MeZO(params, lr=1e-3, eps=1e-3, num_samples=2000)
+    mezo.step(_quadratic, target)
+    moved = torch.cat([(p - s).reshape(-1) for p, s in zip(params, start)])
+    expected = -1e-3 * torch.cat([2 * (s - t).reshape(-1) for s, t in zip(start, target)])
+    assert torch.nn.functional.cosine_similarity(moved, expected, dim=0) > 0.95
