@@ -36,6 +36,7 @@ wheel: setup
 
 bench: setup
 	$(PY) bench/run.py
+	$(PY) tools/readme_results.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -70,3 +70,14 @@ def test_relative_links_resolve(page):
         if not os.path.exists(path):
             broken.append(target)
     assert not broken, f"docs/{page}: links to missing files: {broken}"
+
+
+def test_readme_results_block_is_current():
+    """README.md's results table is generated from bench/results/summary-*.md, never typed by hand."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "tools/readme_results.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
