@@ -644,7 +644,8 @@ def dist_rows(cfg: Config) -> List[Row]:
                     f"{allreduce_bytes / max(two['sent'], 1):,.0f}x fewer",
                     detail=(
                         f"all ranks' losses gathered: N × 8 B × {signs} signs = {fmt_bytes(expected)}, each rank "
-                        f"sending its half (N/2 × 8 B × {signs}), plus the 8-byte seed from rank 0; "
+                        f"sending its half (N/2 × 8 B × {signs}) and a failure flag (8 B × {signs}), "
+                        f"plus the 8-byte seed from rank 0; "
                         f"gloo all-reduce of n float32 measured here: {fmt_ms(two['allreduce'])} per call"
                     ),
                 )
