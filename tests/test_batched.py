@@ -128,3 +128,18 @@ def test_vmap_failing_on_a_later_batch_still_gives_the_loop_gradient():
     assert len(calls) == 1 + 1 + 1 + 6 * 2
     for a, b in zip(batched, loop):
         assert_close(a, b, torch.float32, scale=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_batched_equals_the_loop_on_a_gpu(method, backend):
+    if zo_kernels.backends.available()[backend] != "available":
+        pytest.skip(f"{backend}: {zo_kernels.backends.available()[backend]}")
+    params, x, loss = problem()
+    params, x = {k: v.cuda() for k, v in params.items()}, x.cuda()
+    kw = dict(method=method, num_samples=10, sigma=0.05, seed=8, backend=backend)
+    loop = grads(zo_kernels.zero_order(distributions.Normal(), **kw)(loss), params, x)
+    batched = grads(zo_kernels.zero_order(distributions.Normal(), batch_size=8, **kw)(loss), params, x)
+    for a, b in zip(batched, loop):
+        assert_close(a, b, torch.float32, scale=10)

@@ -45,7 +45,7 @@ def test_the_built_extension_imports_without_a_gpu_and_explains_availability():
         assert why.startswith("not built") and backend is None and reason == why
         pytest.skip(why)
     # The CUDA runtime is linked statically: importing needs no libcudart and no driver.
-    assert ext.ABI_VERSION == 1 and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
+    assert ext.ABI_VERSION == 2 and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
     assert ext.squared_norms_workspace(3, 65537) == 3 * 2
     if not torch.cuda.is_available():
         assert backend is None and reason.startswith("built, but no CUDA device is visible"), reason
@@ -146,9 +146,21 @@ struct EmuPerturb {
                   int64_t offset) {
     using T = typename Io<D>::T;
     for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
-      perturb_item<S, D>(static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample,
-                         static_cast<typename Io<D>::Acc>(scale), offset, q);
+      perturb_item<S, D>(static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample, &scale, 1, n, offset, q);
     });
+  }
+};
+
+template <int S, int D>
+struct EmuPerturbRows {  // perturb_rows_kernel: blockIdx.y over the samples, the grid-stride loop inside
+  static void run(void* out, const void* theta, int64_t n, uint64_t seed, const int64_t* ids, int64_t num,
+                  const double* scales, int signs, int64_t offset) {
+    using T = typename Io<D>::T;
+    for (int64_t i = 0; i < num; ++i)
+      for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
+        perturb_item<S, D>(static_cast<T*>(out) + i * signs * n, static_cast<const T*>(theta), n, seed,
+                           static_cast<uint32_t>(ids[i]), scales + i * signs, signs, n, offset, q);
+      });
   }
 };
 
@@ -200,6 +212,10 @@ void emu_perturb(void* out, const void* theta, int64_t n, int dtype, int stream,
                  double scale, int64_t offset) {
   if (n > 0) dispatch<EmuPerturb>(stream, dtype, out, theta, n, seed, sample, scale, offset);
 }
+void emu_perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, const int64_t* ids,
+                      int64_t num, const double* scales, int signs, int64_t offset) {
+  if (n > 0) dispatch<EmuPerturbRows>(stream, dtype, out, theta, n, seed, ids, num, scales, signs, offset);
+}
 void emu_accumulate(void* data, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num,
                     int stream, uint64_t seed, int64_t offset, double lr, int subtract) {
   if (n > 0) dispatch<EmuAccumulate>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract != 0);
@@ -238,6 +254,7 @@ def emu(tmp_path_factory):
     h.emu_set_blocks.argtypes = [INT]
     h.emu_groups.argtypes, h.emu_groups.restype = [INT, I64, I64], I64
     h.emu_perturb.argtypes = [P, P, I64, INT, INT, U64, U32, D, I64]
+    h.emu_perturb_rows.argtypes = [P, P, I64, INT, INT, U64, P, I64, P, INT, I64]
     h.emu_accumulate.argtypes = [P, I64, INT, P, P, I64, INT, U64, I64, D, INT]
     h.emu_fill.argtypes = [P, I64, INT, U64, U32, I64]
     h.emu_squared_norms.argtypes = [P, P, I64, I64, INT, U64]
@@ -280,6 +297,27 @@ def test_emulated_perturb_matches_the_reference(emu, dt, stream, shift):
             emu.emu_perturb(theta.data_ptr(), theta.data_ptr(), n, DTYPE_IDS[dt], STREAM_IDS[stream], 42, 9, -0.37,
                             offset)  # fmt: skip
             assert torch.equal(theta, out)  # in place gives the same bits
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("signs", [1, 2])
+def test_emulated_perturb_rows_matches_the_reference(emu, dt, stream, signs):
+    for n in (1, 129, 2049):
+        theta = torch.randn(n, dtype=torch.float64).to(dt)
+        offset = int(torch.randint(0, 2**33, ()).item())
+        ids = torch.randperm(40)[:3]
+        scales = torch.randn(3, signs, dtype=torch.float64)
+        out = torch.full((3 * signs, n), float("nan"), dtype=dt)  # poison: every row must be written
+        emu.emu_perturb_rows(
+            out.data_ptr(), theta.data_ptr(), n, DTYPE_IDS[dt], STREAM_IDS[stream], 42, ids.data_ptr(), 3,
+            scales.data_ptr(), signs, offset,
+        )  # fmt: skip
+        for i in range(3):
+            for k in range(signs):
+                ref = torch.empty_like(theta)
+                noise.perturb(ref, theta, stream, 42, int(ids[i]), float(scales[i, k]), offset)
+                assert_close(out[i * signs + k], ref, dt)
 
 
 @pytest.mark.parametrize("dt", DTYPES)

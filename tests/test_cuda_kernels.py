@@ -185,6 +185,31 @@ def test_reduce_and_step(cuda, dtype, n, stream, layout):
         assert_close(theta.cpu(), stepped, dtype, scale=4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 129, 2049, 5000])
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("signs", [1, 2])
+def test_perturb_rows(cuda, dtype, n, stream, signs):
+    theta_cpu = torch.randn(n, dtype=torch.float64).to(dtype)
+    offset = _random_offset()
+    ids = torch.randperm(100)[:7]
+    scales = torch.randn(7, signs, dtype=torch.float64)
+    out = torch.full((7 * signs, n), float("nan"), dtype=dtype, device="cuda")  # poison: every row is written
+    cuda.perturb_rows(out, theta_cpu.cuda(), stream, 42, ids, scales, offset)
+    for i in range(7):
+        for k in range(signs):
+            ref = torch.empty_like(theta_cpu)
+            noise.perturb(ref, theta_cpu, stream, 42, int(ids[i]), float(scales[i, k]), offset)
+            assert_close(out[i * signs + k].cpu(), ref, dtype)
+
+
+def test_perturb_rows_poisons_the_rows_of_out_of_range_ids(cuda):
+    out = torch.zeros(4, 64, device="cuda")
+    ids = torch.tensor([3, 2**32], device="cuda")
+    cuda.perturb_rows(out, torch.zeros(64, device="cuda"), "normal", 0, ids, torch.ones(2, 2, dtype=torch.float64), 0)
+    assert not bool(torch.isnan(out[:2]).any()) and bool(torch.isnan(out[2:]).all())
+
+
 def test_reduce_with_no_samples_leaves_the_gradient(cuda):
     grad = torch.randn(100, device="cuda")
     before = grad.clone()

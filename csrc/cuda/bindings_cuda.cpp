@@ -25,7 +25,7 @@ T* ptr(uintptr_t address) {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "zo_kernels fused CUDA kernels over the Philox4x32-10 noise stream";
-  m.attr("ABI_VERSION") = 1;
+  m.attr("ABI_VERSION") = 2;  // zo_kernels/kernels/native_cuda.py checks it
   m.attr("CUDART_VERSION") = zo::cuda::runtime_version();
   m.attr("MIN_ARCH") = zo::cuda::min_architecture();
   m.def("device_count", &zo::cuda::device_count, "CUDA devices visible to the module's runtime (0 if none).");
@@ -42,6 +42,18 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
       py::arg("sample"), py::arg("scale"), py::arg("offset"), py::arg("device"), py::arg("cuda_stream"));
+
+  m.def(
+      "perturb_rows",
+      [](uintptr_t out, uintptr_t theta, int64_t n, int dtype, int stream, uint64_t seed, uintptr_t ids, int64_t num,
+         uintptr_t scales, int signs, int64_t offset, int device, uintptr_t cuda_stream) {
+        py::gil_scoped_release release;
+        zo::cuda::perturb_rows(ptr<void>(out), ptr<const void>(theta), n, dtype, stream, seed, ptr<const int64_t>(ids),
+                               num, ptr<const double>(scales), signs, offset, device, cuda_stream);
+      },
+      py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
+      py::arg("ids"), py::arg("num"), py::arg("scales"), py::arg("signs"), py::arg("offset"), py::arg("device"),
+      py::arg("cuda_stream"));
 
   m.def(
       "reduce",

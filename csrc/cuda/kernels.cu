@@ -39,6 +39,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// The largest gridDim.y: perturb_rows launches once per this many samples.
+constexpr int64_t kMaxGridY = 65535;
 // Grid cap, in blocks per SM: 8 resident blocks of 256 threads fill an SM; 4 waves of them keep the
 // tail short while the grid-stride loops cover any larger n.
 constexpr int64_t kBlocksPerSm = 32;
@@ -184,10 +186,13 @@ struct GroupPosition {
   ZO_HD bool whole(int64_t n) const { return local >= 0 && local + G <= n; }
 };
 
-// out[j] = theta[j] + scale * z(seed, sample, offset + j) for the elements of group q. out may be theta.
+// out[k * row_stride + j] = theta[j] + scales[k] * z(seed, sample, offset + j) for k < rows, over the
+// elements of group q: the noise is generated once for every row (the antithetic pair shares it).
+// With one row, out may be theta (in place).
 template <int S, int D>
 ZO_HD void perturb_item(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed,
-                        uint32_t sample, typename Io<D>::Acc scale, int64_t offset, int64_t q) {
+                        uint32_t sample, const double* scales, int rows, int64_t row_stride, int64_t offset,
+                        int64_t q) {
   using IO = Io<D>;
   using Acc = typename IO::Acc;
   constexpr int G = Group<S>::kSize;
@@ -195,17 +200,21 @@ ZO_HD void perturb_item(typename Io<D>::T* out, const typename Io<D>::T* theta, 
   const GroupPosition<G> pos(offset, q);
   float z[G];
   group_noise<S>(seed, sample, pos.start, z);
-  if (pos.whole(n) && Pk::aligned(out + pos.local) && Pk::aligned(theta + pos.local)) {
-    Pk pk;
-    pk.load(theta + pos.local);
+  for (int k = 0; k < rows; ++k) {
+    typename IO::T* row = out + k * row_stride;
+    const Acc scale = static_cast<Acc>(scales[k]);
+    if (pos.whole(n) && Pk::aligned(row + pos.local) && Pk::aligned(theta + pos.local)) {
+      Pk pk;
+      pk.load(theta + pos.local);
 #pragma unroll
-    for (int e = 0; e < G; ++e) pk.t[e] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(pk.t[e])));
-    pk.store(out + pos.local);
-  } else {
+      for (int e = 0; e < G; ++e) pk.t[e] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(pk.t[e])));
+      pk.store(row + pos.local);
+    } else {
 #pragma unroll
-    for (int e = 0; e < G; ++e) {
-      const int64_t j = pos.local + e;
-      if (j >= 0 && j < n) out[j] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(theta[j])));
+      for (int e = 0; e < G; ++e) {
+        const int64_t j = pos.local + e;
+        if (j >= 0 && j < n) row[j] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(theta[j])));
+      }
     }
   }
 }
@@ -301,9 +310,25 @@ __device__ __forceinline__ int64_t item_stride() { return static_cast<int64_t>(g
 template <int S, int D>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed, uint32_t sample,
-                   typename Io<D>::Acc scale, int64_t offset, int64_t groups) {
+                   double scale, int64_t offset, int64_t groups) {
   for (int64_t q = first_item(); q < groups; q += item_stride())
-    perturb_item<S, D>(out, theta, n, seed, sample, scale, offset, q);
+    perturb_item<S, D>(out, theta, n, seed, sample, &scale, 1, n, offset, q);
+}
+
+// blockIdx.y picks sample first + blockIdx.y: its `signs` rows of `out`, scaled by its `signs` scales.
+// An id outside [0, 2**32) poisons its rows with NaN, like the reduce (checking it needs a host sync).
+template <int S, int D>
+__global__ void __launch_bounds__(kThreads)
+    perturb_rows_kernel(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed,
+                        const int64_t* __restrict__ ids, const double* __restrict__ scales, int signs, int64_t first,
+                        int64_t offset, int64_t groups) {
+  const int64_t i = first + blockIdx.y;
+  const int64_t id = ids[i];
+  const bool valid = id >= 0 && id < (int64_t(1) << 32);
+  double poisoned[2] = {NAN, NAN};
+  const double* row_scales = valid ? scales + i * signs : poisoned;
+  for (int64_t q = first_item(); q < groups; q += item_stride())
+    perturb_item<S, D>(out + i * signs * n, theta, n, seed, static_cast<uint32_t>(id), row_scales, signs, n, offset, q);
 }
 
 template <int S, int D>
@@ -485,9 +510,24 @@ struct PerturbOp {
     using T = typename IO::T;
     const int64_t groups = groups_for<S>(n, offset);
     perturb_kernel<S, D><<<grid_for(groups, kThreads, device), kThreads, 0, stream>>>(
-        static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample, static_cast<typename IO::Acc>(scale),
-        offset, groups);
+        static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample, scale, offset, groups);
     check_launch("perturb kernel launch");
+  }
+};
+
+template <int S, int D>
+struct PerturbRowsOp {
+  static void run(void* out, const void* theta, int64_t n, uint64_t seed, const int64_t* ids, int64_t num,
+                  const double* scales, int signs, int64_t offset, int device, cudaStream_t stream) {
+    using T = typename Io<D>::T;
+    const int64_t groups = groups_for<S>(n, offset);
+    const unsigned x = grid_for(groups, kThreads, device);
+    for (int64_t first = 0; first < num; first += kMaxGridY) {
+      const unsigned y = static_cast<unsigned>(std::min<int64_t>(kMaxGridY, num - first));
+      perturb_rows_kernel<S, D><<<dim3(x, y), kThreads, 0, stream>>>(
+          static_cast<T*>(out), static_cast<const T*>(theta), n, seed, ids, scales, signs, first, offset, groups);
+      check_launch("perturb_rows kernel launch");
+    }
   }
 };
 
@@ -514,6 +554,16 @@ void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uin
   if (n <= 0) return;
   DeviceGuard guard(device);
   dispatch<PerturbOp>(stream, dtype, out, theta, n, seed, sample, scale, offset, device, as_stream(cuda_stream));
+}
+
+void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, const int64_t* ids,
+                  int64_t num, const double* scales, int signs, int64_t offset, int device, uintptr_t cuda_stream) {
+  check_ids(stream, dtype);
+  if (n <= 0 || num <= 0) return;
+  if (signs < 1 || signs > 2) throw std::invalid_argument("zo_kernels._C_cuda: perturb_rows takes 1 or 2 signs");
+  DeviceGuard guard(device);
+  dispatch<PerturbRowsOp>(stream, dtype, out, theta, n, seed, ids, num, scales, signs, offset, device,
+                          as_stream(cuda_stream));
 }
 
 void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,

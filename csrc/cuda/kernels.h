@@ -19,6 +19,12 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
              double scale, int64_t offset, int device, uintptr_t cuda_stream);
 
+// Rows i * signs + k of out (num * signs rows of n) = theta + scales[i * signs + k] * z(seed, ids[i], offset + j),
+// signs in {1, 2}; ids (int64) and scales (double) are device arrays. An id outside [0, 2**32) fills its
+// rows with NaN.
+void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, const int64_t* ids,
+                  int64_t num, const double* scales, int signs, int64_t offset, int device, uintptr_t cuda_stream);
+
 // grad[j] += sum_k weights[k] * z(seed, ids[k], offset + j), each element's sum over k in order.
 // `weights` holds `num` values of the accumulation type: float for float32/float16/bfloat16 data,
 // double for float64 data. An id outside [0, 2**32) turns the result into NaN (checking it on the

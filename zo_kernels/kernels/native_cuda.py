@@ -31,6 +31,10 @@ def _min_capability(ext: ModuleType) -> Tuple[int, int]:
     return arch // 100, (arch % 100) // 10
 
 
+#: The ``zo_kernels._C_cuda`` entry points this module calls; bumped whenever csrc/cuda/bindings_cuda.cpp changes.
+ABI_VERSION = 2
+
+
 def load_extension() -> Tuple[Optional[ModuleType], str]:
     """Import ``zo_kernels._C_cuda``; return ``(module, 'available')`` or ``(None, 'not built: ...')``."""
     try:
@@ -39,6 +43,11 @@ def load_extension() -> Tuple[Optional[ModuleType], str]:
         return None, (
             f"not built ({exc}); reinstall with nvcc on PATH (`ZO_KERNELS_BUILD_CUDA=1 pip install .`), "
             "or set ZO_KERNELS_REQUIRE_NATIVE=1 to see why the build failed"
+        )
+    if getattr(_C_cuda, "ABI_VERSION", None) != ABI_VERSION:
+        return None, (
+            f"stale build: zo_kernels._C_cuda has ABI version {getattr(_C_cuda, 'ABI_VERSION', None)}, this Python "
+            f"code needs {ABI_VERSION}; reinstall the package (`pip install .`)"
         )
     return _C_cuda, "available"
 
@@ -139,6 +148,24 @@ class NativeCudaBackend(Backend):
             kernel(*args, sample_id, float(scale), offset, index, _stream_handle(device))
 
         return perturb
+
+    def perturb_rows(self, out, theta, stream, seed, sample_ids, scales, offset, keep=None):  # noqa: D102
+        if keep is not None:  # regenerating the noise in `reduce` is free on a GPU: nothing keeps it
+            return super().perturb_rows(out, theta, stream, seed, sample_ids, scales, offset, keep)
+        _check_tensor(theta, "theta")
+        device = theta.device
+        if scales.dim() != 2 or scales.shape[0] != sample_ids.numel() or not 1 <= scales.shape[1] <= 2:
+            raise ValueError(f"scales must be (num_samples, 1 or 2), got {tuple(scales.shape)}")
+        num, signs = scales.shape
+        _check_tensor(out, "out", theta.dtype, num * signs * theta.numel(), device)
+        s = check_stream_args(stream, seed, offset, theta.numel())
+        # A few hundred bytes, copied on the current stream; out-of-range ids poison their rows on the device.
+        ids = sample_ids.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
+        row_scales = scales.to(device=device, dtype=torch.float64, non_blocking=True).contiguous()
+        self._C.perturb_rows(
+            out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, ids.data_ptr(), num,
+            row_scales.data_ptr(), signs, offset, device.index, _stream_handle(device),
+        )  # fmt: skip
 
     def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra):
         _check_tensor(data, "data")
