@@ -77,6 +77,34 @@ def test_perturb(dtype, n, stream):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 129, 2049])
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("signs", [1, 2])
+def test_perturb_rows(dtype, n, stream, signs):
+    theta = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
+    offset = straddling_offset(n)
+    ids = torch.randperm(60)[:3]
+    scales = torch.randn(3, signs, dtype=torch.float64)
+    out = torch.full((3 * signs, n), float("nan"), dtype=dtype, device=DEVICE)  # poison: every row is written
+    TRITON.perturb_rows(out, theta, stream, 42, ids, scales, offset)
+    for i in range(3):
+        for k in range(signs):
+            ref = torch.empty_like(theta)
+            noise.perturb(ref, theta, stream, 42, int(ids[i]), float(scales[i, k]), offset)
+            assert_close(out[i * signs + k], ref, dtype)
+
+
+def test_perturb_rows_refuses_mismatched_arguments():
+    theta = torch.zeros(8, device=DEVICE)
+    with pytest.raises(ValueError, match="out must have 32 elements"):
+        TRITON.perturb_rows(torch.zeros(3, 8, device=DEVICE), theta, "normal", 0, torch.arange(2),
+                            torch.ones(2, 2, dtype=torch.float64), 0)  # fmt: skip
+    with pytest.raises(ValueError, match="one row per sample id"):
+        TRITON.perturb_rows(torch.zeros(4, 8, device=DEVICE), theta, "normal", 0, torch.arange(3),
+                            torch.ones(2, 2, dtype=torch.float64), 0)  # fmt: skip
+
+
 def test_perturb_in_place_and_prepared_calls_match():
     theta = torch.randn(300, device=DEVICE)
     ref = torch.empty_like(theta)
@@ -214,3 +242,23 @@ def test_zero_order_end_to_end_matches_the_reference_backend(method, dist):
         grads[backend] = tree
     for k in params:
         assert_close(grads["triton"][k].grad, grads["reference"][k].grad, params[k].dtype, scale=10)
+
+
+@pytest.mark.parametrize("method", ["naive", "antithetic"])
+def test_batched_zero_order_equals_the_loop(method):
+    import zo_kernels
+    from zo_kernels import distributions
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(10, 4, generator=g).to(DEVICE), torch.randn(6, 10, generator=g).to(DEVICE)
+
+    def loss(w, x):
+        return (x @ w).tanh().square().mean()
+
+    kw = dict(method=method, num_samples=6, sigma=0.05, seed=5, backend="triton")
+    grads = []
+    for extra in ({}, {"batch_size": 4}):
+        leaf = w.clone().requires_grad_()
+        zo_kernels.zero_order(distributions.Normal(), **kw, **extra)(loss)(leaf, x).backward()
+        grads.append(leaf.grad)
+    assert_close(grads[1], grads[0], torch.float32, scale=10)

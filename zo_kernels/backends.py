@@ -5,7 +5,7 @@ Every backend implements these operations on the stream of ``docs/noise.md``
 
 - ``perturb(out, theta, stream, seed, sample_id, scale, offset)``: ``out = theta + scale * z_i``
 - ``perturb_rows(out, theta, stream, seed, sample_ids, scales, offset)``: one batch of rows
-  ``theta + scales[i, k] * z_{ids[i]}`` (a default loops over ``perturb``; the CPU backend fuses it)
+  ``theta + scales[i, k] * z_{ids[i]}`` (a default loops over ``perturb``; the compiled backends fuse it)
 - ``reduce(grad, weights, sample_ids, stream, seed, offset)``: ``grad += sum_k w_k z_{i_k}``
 - ``step(theta, weights, sample_ids, stream, seed, lr, offset)``: ``theta -= lr * sum_k w_k z_{i_k}``
 - ``squared_norms(stream, seed, sample_ids, numel)``: ``|z_i|^2`` over the first ``numel`` elements

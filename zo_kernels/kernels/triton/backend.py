@@ -179,6 +179,25 @@ class TritonBackend(Backend):
 
         return perturb
 
+    def perturb_rows(self, out, theta, stream, seed, sample_ids, scales, offset, keep=None):  # noqa: D102
+        if keep is not None:  # regenerating in `reduce` is free on a GPU: nothing here keeps noise
+            return super().perturb_rows(out, theta, stream, seed, sample_ids, scales, offset, keep)
+        self._check_tensor(theta, "theta")
+        if not isinstance(scales, torch.Tensor) or scales.dim() != 2 or not 1 <= scales.shape[1] <= 2:
+            raise ValueError(f"scales must be a (num_samples, 1 or 2) tensor, got {getattr(scales, 'shape', scales)}")
+        ids = self._ids(sample_ids, theta.device)
+        if ids.numel() != scales.shape[0]:
+            raise ValueError(f"scales must have one row per sample id ({ids.numel()}), got {scales.shape[0]}")
+        self._check_tensor(out, "out")
+        if out.device != theta.device or out.dtype != theta.dtype:
+            raise ValueError(f"out must be {theta.dtype} on {theta.device} like theta, got {out.dtype} on {out.device}")
+        if out.numel() != scales.numel() * theta.numel():
+            raise ValueError(f"out must have {scales.numel() * theta.numel()} elements (a row per sample and sign)")
+        s, seed, offset = self._check_stream_args(stream, seed, offset, theta.numel())
+        row_scales = scales.to(device=theta.device, dtype=torch.float64).contiguous()
+        with self._on(theta.device):
+            self._ops.perturb_rows(out, theta, s, seed, ids, row_scales, offset)
+
     def _accumulate(self, name, data, weights, sample_ids, stream, seed, offset, lr=None):
         self._check_tensor(data, name)
         s, seed, offset = self._check_stream_args(stream, seed, offset, data.numel())

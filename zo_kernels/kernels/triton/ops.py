@@ -94,16 +94,31 @@ def _tile(offset, n, STREAM: tl.constexpr, BLOCK: tl.constexpr):
 @_autotune(restore=["out_ptr"])
 @_jit
 def _perturb_kernel(
-    out_ptr, theta_ptr, n, offset, seed_lo, seed_hi, sample, scale_bits,
-    STREAM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr, theta_ptr, ids_ptr, scales_ptr, n, offset, seed_lo, seed_hi, sample, scale_bits,
+    ROWS: tl.constexpr, SIGNS: tl.constexpr, STREAM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """``out = theta + scale * z`` for one sample, or for each sample of a batch.
+
+    ``ROWS=False``: sample ``sample``, scale ``scale_bits``. ``ROWS=True``: sample ``ids_ptr[i]`` with
+    ``i = program_id(1)``, ``SIGNS`` rows scaled by ``scales_ptr[i * SIGNS + s]`` from one noise tile.
+    """
     start, k, mask = _tile(offset, n, STREAM, BLOCK)
     k0 = seed_lo.to(tl.uint32)
     k1 = seed_hi.to(tl.uint32)
-    z = stream_tile(start, sample.to(tl.uint32), k0, k1, STREAM, BLOCK)
     theta = tl.load(theta_ptr + k, mask=mask).to(ACC)
-    out = theta + _f64(scale_bits).to(ACC) * z.to(ACC)
-    tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if ROWS:
+        i = tl.program_id(1).to(tl.int64)
+        sample_id = tl.load(ids_ptr + i)
+        valid = (sample_id >= 0) & (sample_id < 4294967296)  # an id out of range poisons its rows
+        z = stream_tile(start, sample_id.to(tl.uint32), k0, k1, STREAM, BLOCK).to(ACC)
+        for s in tl.static_range(SIGNS):
+            scale = tl.where(valid, tl.load(scales_ptr + i * SIGNS + s), float("nan")).to(ACC)
+            row = out_ptr + (i * SIGNS + s) * n.to(tl.int64)
+            tl.store(row + k, (theta + scale * z).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        z = stream_tile(start, sample.to(tl.uint32), k0, k1, STREAM, BLOCK)
+        out = theta + _f64(scale_bits).to(ACC) * z.to(ACC)
+        tl.store(out_ptr + k, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_autotune(restore=["data_ptr"])
@@ -177,8 +192,37 @@ def perturb(out: torch.Tensor, theta: torch.Tensor, stream: int, seed: int, samp
         return
     lo, hi = _words(seed)
     _perturb_kernel[_grid(offset, n)](
-        out, theta, n, offset, lo, hi, sample_id, _f64_bits(scale), STREAM=stream, ACC=_acc(theta.dtype)
-    )
+        out, theta, out, out, n, offset, lo, hi, sample_id, _f64_bits(scale),
+        ROWS=False, SIGNS=1, STREAM=stream, ACC=_acc(theta.dtype),
+    )  # fmt: skip
+
+
+#: The largest second grid dimension: ``perturb_rows`` launches once per this many samples.
+MAX_GRID_Y = 65535
+
+
+def perturb_rows(
+    out: torch.Tensor, theta: torch.Tensor, stream: int, seed: int, ids: torch.Tensor, scales: torch.Tensor, offset: int
+):
+    """Row ``i * signs + s`` of ``out`` = ``theta + scales[i, s] * z(seed, ids[i], offset + j)``.
+
+    ``ids`` (int64) and ``scales`` (float64, ``(num, signs)``) are on ``theta``'s device; one launch
+    per :data:`MAX_GRID_Y` samples, each program generating its tile's noise once for all its rows.
+    """
+    n, (num, signs) = theta.numel(), scales.shape
+    if n == 0 or num == 0:
+        return
+    lo, hi = _words(seed)
+    for first in range(0, num, MAX_GRID_Y):
+        count = min(MAX_GRID_Y, num - first)
+
+        def grid(meta, count=count):
+            return (triton.cdiv(offset % meta["BLOCK"] + n, meta["BLOCK"]), count)
+
+        _perturb_kernel[grid](
+            out[first * signs :], theta, ids[first:], scales[first:], n, offset, lo, hi, 0, 0,
+            ROWS=True, SIGNS=signs, STREAM=stream, ACC=_acc(theta.dtype),
+        )  # fmt: skip
 
 
 def accumulate(data: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stream: int, seed: int, offset: int,
