@@ -17,3 +17,15 @@ TOLERANCES = {
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale)
+
+
+def counting(fn):
+    """``fn`` wrapped so that ``wrapped.calls`` grows by one entry per call (to count evaluations)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    wrapped.calls = calls
+    return wrapped

@@ -28,6 +28,8 @@ import zo_kernels
 from zo_kernels import backends, distributions
 from zo_kernels.optim import ZOSGD, ZOAdam
 
+from helpers import counting
+
 # $ZO_KERNELS_HYPOTHESIS_EXAMPLES=N explores N random examples per test instead of the fixed 30.
 EXPLORE = int(os.environ.get("ZO_KERNELS_HYPOTHESIS_EXAMPLES", "0"))
 FAST = settings(
@@ -72,17 +74,6 @@ class Untouched:
                 assert torch.equal(t.detach(), before), "a parameter changed"
             if t.is_leaf:
                 assert t.grad is None, "a .grad was written"
-
-
-def counting(fn):
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-
-    wrapped.calls = calls
-    return wrapped
 
 
 def square(t):

@@ -8,18 +8,9 @@ import torch
 import zo_kernels
 from zo_kernels import distributions
 
+from helpers import counting
+
 pytestmark = pytest.mark.usefixtures("each_cpu_backend")
-
-
-def counting(fn):
-    calls = []
-
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-
-    wrapped.calls = calls
-    return wrapped
 
 
 @pytest.mark.parametrize(
