@@ -289,8 +289,11 @@ def fused_pass(
             loop_sums: List[Optional[torch.Tensor]] = [None] * len(segments)
         else:
             done, loop_sums = 0, sums
-        loop = _evaluate_loop(evaluate, segments, scratch, loop_sums, noise.stream, seed, scales, f0, grad_out, s)
-        return blocks + loop(range(first + done, first + count), seed_text)
+        ids = range(first + done, first + count)
+        loop = _evaluate_loop(
+            evaluate, segments, scratch, loop_sums, noise.stream, seed, scales, f0, grad_out, s, ids, seed_text
+        )
+        return blocks + loop
 
     failure: Optional[BaseException] = None
     try:
@@ -329,8 +332,10 @@ def _evaluate_loop(
     f0: torch.Tensor,
     grad_out: torch.Tensor,
     s: Settings,
-) -> Callable[[Iterable[int], str], List[torch.Tensor]]:
-    """One evaluation per call: a function of the sample ids giving their ``(signs, 1)`` loss blocks.
+    ids: Iterable[int],
+    seed_text: str,
+) -> List[torch.Tensor]:
+    """One evaluation per call of the function: the ``(signs, 1)`` loss blocks of samples ``ids``.
 
     Where ``sums[k]`` is a tensor, each sample's noise is kept while perturbing (the antithetic twin
     is formed from it) and ``w_i z_i`` accumulated into it at once, in sample order.
@@ -344,35 +349,31 @@ def _evaluate_loop(
         for seg, z in zip(segments, kept)
     ]
     signs = _signs(s.method)
-
-    def run(ids: Iterable[int], seed_text: str) -> List[torch.Tensor]:
-        blocks = []
-        for i in ids:
-            sample_losses = []
-            applied = 0.0  # in place: the multiple of z_i currently added to the parameters
-            try:
-                for k, sign in enumerate(signs):
-                    scale = sign * s.sigma * scales[i]
-                    for perturb, seg, z in zip(perturbers, segments, kept):
-                        if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z
-                            torch.add(seg.theta, z, alpha=scale, out=seg.out)
-                        else:
-                            perturb(i, scale - applied if s.inplace else scale)
-                    applied = scale
-                    sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
-            finally:
-                if s.inplace and applied != 0.0:  # restore, also when the function raised
-                    for perturb in perturbers:
-                        perturb(i, -applied)
-            blocks.append(_stack_losses(sample_losses)[:, None])
-            if any(z is not None for z in kept):
-                w = _weights(blocks[-1], f0, grad_out, s)[0] * scales[i]
-                for acc, z in zip(sums, kept):
-                    if acc is not None and z is not None:
-                        acc.addcmul_(z, w.to(acc.dtype))
-        return blocks
-
-    return run
+    blocks = []
+    for i in ids:
+        sample_losses = []
+        applied = 0.0  # in place: the multiple of z_i currently added to the parameters
+        try:
+            for k, sign in enumerate(signs):
+                scale = sign * s.sigma * scales[i]
+                for perturb, seg, z in zip(perturbers, segments, kept):
+                    if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z
+                        torch.add(seg.theta, z, alpha=scale, out=seg.out)
+                    else:
+                        perturb(i, scale - applied if s.inplace else scale)
+                applied = scale
+                sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+        finally:
+            if s.inplace and applied != 0.0:  # restore, also when the function raised
+                for perturb in perturbers:
+                    perturb(i, -applied)
+        blocks.append(_stack_losses(sample_losses)[:, None])
+        if any(z is not None for z in kept):
+            w = _weights(blocks[-1], f0, grad_out, s)[0] * scales[i]
+            for acc, z in zip(sums, kept):
+                if acc is not None and z is not None:
+                    acc.addcmul_(z, w.to(acc.dtype))
+    return blocks
 
 
 def _samples_per_call(s: Settings, count: int) -> int:
