@@ -240,7 +240,6 @@ def fused_pass(
     if s.process_group is not None:
         seed = _distributed.shared_seed(seed, s.process_group, leaves[0].device if leaves else torch.device("cpu"))
         first, count = _distributed.share(s.num_samples, s.process_group)
-    seed_text = f"seed={seed}"
     chosen = [_backends.select(p.device, p.dtype, s.backend) for p in leaves]
     offsets = [0]
     for p in leaves:
@@ -277,12 +276,12 @@ def fused_pass(
         for seg in segments
     ]
 
-    def share() -> List[torch.Tensor]:
+    context = _Share(evaluate, segments, noise.stream, seed, scales, f0, grad_out, s)
+
+    def evaluate_share() -> List[torch.Tensor]:
         blocks: List[torch.Tensor] = []
         if batching:
-            blocks = _evaluate_batched(
-                evaluate, segments, sums, noise.stream, seed, scales, f0, grad_out, s, first, count
-            )
+            blocks = _evaluate_batched(context, sums, first, count)
             done = sum(block.shape[1] for block in blocks)
             if done < count:  # vmap failed part-way: the kept sums miss the rest, `reduce` redoes them all
                 sums[:] = [None] * len(segments)
@@ -290,14 +289,11 @@ def fused_pass(
         else:
             done, loop_sums = 0, sums
         ids = range(first + done, first + count)
-        loop = _evaluate_loop(
-            evaluate, segments, scratch, loop_sums, noise.stream, seed, scales, f0, grad_out, s, ids, seed_text
-        )
-        return blocks + loop
+        return blocks + _evaluate_loop(context, scratch, loop_sums, ids)
 
     failure: Optional[BaseException] = None
     try:
-        blocks = share()
+        blocks = evaluate_share()
     except Exception as exc:
         if s.process_group is None:
             raise
@@ -317,36 +313,54 @@ def fused_pass(
                 f"zo_kernels: the function raised on rank(s) {failed_ranks} while evaluating their share of the "
                 "samples (their tracebacks say which sample); no gradient was formed on any rank"
             )
-    _raise_if_not_finite(losses, f0, s.method, seed_text)
+    _raise_if_not_finite(losses, f0, s.method, context.seed_text)
     return FusedPass(seed, ids, scales, losses, segments, sums)
 
 
+@dataclass(frozen=True)
+class _Share:
+    """What both evaluation paths (loop and batched) of one rank's share of the samples read."""
+
+    evaluate: Evaluate
+    segments: Sequence[_Segment]
+    stream: str
+    seed: int
+    scales: Sequence[float]  # per-sample noise scale (Sphere), indexed by sample id
+    f0: torch.Tensor
+    grad_out: torch.Tensor
+    s: Settings
+
+    @property
+    def seed_text(self) -> str:
+        """How error messages name the noise."""
+        return f"seed={self.seed}"
+
+    def weights(self, block: torch.Tensor, scales: Union[float, torch.Tensor]) -> torch.Tensor:
+        """The weights ``w_i`` of a ``(signs, k)`` block of losses whose samples have noise ``scales``."""
+        return _weights(block, self.f0, self.grad_out, self.s) * scales
+
+
 def _evaluate_loop(
-    evaluate: Evaluate,
-    segments: Sequence[_Segment],
+    share: _Share,
     scratch: Sequence[torch.Tensor],
     sums: Sequence[Optional[torch.Tensor]],
-    stream: str,
-    seed: int,
-    scales: Sequence[float],
-    f0: torch.Tensor,
-    grad_out: torch.Tensor,
-    s: Settings,
     ids: Iterable[int],
-    seed_text: str,
 ) -> List[torch.Tensor]:
     """One evaluation per call of the function: the ``(signs, 1)`` loss blocks of samples ``ids``.
 
     Where ``sums[k]`` is a tensor, each sample's noise is kept while perturbing (the antithetic twin
     is formed from it) and ``w_i z_i`` accumulated into it at once, in sample order.
     """
+    s = share.s
     kept = [
         None if acc is None else torch.empty(seg.theta.shape, dtype=torch.float32, device=seg.theta.device)
-        for seg, acc in zip(segments, sums)
+        for seg, acc in zip(share.segments, sums)
     ]
     perturbers = [
-        seg.backend.prepare_perturb(seg.out, seg.theta, stream, seed, seg.offset, **({} if z is None else {"keep": z}))
-        for seg, z in zip(segments, kept)
+        seg.backend.prepare_perturb(
+            seg.out, seg.theta, share.stream, share.seed, seg.offset, **({} if z is None else {"keep": z})
+        )
+        for seg, z in zip(share.segments, kept)
     ]
     signs = _signs(s.method)
     blocks = []
@@ -355,21 +369,21 @@ def _evaluate_loop(
         applied = 0.0  # in place: the multiple of z_i currently added to the parameters
         try:
             for k, sign in enumerate(signs):
-                scale = sign * s.sigma * scales[i]
-                for perturb, seg, z in zip(perturbers, segments, kept):
+                scale = sign * s.sigma * share.scales[i]
+                for perturb, seg, z in zip(perturbers, share.segments, kept):
                     if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z
                         torch.add(seg.theta, z, alpha=scale, out=seg.out)
                     else:
                         perturb(i, scale - applied if s.inplace else scale)
                 applied = scale
-                sample_losses.append(_evaluate_sample(evaluate, scratch, i, sign, seed_text))
+                sample_losses.append(_evaluate_sample(share.evaluate, scratch, i, sign, share.seed_text))
         finally:
             if s.inplace and applied != 0.0:  # restore, also when the function raised
                 for perturb in perturbers:
                     perturb(i, -applied)
         blocks.append(_stack_losses(sample_losses)[:, None])
         if any(z is not None for z in kept):
-            w = _weights(blocks[-1], f0, grad_out, s)[0] * scales[i]
+            w = share.weights(blocks[-1], share.scales[i])[0]
             for acc, z in zip(sums, kept):
                 if acc is not None and z is not None:
                     acc.addcmul_(z, w.to(acc.dtype))
@@ -381,19 +395,7 @@ def _samples_per_call(s: Settings, count: int) -> int:
     return max(1, min(count, (s.batch_size or 1) // len(_signs(s.method))))
 
 
-def _evaluate_batched(
-    evaluate: Evaluate,
-    segments: Sequence[_Segment],
-    sums: List[Optional[torch.Tensor]],
-    stream: str,
-    seed: int,
-    scales: Sequence[float],
-    f0: torch.Tensor,
-    grad_out: torch.Tensor,
-    s: Settings,
-    first: int,
-    count: int,
-) -> List[torch.Tensor]:
+def _evaluate_batched(share: _Share, sums: List[Optional[torch.Tensor]], first: int, count: int) -> List[torch.Tensor]:
     """Losses of samples ``first, first + 1, ...`` as ``(signs, k)`` blocks, one vmapped call per block.
 
     A block holds ``batch_size // signs`` samples (an antithetic pair is never split, so at least
@@ -403,29 +405,33 @@ def _evaluate_batched(
     the function; that is recorded in ``s.batch_state`` and warned about once, and the caller's
     loop evaluates the rest one by one from then on.
     """
+    s = share.s
     signs = _signs(s.method)
     width = _samples_per_call(s, count)
     buffers = [
         torch.empty((width * len(signs), seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device)
-        for seg in segments
+        for seg in share.segments
     ]
     kept = [
         None if acc is None else torch.empty((width, seg.theta.numel()), dtype=torch.float32, device=acc.device)
-        for seg, acc in zip(segments, sums)
+        for seg, acc in zip(share.segments, sums)
     ]
-    all_scales = torch.tensor(scales, dtype=torch.float64)
-    batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
+    all_scales = torch.tensor(share.scales, dtype=torch.float64)
+    sign_scales = torch.tensor([sign * s.sigma for sign in signs], dtype=torch.float64)
+    batched = torch.func.vmap(lambda *tensors: share.evaluate(list(tensors)))
     blocks: List[torch.Tensor] = []
     for lo in range(first, first + count, width):
         hi = min(lo + width, first + count)
         ids = torch.arange(lo, hi, dtype=torch.int64)
-        row_scales = all_scales[lo:hi, None] * torch.tensor([sign * s.sigma for sign in signs], dtype=torch.float64)
+        row_scales = all_scales[lo:hi, None] * sign_scales
         rows = (hi - lo) * len(signs)
-        for seg, buf, z in zip(segments, buffers, kept):
+        for seg, buf, z in zip(share.segments, buffers, kept):
             keep = None if z is None else z[: hi - lo]
-            seg.backend.perturb_rows(buf[:rows], seg.theta, stream, seed, ids, row_scales, seg.offset, keep=keep)
+            seg.backend.perturb_rows(
+                buf[:rows], seg.theta, share.stream, share.seed, ids, row_scales, seg.offset, keep=keep
+            )
         leaves = [
-            buf[:rows, a:b].view(rows, *shape) for seg, buf in zip(segments, buffers) for a, b, shape in seg.parts
+            buf[:rows, a:b].view(rows, *shape) for seg, buf in zip(share.segments, buffers) for a, b, shape in seg.parts
         ]
         try:
             out = batched(*leaves)
@@ -442,7 +448,7 @@ def _evaluate_batched(
             if hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note(
                     f"zo_kernels: raised while evaluating samples {lo}..{hi - 1} together under torch.func.vmap "
-                    f"(batch_size={s.batch_size}, seed={seed})"
+                    f"(batch_size={s.batch_size}, seed={share.seed})"
                 )
             raise
         if not isinstance(out, torch.Tensor) or out.shape != (rows,) or not out.dtype.is_floating_point:
@@ -454,7 +460,7 @@ def _evaluate_batched(
         block = out.detach().to(torch.float64).view(hi - lo, len(signs)).t()
         blocks.append(block)
         if any(z is not None for z in kept):
-            w = _weights(block, f0, grad_out, s) * all_scales[lo:hi].to(block.device)
+            w = share.weights(block, all_scales[lo:hi].to(block.device))
             for acc, z in zip(sums, kept):
                 if acc is not None and z is not None:
                     acc.addmv_(z[: hi - lo].t().to(acc.dtype), w.to(acc.dtype))
