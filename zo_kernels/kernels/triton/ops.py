@@ -45,6 +45,14 @@ def _small_tiles_for_small_n(configs, named_args, **kwargs):
     return fitting or configs[:1]
 
 
+def gpu_configs():
+    """The (tile size, warps) configs the autotuned kernels are timed with on a GPU."""
+    return [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8))
+    ]
+
+
 def _autotune(restore):
     """Tile size and warps tuned per (n, stream, tensor dtypes) on GPUs; one fixed config in the interpreter.
 
@@ -52,13 +60,8 @@ def _autotune(restore):
     ``restore`` names the tensors the kernel writes in place: tuning runs it several times and must
     leave them as they were.
     """
-    if INTERPRET:  # timing the interpreter means nothing and costs much
-        configs = [triton.Config({"BLOCK": 2048}, num_warps=1)]
-    else:
-        configs = [
-            triton.Config({"BLOCK": block}, num_warps=warps)
-            for block, warps in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8))
-        ]
+    # timing the interpreter means nothing and costs much
+    configs = [triton.Config({"BLOCK": 2048}, num_warps=1)] if INTERPRET else gpu_configs()
     assert all(c.kwargs["BLOCK"] % MAX_PER_BLOCK == 0 for c in configs)
     return triton.autotune(
         configs=configs,
