@@ -273,9 +273,9 @@ def _shifted_cpu(values, shift):
 
 
 def test_emulated_group_count(emu):
-    for stream, g in ((0, 4), (1, 16)):
+    for stream, g in ((0, 4), (1, 32)):
         for n in (1, 2, 15, 16, 17, 1000):
-            for offset in (0, 1, 3, 4, 15, 16, 17, 2**40 + 9):
+            for offset in (0, 1, 3, 4, 15, 16, 17, 31, 32, 33, 2**40 + 9):
                 first, last = offset // g, (offset + n - 1) // g
                 assert emu.emu_groups(stream, n, offset) == last - first + 1
 

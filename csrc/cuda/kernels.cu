@@ -1,8 +1,8 @@
 // Fused CUDA kernels over the noise stream of docs/noise.md (semantics of csrc/cpu/kernels.h).
 //
 // Work split: a thread owns a *group* of G consecutive flat elements whose global start is a multiple
-// of G (normal: G = 4, one Philox block; rademacher: G = 16, half a Philox word, so eight threads share
-// a block). reduce/step loop over the samples in order inside the thread, accumulating the group in
+// of G (normal: G = 4, one Philox block; rademacher: G = 32, one 32-bit word of a block, so four threads
+// share a block). reduce/step loop over the samples in order inside the thread, accumulating the group in
 // registers, and touch memory once at the end: every element's sum has a fixed order, so results are
 // deterministic and independent of the launch geometry. Interior groups whose addresses are aligned
 // move with 8/16-byte vector loads and stores; head/tail groups (offset or n not a multiple of G) and
@@ -115,14 +115,15 @@ template <>
 struct Group<kNormal> {
   static constexpr int kSize = 4;
 };
+// One whole 32-bit word of a Philox block per thread: a smaller group would regenerate the same
+// block for more threads and throw more of its bits away.
 template <>
 struct Group<kRademacher> {
-  static constexpr int kSize = 16;
+  static constexpr int kSize = 32;
 };
 static_assert(Group<kNormal>::kSize == StreamTraits<kNormal>::kPerBlock, "a normal group is one Philox block");
-static_assert(StreamTraits<kRademacher>::kPerBlock % Group<kRademacher>::kSize == 0 &&
-                  32 % Group<kRademacher>::kSize == 0,
-              "a rademacher group lies inside one 32-bit word of one Philox block");
+static_assert(StreamTraits<kRademacher>::kPerBlock == 4 * Group<kRademacher>::kSize,
+              "a rademacher group is one 32-bit word of one Philox block");
 
 // z[e] = z(seed, sample, start + e) for the group starting at global element `start` (a multiple of G).
 template <int S>
@@ -132,14 +133,12 @@ ZO_HD void group_noise(uint64_t seed, uint32_t sample, uint64_t start, float (&z
   if constexpr (S == kNormal) {
     normal_block(w, z);
   } else {
-    // Lanes lane0 .. lane0+15 of the block: bits (lane0 % 32) .. +15 of word lane0 / 32 (docs/noise.md).
-    // The word is picked with selects, not w.x[runtime index], which would go through local memory.
-    const unsigned lane0 = static_cast<unsigned>(start % P);
-    const unsigned q = lane0 >> 5;
+    // Lanes 32q .. 32q+31 of the block are the bits of word q (docs/noise.md). The word is picked
+    // with selects, not w.x[runtime index], which would go through local memory.
+    const unsigned q = static_cast<unsigned>(start % P) >> 5;
     const uint32_t word = q == 0 ? w.x[0] : q == 1 ? w.x[1] : q == 2 ? w.x[2] : w.x[3];
-    const uint32_t bits = word >> (lane0 & 31u);
 #pragma unroll
-    for (int e = 0; e < Group<S>::kSize; ++e) z[e] = ((bits >> e) & 1u) ? 1.0f : -1.0f;
+    for (int e = 0; e < Group<S>::kSize; ++e) z[e] = ((word >> e) & 1u) ? 1.0f : -1.0f;
   }
 }
 
