@@ -1,23 +1,220 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call, on a machine with a CUDA GPU (e.g. through the device tool):
-# build the extensions in place, run the whole test suite (GPU tests included, no interpreter),
-# then the GPU benchmark. Results land in $OUT (default bench/results/).
+# Everything GPU-side in one call of at most 6 minutes, on a machine with a CUDA GPU (the device tool):
+# build in place, the GPU tests (compiled kernels, no interpreter), the GPU benchmark, `run.py --quick`.
 #
-#   bash bench/gpu_all.sh [--quick]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
-mkdir -p "$OUT"
-PY=${PYTHON:-python}
+#   bash bench/gpu_all.sh [STAGE ...]        # no STAGE: all of them, in this order
+#
+# Stages (name, timeout in seconds; the timeouts add up to 360 s):
+#   01 device        20  nvidia-smi, python/torch/triton versions, torch.cuda.get_device_name
+#   02 build         60  ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation
+#                        --no-deps -e . (CMake + Ninja on every core), then import _C and _C_cuda
+#   03 backends      15  json of zo_kernels.backends.available(); fails unless cuda and triton are available
+#   04 tests-cuda    45  tests/test_cuda_kernels.py
+#   05 tests-triton  60  tests/test_triton_kernels.py (+ tests/test_triton_compile.py when present),
+#                        compiled for the GPU, split over parallel pytest processes (bench/pytest_shard.py)
+#   06 tests-gpu     45  pytest -m gpu over every other test file that marks GPU tests
+#   07 bench-gpu     75  python bench/gpu_kernels.py --quick --out $OUT/gpu.md (and gpu.json)
+#   08 run-quick     40  python bench/run.py --quick --out-dir $OUT/run
+#
+# Each stage writes $OUT/NN-NAME.log as it runs, is stopped at its timeout, and never stops the
+# stages after it. After every stage one line (number, name, ok / FAILED rc=N / TIMEOUT after N s /
+# SKIPPED (why), seconds) is appended to $OUT/summary.txt, so a run cut short keeps what it did; the
+# script ends by printing the summary. Without a CUDA device the stages after `device`/`backends`
+# are SKIPPED with that note (so the script can be tried anywhere; it never builds there).
+# Exit status: 0 when every stage that ran is ok, 1 otherwise.
+#
+# Environment: OUT (default bench/results/gpu-run), PYTHON (default: python, else python3),
+# GPU_ALL_MAX_TIMEOUT (caps every stage's timeout, in seconds; for tests of this script),
+# GPU_ALL_SHARDS (parallel pytest processes of tests-triton; default nproc/2, at most 8).
+set -u -o pipefail
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
+OUT=${OUT:-bench/results/gpu-run}
+mkdir -p "$OUT" || exit 1
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+MAX_TIMEOUT=${GPU_ALL_MAX_TIMEOUT:-}
+NPROC=$(nproc 2>/dev/null || echo 2)
+SHARDS=${GPU_ALL_SHARDS:-$((NPROC / 2 > 8 ? 8 : (NPROC / 2 < 1 ? 1 : NPROC / 2)))}
+SUMMARY=$OUT/summary.txt
+STAGE_NAMES=(device build backends tests-cuda tests-triton tests-gpu bench-gpu run-quick)
+SELECTED=("$@")
+for wanted in "${SELECTED[@]}"; do
+  [[ " ${STAGE_NAMES[*]} " == *" $wanted "* ]] || { echo "gpu_all.sh: unknown stage '$wanted' (stages: ${STAGE_NAMES[*]})" >&2; exit 2; }
+done
 
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_device.txt"
+unset TRITON_INTERPRET  # the Triton kernels are compiled for the GPU, never interpreted
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the tree's package, even if the install fails
+export ROOT OUT PY SHARDS
+: >"$SUMMARY"
+STAGE_NO=0
+FAILURES=0
+HAVE_GPU=0
+GPU_NOTE="no CUDA device: torch.cuda.is_available() is not True (see 01-device.log)"
 
-# Build in place (no package registry needed): _C, and _C_cuda with nvcc; a failed build is an error here.
-ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 $PY -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5
-$PY -c "import zo_kernels, json; print(json.dumps(zo_kernels.backends.available(), indent=1))" | tee "$OUT/gpu_backends.txt"
+now() { date +%s.%N; }
+seconds_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# The whole suite with real GPU kernels (TRITON_INTERPRET unset).
-env -u TRITON_INTERPRET $PY -m pytest -q -rs tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -20
+# record NN NAME STATUS SECONDS: one line of the summary, written at once.
+record() {
+  printf '%s  %-13s %-26s %7s s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
+  [[ "$3" == ok || "$3" == SKIPPED* ]] || FAILURES=$((FAILURES + 1))
+}
 
-env -u TRITON_INTERPRET $PY bench/gpu_kernels.py "$@" --out "$OUT/gpu.md"
+selected() {
+  [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]
+}
+
+# stage NAME TIMEOUT_S COMMAND...: run COMMAND (a program or one of the exported functions below)
+# under `timeout`, tee its output into $OUT/NN-NAME.log, print its wall time, record its status.
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  STAGE_NO=$((STAGE_NO + 1))
+  local nn log start rc status secs
+  nn=$(printf '%02d' "$STAGE_NO")
+  selected "$name" || return 0
+  if [[ -n "$MAX_TIMEOUT" ]] && awk -v a="$MAX_TIMEOUT" -v b="$limit" 'BEGIN { exit !(a < b) }'; then
+    limit=$MAX_TIMEOUT
+  fi
+  log=$OUT/$nn-$name.log
+  echo "=== [$nn $name] $* (timeout ${limit} s, $(date -u '+%H:%M:%S UTC'))" | tee "$log"
+  start=$(now)
+  timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" </dev/null 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  secs=$(seconds_since "$start")
+  case $rc in
+    0) status=ok ;;
+    124 | 137) status="TIMEOUT after ${limit} s" ;;
+    *) status="FAILED rc=$rc" ;;
+  esac
+  echo "=== [$nn $name] $status in $secs s" | tee -a "$log"
+  record "$nn" "$name" "$status" "$secs"
+  return 0
+}
+
+# gpu_stage NAME TIMEOUT_S COMMAND...: a stage that needs a CUDA device; SKIPPED with a note without one.
+gpu_stage() {
+  if [[ $HAVE_GPU -eq 1 ]]; then
+    stage "$@"
+    return 0
+  fi
+  STAGE_NO=$((STAGE_NO + 1))
+  local nn
+  nn=$(printf '%02d' "$STAGE_NO")
+  selected "$1" || return 0
+  echo "=== [$nn $1] SKIPPED: $GPU_NOTE" | tee "$OUT/$nn-$1.log"
+  record "$nn" "$1" "SKIPPED (no GPU)" 0.0
+}
+
+# --- what the stages run -------------------------------------------------------------------------
+
+device_info() {
+  nvidia-smi || echo "nvidia-smi failed (rc=$?)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  echo "nproc: $(nproc)"
+  "$PY" -c '
+import platform, sys
+import torch
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton not importable:", exc)
+ok = torch.cuda.is_available()
+print("torch.cuda.is_available():", ok)
+if ok:
+    print("torch.cuda.get_device_name:", torch.cuda.get_device_name(0))
+    print("capability:", torch.cuda.get_device_capability(0))
+sys.exit(0 if ok else 1)
+'
+}
+
+build() {
+  # setup.py runs `cmake --build --parallel` (Ninja: every core by default; CMAKE_BUILD_PARALLEL_LEVEL
+  # caps it); nvcc compiles the architectures of CMakeLists.txt in parallel (--threads 0).
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  export ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1
+  if "$PY" -m pip --version; then
+    "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e . || return $?
+  else  # no pip on this machine: build the extensions in place (PYTHONPATH has the tree)
+    "$PY" setup.py build_ext --inplace || return $?
+  fi
+  "$PY" -c 'import zo_kernels._C as c, zo_kernels._C_cuda as g; print("built:", c.__file__, g.__file__)'
+}
+
+backends_json() {
+  "$PY" -c '
+import json, sys
+import zo_kernels
+status = zo_kernels.backends.available()
+print(json.dumps(status, indent=1))
+missing = [name for name in ("cpu", "cuda", "triton") if status.get(name) != "available"]
+sys.exit("not available: " + ", ".join(missing) if missing else 0)
+'
+}
+
+# pytest_sharded ARGS...: pytest ARGS in $SHARDS processes at once, each a contiguous share of the
+# collected tests (bench/pytest_shard.py), each logging to $OUT/NN-NAME.shardK.log; fails if one fails.
+pytest_sharded() {
+  local k pids=() rc=0 r logs=()
+  for ((k = 0; k < SHARDS; k++)); do
+    logs+=("$OUT/$STAGE_LOG_STEM.shard$k.log")
+    PYTEST_SHARD="$k/$SHARDS" PYTHONPATH="$ROOT/bench:$PYTHONPATH" "$PY" -m pytest -p pytest_shard "$@" >"${logs[k]}" 2>&1 &
+    pids+=($!)
+  done
+  echo "$SHARDS shards: ${logs[*]}"
+  for ((k = 0; k < SHARDS; k++)); do
+    wait "${pids[k]}"
+    r=$?
+    [[ $r -eq 5 ]] && r=0  # a shard that was given no test
+    echo "--- shard $k/$SHARDS: exit $r"
+    tail -n 25 "${logs[k]}"
+    [[ $r -ne 0 ]] && rc=1
+  done
+  return $rc
+}
+
+export -f device_info build backends_json pytest_sharded
+
+PYTEST=("$PY" -m pytest -p no:cacheprovider -rs --durations=15)
+GPU_FILES=()
+for file in tests/test_*.py; do
+  case $file in
+    tests/test_cuda_kernels.py | tests/test_triton_kernels.py | tests/test_triton_compile.py) continue ;;
+  esac
+  grep -qE 'mark\.gpu' "$file" && GPU_FILES+=("$file")
+done
+TRITON_FILES=(tests/test_triton_kernels.py)
+[[ -f tests/test_triton_compile.py ]] && TRITON_FILES+=(tests/test_triton_compile.py)
+
+# --- the run ---------------------------------------------------------------------------------------
+RUN_START=$(now)
+echo "gpu_all.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+  "python $PY, $NPROC CPUs, results in $OUT"
+
+stage device 20 device_info
+# The GPU stages run when torch sees a CUDA device (also when only `device` and later stages are selected).
+if grep -q '^torch.cuda.is_available(): True' "$OUT/01-device.log" 2>/dev/null; then
+  HAVE_GPU=1
+elif ! selected device && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  HAVE_GPU=1
+fi
+gpu_stage build 60 build
+stage backends 15 backends_json
+gpu_stage tests-cuda 45 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_cuda_kernels.py
+export STAGE_LOG_STEM
+STAGE_LOG_STEM=$(printf '%02d' $((STAGE_NO + 1)))-tests-triton
+gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 "${TRITON_FILES[@]}"
+gpu_stage tests-gpu 45 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
+gpu_stage bench-gpu 75 "$PY" bench/gpu_kernels.py --quick --out "$OUT/gpu.md"
+gpu_stage run-quick 40 "$PY" bench/run.py --quick --out-dir "$OUT/run"
+
+echo
+echo "gpu_all.sh: summary ($OUT/summary.txt), $(seconds_since "$RUN_START") s in all:"
+cat "$SUMMARY"
+[[ $FAILURES -eq 0 ]]
