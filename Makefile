@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint wheel bench sanitize clean
+.PHONY: setup demo test lint wheel bench sanitize sass docs clean
 
 $(STAMP): requirements-dev.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ wheel: setup
 bench: setup
 	$(PY) bench/run.py
 	$(PY) tools/readme_results.py
+
+# Offline SASS instruction counts of every GPU kernel (nvcc + Triton's compiler, no GPU), before and after the
+# revisions in SASS_BEFORE, into bench/results/sass.md and sass.json (not run by CI: a few minutes).
+SASS_BEFORE ?=
+sass: setup
+	$(PY) bench/sass_report.py $(if $(SASS_BEFORE),--before $(SASS_BEFORE))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

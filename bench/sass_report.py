@@ -1,0 +1,536 @@
+"""Offline instruction counts of the GPU kernels: SASS per generated element and the bound it sets on an H200.
+
+Until a GPU runs the kernels, this is how their speed is judged. For each CUDA kernel (a cubin that
+nvcc builds from ``csrc/cuda/kernels.cu``) and each Triton kernel variant (compiled by
+``zo_kernels.kernels.triton.variants`` for sm_90), it disassembles the SASS with ``cuobjdump``, finds
+the hot loop and counts the instructions one thread issues per iteration of it:
+
+- the hot loop is the innermost loop holding the Philox multiplies (an immediate operand
+  0xD2511F53 or 0xCD9E8D57): the per-sample loop of reduce / step, the grid-stride loop of the CUDA
+  perturb kernels; a kernel without such a loop (Triton perturb) counts from entry to its last EXIT;
+- one iteration is the shortest path through that region from its head to its back edge (or exit)
+  over the control-flow graph with inner back edges not taken: the rare slow paths (the Payne–Hanek
+  reduction of sin/cos, out of range for these angles) stay off it, and every instruction on it is
+  issued once per iteration. Predicated-off instructions count (they are issued); NOPs do not.
+  That path may also leave out a loop that a branch can skip, such as the CUDA perturb_rows loop
+  over a sample's rows: read perturb / perturb_rows counts as the cost of generating the noise (a
+  lower bound; those kernels write n elements per row and are bound by memory first);
+- per element = per iteration / elements one thread handles per iteration (CUDA: its group size;
+  Triton: BLOCK / (32 * num_warps));
+- the bound = the H200's lane-instruction issue rate (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz
+  = 3.35e13/s) / per element. It ignores memory and the lower throughput of some instructions, so
+  a kernel cannot beat it; a compute-bound kernel comes close.
+
+Registers, spills and stack come from ``ptxas -v``. ``--before REV ...`` also measures git revisions
+(each in a temporary worktree, oldest first): the first is the "before" column, and the reduce
+kernels get one line per revision, so each fix's commit shows what it changed.
+
+    python bench/sass_report.py [--before REV ...] [--out bench/results/sass.md] [--json bench/results/sass.json]
+
+Needs nvcc (CUDA >= 12) and Triton with its bundled cuobjdump; no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMS, SCHEDULERS, LANES, CLOCK_HZ = 132, 4, 32, 1.98e9
+#: Lane-instructions per second an H200 can issue: one warp instruction per scheduler per cycle.
+ISSUE_RATE = SMS * SCHEDULERS * LANES * CLOCK_HZ
+PHILOX_IMMEDIATES = ("0xd2511f53", "-0x2daee0ad", "0xcd9e8d57", "-0x326172a9")
+STREAMS = ("normal", "rademacher")
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # the dtype ids of csrc/cuda/kernels.h
+#: The Triton variants the report covers (all autotune configs; the first index width; float32 weights).
+TRITON_OPS = ("reduce", "step", "perturb", "perturb_rows")
+REPORT_DTYPES = ("float32", "bfloat16")
+
+
+# --- SASS parsing and the hot-loop count -----------------------------------------------------------
+
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
+
+
+@dataclasses.dataclass
+class Instr:
+    """One SASS instruction: address, predicate guard, opcode and operand text."""
+
+    addr: int
+    guard: str
+    opcode: str
+    operands: str
+
+    @property
+    def branch_target(self) -> Optional[int]:
+        """The target of a direct branch (``BRA 0x1370``), else None."""
+        if self.opcode.split(".")[0] != "BRA":
+            return None
+        m = re.search(r"0x([0-9a-f]+)", self.operands)
+        return int(m.group(1), 16) if m else None
+
+    @property
+    def unconditional(self) -> bool:
+        """True if the instruction always executes (no guard, or ``@PT``)."""
+        return self.guard in ("", "@PT")
+
+
+def parse_sass(text: str) -> Dict[str, List[Instr]]:
+    """``cuobjdump -sass`` output as instruction lists per function (mangled name)."""
+    functions: Dict[str, List[Instr]] = {}
+    current: Optional[List[Instr]] = None
+    for line in text.splitlines():
+        f = _FUNCTION.match(line)
+        if f:
+            current = functions.setdefault(f.group(1), [])
+            continue
+        m = _LINE.match(line)
+        if m and current is not None:
+            body = m.group(2).split()
+            guard = body.pop(0) if body and body[0].startswith("@") else ""
+            current.append(Instr(int(m.group(1), 16), guard, body[0], " ".join(body[1:])))
+    return functions
+
+
+def _is_philox(ins: Instr) -> bool:
+    return ins.opcode.startswith("IMAD") and any(c in ins.operands.lower() for c in PHILOX_IMMEDIATES)
+
+
+def loops(code: Sequence[Instr]) -> List[Tuple[int, int]]:
+    """(head index, back-edge index) of every loop: a branch to an earlier address."""
+    index = {ins.addr: k for k, ins in enumerate(code)}
+    found = []
+    for k, ins in enumerate(code):
+        target = ins.branch_target
+        if target is not None and target <= ins.addr and target in index:
+            found.append((index[target], k))
+    return found
+
+
+def hot_region(code: Sequence[Instr]) -> Tuple[int, int, bool]:
+    """(first, last, is_loop): the innermost loop with Philox multiplies, else entry .. last EXIT."""
+    philox = [k for k, ins in enumerate(code) if _is_philox(ins)]
+    candidates = [(h, t) for h, t in loops(code) if any(h <= k <= t for k in philox)]
+    if candidates:
+        h, t = min(candidates, key=lambda ht: ht[1] - ht[0])
+        return h, t, True
+    exits = [k for k, ins in enumerate(code) if ins.opcode == "EXIT"]
+    return 0, exits[-1] if exits else len(code) - 1, False
+
+
+def shortest_path(code: Sequence[Instr], first: int, last: int) -> List[Instr]:
+    """The fewest-instruction path from ``first`` to ``last`` (inclusive) in that region's forward CFG."""
+    index = {ins.addr: k for k, ins in enumerate(code)}
+    inf = float("inf")
+    dist = [inf] * (last + 1)
+    prev: List[Optional[int]] = [None] * (last + 1)
+    dist[first] = 1 if code[first].opcode != "NOP" else 0
+    for k in range(first, last):
+        if dist[k] == inf or code[k].opcode == "EXIT" and code[k].unconditional:
+            continue
+        ins = code[k]
+        succ = []
+        target = ins.branch_target
+        if not (target is not None and ins.unconditional):
+            succ.append(k + 1)  # falls through
+        if target is not None and target in index and k < index[target] <= last:
+            succ.append(index[target])  # forward branches only: inner back edges are not taken
+        for s in succ:
+            cost = dist[k] + (code[s].opcode != "NOP")
+            if cost < dist[s]:
+                dist[s], prev[s] = cost, k
+    if dist[last] == inf:
+        raise ValueError("the region's end is unreachable from its head")
+    path, k = [], last
+    while k is not None:
+        path.append(code[k])
+        k = prev[k]
+    return [ins for ins in reversed(path) if ins.opcode != "NOP"]
+
+
+@dataclasses.dataclass
+class Count:
+    """What one kernel issues per hot-loop iteration."""
+
+    per_iteration: int
+    barriers: int
+    shared: int
+    is_loop: bool
+
+
+def count(code: Sequence[Instr]) -> Count:
+    """The hot-path instruction count of one function, and its barriers / shared-memory ops on that path."""
+    first, last, is_loop = hot_region(code)
+    path = shortest_path(code, first, last)
+    bars = sum(ins.opcode.startswith("BAR") for ins in path)
+    shared = sum(ins.opcode.split(".")[0] in ("STS", "LDS", "LDSM") for ins in path)
+    return Count(len(path), bars, shared, is_loop)
+
+
+# --- tools ----------------------------------------------------------------------------------------
+
+
+def _triton_bin(name: str) -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.exists(path) else None
+
+
+def tool(name: str) -> str:
+    """A CUDA binary tool: on PATH, in /usr/local/cuda/bin, or bundled with Triton."""
+    for candidate in (shutil.which(name), f"/usr/local/cuda/bin/{name}", _triton_bin(name)):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"{name} not found (PATH, /usr/local/cuda/bin, Triton's bundled tools)")
+
+
+def disassemble(cubin: bytes) -> Dict[str, List[Instr]]:
+    """The SASS of every function of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        out = subprocess.run([tool("cuobjdump"), "-sass", fh.name], capture_output=True, text=True, check=True)
+    return parse_sass(out.stdout)
+
+
+def demangle(names: Iterable[str]) -> Dict[str, str]:
+    """Itanium-demangled names (``c++filt``), or the names as they are without it."""
+    names = list(names)
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One kernel's line of the report."""
+
+    backend: str
+    op: str
+    stream: str
+    dtype: str
+    kernel: str
+    config: str
+    per_iteration: int
+    elements: int
+    barriers: int
+    registers: int
+    spills: int
+    stack: int
+
+    @property
+    def per_element(self) -> float:
+        """Hot-loop instructions per generated element."""
+        return self.per_iteration / self.elements
+
+    @property
+    def bound(self) -> float:
+        """Elements per second an H200 can at most reach at this instruction count."""
+        return ISSUE_RATE / self.per_element
+
+    @property
+    def key(self) -> Tuple[str, str, str, str, str]:
+        """What identifies the row across two trees."""
+        return self.backend, self.op, self.stream, self.dtype, self.config
+
+
+def _group_sizes(source: str) -> Dict[str, int]:
+    """Elements a CUDA thread handles per hot-loop iteration, per stream (``Group<S>::kSize``)."""
+    sizes = {}
+    for stream, enum in (("normal", "kNormal"), ("rademacher", "kRademacher")):
+        m = re.search(rf"struct Group<{enum}>\s*{{\s*static constexpr int kSize = (\d+);", source)
+        if m is None:
+            raise ValueError(f"csrc/cuda/kernels.cu: no Group<{enum}>::kSize")
+        sizes[stream] = int(m.group(1))
+    return sizes
+
+
+def _ptxas_table(text: str) -> Dict[str, Dict[str, int]]:
+    """Registers / spills / stack per mangled function from ``nvcc -Xptxas -v`` output."""
+    table: Dict[str, Dict[str, int]] = {}
+    for chunk in text.split("Compiling entry function '")[1:]:
+        name = chunk.split("'", 1)[0]
+
+        def grab(rx: str, chunk: str = chunk) -> int:
+            m = re.search(rx, chunk)
+            return int(m.group(1)) if m else 0
+
+        table[name] = {
+            "registers": grab(r"Used (\d+) registers"),
+            "spills": grab(r"(\d+) bytes spill stores") + grab(r"(\d+) bytes spill loads"),
+            "stack": grab(r"(\d+) bytes stack frame"),
+        }
+    return table
+
+
+_CUDA_KERNEL = re.compile(r"::(\w+_kernel)<(\d+)(?:,\s*(\d+))?>")
+_CUDA_OPS = {"accumulate_kernel": "reduce/step", "perturb_kernel": "perturb", "perturb_rows_kernel": "perturb_rows"}
+
+
+def cuda_rows(root: str) -> List[Row]:
+    """Rows for the templated CUDA kernels of ``root``'s csrc/cuda/kernels.cu."""
+    source = os.path.join(root, "csrc", "cuda", "kernels.cu")
+    with open(source, encoding="utf-8") as fh:
+        groups = _group_sizes(fh.read())
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        cmd = [tool("nvcc"), "-std=c++17", "-arch=sm_90", "-O3", "-cubin", "-Xptxas=-v", "-I",
+               os.path.join(root, "csrc"), source, "-o", cubin]  # fmt: skip
+        build = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        with open(cubin, "rb") as fh:
+            functions = disassemble(fh.read())
+    resources = _ptxas_table(build.stdout + build.stderr)
+    rows = []
+    for mangled, name in demangle(functions).items():
+        m = _CUDA_KERNEL.search(name)
+        if m is None or m.group(3) is None:
+            continue  # not a <stream, dtype> template: squared norms, words
+        kernel, stream, dtype = m.group(1), STREAMS[int(m.group(2))], DTYPES[int(m.group(3))]
+        c = count(functions[mangled])
+        res = resources.get(mangled, {"registers": 0, "spills": 0, "stack": 0})
+        op = _CUDA_OPS.get(kernel, kernel.replace("_kernel", ""))
+        rows.append(Row("cuda", op, stream, dtype, kernel, "256 threads", c.per_iteration, groups[stream],
+                        c.barriers, **res))  # fmt: skip
+    return rows
+
+
+def triton_rows_here() -> List[Row]:
+    """Rows for the Triton variants of the importable zo_kernels (run with TRITON_INTERPRET unset)."""
+    from zo_kernels.kernels.triton import variants as tv
+
+    rows, seen = [], set()
+    for v in tv.variants():
+        dtype = str(v.dtype).replace("torch.", "")
+        signs = dict(v.constexprs).get("SIGNS", 1)
+        if v.op not in TRITON_OPS or dtype not in REPORT_DTYPES or v.index != tv.INDEX_WIDTHS[0]:
+            continue
+        if (v.weights is not None and str(v.weights) != "torch.float32") or (v.op == "perturb_rows" and signs != 2):
+            continue
+        config = f"BLOCK {v.block}, {v.num_warps} warps"
+        if (v.op, v.stream, dtype, config) in seen:
+            continue
+        seen.add((v.op, v.stream, dtype, config))
+        compiled = tv.compile_variant(v)
+        c = count(disassemble(compiled.cubin)[compiled.kernel_name])
+        elements = v.elements_per_thread
+        rows.append(Row("triton", v.op, v.stream, dtype, compiled.kernel_name, config, c.per_iteration, elements,
+                        c.barriers, compiled.registers, compiled.spill_stores + compiled.spill_loads,
+                        compiled.stack))  # fmt: skip
+    return rows
+
+
+def triton_rows(root: str) -> List[Row]:
+    """Rows for ``root``'s Triton kernels, measured in a fresh interpreter (the kernels are read at import)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--triton-worker"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+    if out.returncode != 0:
+        raise RuntimeError(f"Triton compilation of {root} failed:\n{out.stderr[-4000:]}")
+    return [Row(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def measure(root: str) -> List[Row]:
+    """Every row of the tree at ``root``."""
+    return sorted(cuda_rows(root) + triton_rows(root), key=lambda r: (r.op, r.stream, r.dtype, r.backend, r.config))
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def _fmt_row(r: Row, before: Optional[Row]) -> str:
+    was = f"{before.per_iteration} / {before.per_element:.1f}" if before else "–"
+    ratio = f"{before.per_element / r.per_element:.2f}x" if before else "–"
+    return (
+        f"| {r.backend} | {r.op} | {r.stream} | {r.dtype} | {r.config} | {r.elements} | {was} | "
+        f"{r.per_iteration} / {r.per_element:.1f} | {ratio} | {r.barriers} | {r.registers} | {r.spills} | "
+        f"{r.stack} | {r.bound:.2e} |"
+    )
+
+
+def best(rows: Iterable[Row]) -> Dict[Tuple[str, str, str, str], Row]:
+    """The lowest per-element count per (backend, op, stream, dtype): the config that bounds the kernel."""
+    out: Dict[Tuple[str, str, str, str], Row] = {}
+    for r in rows:
+        k = r.key[:4]
+        if k not in out or r.per_element < out[k].per_element:
+            out[k] = r
+    return out
+
+
+def _summary(rows: List[Row], before: Optional[List[Row]]) -> List[str]:
+    """Per (op, stream, dtype): each backend's best config before and now, and Triton / CUDA."""
+    now, was = best(rows), best(before or [])
+    lines = [
+        "| op | stream | dtype | CUDA before | CUDA now | Triton before | Triton now | Triton / CUDA now "
+        "| bound now, CUDA (elements/s) | bound now, Triton (elements/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = sorted({k[1:] for k in now if k[0] == "triton"} | {(op, s, d) for b, o, s, d in now if b == "cuda"
+                  for op in o.split("/")})  # fmt: skip
+
+    def find(table, backend, op, stream, dtype):
+        for (b, o, s, d), r in table.items():
+            if (b, s, d) == (backend, stream, dtype) and op in o.split("/"):
+                return r
+        return None
+
+    for op, stream, dtype in keys:
+        c, t = find(now, "cuda", op, stream, dtype), find(now, "triton", op, stream, dtype)
+        cb, tb = find(was, "cuda", op, stream, dtype), find(was, "triton", op, stream, dtype)
+        cells = [f"{r.per_element:.1f}" if r else "–" for r in (cb, c, tb, t)]
+        ratio = f"{t.per_element / c.per_element:.2f}x" if c and t else "–"
+        bounds = [f"{r.bound:.2e}" if r else "–" for r in (c, t)]
+        lines.append(f"| {op} | {stream} | {dtype} | " + " | ".join(cells + [ratio] + bounds) + " |")
+    return lines
+
+
+def _progression(steps: List[Tuple[str, Optional[List[Row]]]]) -> List[str]:
+    """Instructions per element of the reduce kernels at each measured revision, oldest first."""
+    cols = [(b, s, d) for b in ("cuda", "triton") for s in STREAMS for d in REPORT_DTYPES]
+    lines = [
+        "| revision | " + " | ".join(f"{b} reduce {s} {d}" for b, s, d in cols) + " | triton reduce normal bar.sync |",
+        "|---|" + "---|" * (len(cols) + 1),
+    ]
+    for label, rows in steps:
+        if rows is None:
+            lines.append(f"| {label} | " + " | ".join(["failed to build"] * (len(cols) + 1)) + " |")
+            continue
+        table = best(r for r in rows if "reduce" in r.op.split("/"))
+        cells = []
+        for b, s, d in cols:
+            r = next((r for (kb, _, ks, kd), r in table.items() if (kb, ks, kd) == (b, s, d)), None)
+            cells.append(f"{r.per_element:.1f}" if r else "–")
+        bar = next((r.barriers for (kb, _, ks, kd), r in table.items() if (kb, ks, kd) == ("triton", "normal",
+                    "float32")), None)  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {'–' if bar is None else bar} |")
+    return lines
+
+
+def render(rows: List[Row], before: Optional[List[Row]], meta: Dict[str, str],
+           steps: Sequence[Tuple[str, Optional[List[Row]]]] = ()) -> str:  # fmt: skip
+    """The markdown report: header, method, summary, the revisions measured, and every kernel's row."""
+    old = {r.key: r for r in before or []}
+    lines = [
+        "# SASS instruction counts (offline, sm_90)",
+        "",
+        *(f"- {k}: {v}" for k, v in meta.items()),
+        f"- bound: {ISSUE_RATE:.3e} lane-instructions/s ({SMS} SMs x {SCHEDULERS} schedulers x {LANES} lanes x "
+        f"{CLOCK_HZ / 1e9:.2f} GHz) / instructions per element",
+        "- method: bench/sass_report.py's docstring (shortest path through the hot loop, inner back edges not "
+        "taken); per element = per iteration / elements a thread handles per iteration",
+        "",
+        "## Summary: instructions per element, best config of each kernel",
+        "",
+        *_summary(rows, before),
+        "",
+    ]
+    if steps:
+        lines += ["## Reduce kernels at each measured revision", "", *_progression(list(steps)), ""]
+    lines += [
+        "## Every kernel",
+        "",
+        "| backend | op | stream | dtype | config | elements / iter | before: per iter / per element | "
+        "per iter / per element | before / now | bar.sync | registers | spills (B) | stack (B) | bound (elements/s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_fmt_row(r, old.get(r.key)) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(rows: List[Row]) -> dict:
+    """What bench/gpu_kernels.py reads: the best config per (backend, op, stream, dtype)."""
+    kernels = []
+    for r in best(rows).values():
+        for op in r.op.split("/"):  # the CUDA reduce and step share one kernel
+            kernels.append({
+                "backend": r.backend, "op": op, "stream": r.stream, "dtype": r.dtype, "kernel": r.kernel,
+                "config": r.config, "instructions_per_element": r.per_element, "bound_per_s": r.bound,
+                "registers": r.registers, "spills": r.spills,
+            })  # fmt: skip
+    return {"issue_rate": ISSUE_RATE, "kernels": kernels}
+
+
+def _worktree(rev: str) -> str:
+    path = tempfile.mkdtemp(prefix="sass-before-")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", path, rev], check=True, capture_output=True)
+    return path
+
+
+def _versions() -> Dict[str, str]:
+    import triton
+
+    nvcc = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return {"triton": triton.__version__, "nvcc": nvcc[-1] if nvcc else "?"}
+
+
+def _label(rev: str) -> str:
+    out = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h %s", rev], capture_output=True, text=True)
+    text = out.stdout.strip() or rev
+    return text if len(text) <= 72 else text[:69] + "..."
+
+
+def measure_revision(rev: str) -> Optional[List[Row]]:
+    """The rows of git revision ``rev`` (a temporary worktree), or None where it does not build."""
+    tree = _worktree(rev)
+    try:
+        return measure(tree)
+    except (subprocess.CalledProcessError, RuntimeError, ValueError) as exc:
+        print(f"{rev}: {type(exc).__name__}: {str(exc)[:400]}", file=sys.stderr)
+        return None
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", tree], capture_output=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Measure this tree (and ``--before`` revisions), print the report and write the markdown and JSON files."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--before", nargs="*", default=[], metavar="REV",
+                        help="git revisions to measure too, oldest first; the first is the 'before' column")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "sass.md"))
+    parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "sass.json"))
+    parser.add_argument("--triton-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.triton_worker:
+        print(json.dumps([dataclasses.asdict(r) for r in triton_rows_here()]))
+        return
+    rows = measure(ROOT)
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    meta = {
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "tree": f"{head.stdout.strip()} (the working tree)",
+        **_versions(),
+    }
+    steps = [(_label(rev), measure_revision(rev)) for rev in args.before]
+    if steps:
+        meta["before"] = steps[0][0]
+        steps.append(("now: " + meta["tree"], rows))
+    text = render(rows, steps[0][1] if steps else None, meta, steps)
+    print(text)
+    for path, content in ((args.out, text), (args.json, json.dumps(to_json(rows), indent=1) + "\n")):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(content)
+
+
+if __name__ == "__main__":
+    main()
