@@ -1,4 +1,4 @@
-"""Baselines that ``bench/run.py`` measures zo_kernels against (besides TorchOpt 0.7.3).
+"""Baselines that ``bench/run.py`` measures zo_kernels against (besides TorchOpt 0.7.3, optional).
 
 Both estimate the antithetic (central-difference) ES gradient of a loss ``loss(params, *args)`` of a
 sequence of parameter tensors, in plain PyTorch:
@@ -8,16 +8,38 @@ sequence of parameter tensors, in plain PyTorch:
   of ``Z``, and the estimate is one matrix-vector product ``w @ Z``.
 - :class:`MeZO`: MeZO-SGD's step, a per-parameter ``torch.normal`` loop that perturbs the parameters
   in place and regenerates the noise from a seed instead of storing it (Malladi et al. 2023).
+
+TorchOpt is an optional baseline: :func:`import_torchopt` gives the module or None, and every
+benchmark prints :data:`TORCHOPT_MISSING` in its TorchOpt cells (and leaves out the ratios against
+it) where it is not installed, as on a GPU machine without a package registry.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, List, Sequence, Tuple
+from types import ModuleType
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 LossFn = Callable[..., torch.Tensor]
+
+#: What a TorchOpt cell says (and why its ratios are left out) when torchopt cannot be imported.
+TORCHOPT_MISSING = "torchopt not installed"
+
+
+def import_torchopt() -> Optional[ModuleType]:
+    """The ``torchopt`` module, or None where it cannot be imported."""
+    try:
+        import torchopt
+    except ImportError:
+        return None
+    return torchopt
+
+
+def torchopt_version(torchopt: Optional[ModuleType]) -> str:
+    """``'torchopt 0.7.3'`` for the versions line of a report, or :data:`TORCHOPT_MISSING`."""
+    return f"torchopt {torchopt.__version__}" if torchopt is not None else TORCHOPT_MISSING
 
 
 def _views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:

@@ -16,6 +16,9 @@ gradient step of a tanh MLP ``d -> d -> 10`` (batch 64, Normal noise) for five c
 - zo_kernels ``estimate(..., inplace=True)`` + ``ZOSGD.step`` against
   (c) a MeZO-SGD step (per-parameter ``torch.normal`` loop, in-place perturbation, ``bench/baselines.py``).
 
+TorchOpt and matplotlib are optional: without torchopt the (a) cells say "torchopt not installed"
+and its ratios are left out; without matplotlib the report says the plots were not drawn.
+
 Two sweeps: the number of samples N at a fixed model, and the parameter count at a fixed N; the
 peak memory of one step at each parameter count, each (contender, size) in a fresh process
 (``bench/scale.py``'s method). Every time is the median of repeated runs after one warm-up
@@ -41,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torchopt
 
 import zo_kernels
 from zo_kernels import backends, distributions
@@ -50,7 +52,7 @@ from zo_kernels.optim import ZOSGD
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from baselines import MeZO, torch_matmul_step  # noqa: E402
+from baselines import TORCHOPT_MISSING, MeZO, import_torchopt, torch_matmul_step, torchopt_version  # noqa: E402
 from cpu_kernels import (  # noqa: E402
     THREADS,
     choose_backend,
@@ -73,12 +75,15 @@ from scale import (  # noqa: E402
     worker_env,
 )
 
+torchopt = import_torchopt()  # optional: without it the TorchOpt cells say TORCHOPT_MISSING
+
 METHOD = "antithetic"
 SIGMA = 1e-3  # MeZO's eps; the same for every contender
 LR = 1e-7  # MeZO / ZOSGD learning rate: small, so repeated timing steps barely move the parameters
 BATCH = 64
 OUTPUTS = 10
 WORKER_TIMEOUT_S = 180
+PLOTS_MISSING = "Plots not drawn: matplotlib not installed."
 
 #: Contender id -> label. "inference" is only measured for memory: one forward under no_grad.
 CONTENDERS: Dict[str, str] = {
@@ -89,6 +94,9 @@ CONTENDERS: Dict[str, str] = {
     "mezo": "MeZO per-parameter `torch.normal` loop",
 }
 MEMORY_CASES: Dict[str, str] = {"inference": "inference (one forward, no_grad)", **CONTENDERS}
+#: The contenders (and memory cases) this machine can run: TorchOpt only where it is installed.
+RUNNABLE: Tuple[str, ...] = tuple(c for c in CONTENDERS if c != "torchopt" or torchopt is not None)
+RUNNABLE_MEMORY: Tuple[str, ...] = ("inference", *RUNNABLE)
 #: (baseline id, zo_kernels id, what the row compares)
 COMPARISONS: Tuple[Tuple[str, str, str], ...] = (
     ("torchopt", "zo", "(a) TorchOpt 0.7.3 `torchopt.diff.zero_order`"),
@@ -162,7 +170,7 @@ def zo_backend(device: torch.device) -> Tuple[str, str]:
 def versions() -> str:
     """torch, zo_kernels, torchopt and python versions on one line."""
     return (
-        f"torch {torch.__version__}, zo_kernels {zo_kernels.__version__}, torchopt {torchopt.__version__}, "
+        f"torch {torch.__version__}, zo_kernels {zo_kernels.__version__}, {torchopt_version(torchopt)}, "
         f"python {platform.python_version()}"
     )
 
@@ -253,6 +261,8 @@ def make_step(case: str, problem: Problem, num_samples: int, backend: str) -> Ca
                 distributions.Normal(), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA, backend=backend
             )(mlp_loss)
         elif case == "torchopt":
+            if torchopt is None:
+                raise RuntimeError(f"case 'torchopt': {TORCHOPT_MISSING}")
             zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
             fn = torchopt.diff.zero_order(
                 torch.distributions.Normal(zero, one), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA
@@ -336,7 +346,7 @@ def time_points(cfg: Config, device: torch.device, backend: str, res: DeviceResu
     for width, num in cfg.points():
         problem = make_problem(width, device)
         res.times[(width, num)] = {}
-        for case in CONTENDERS:
+        for case in RUNNABLE:
             progress.show(f"{device.type}: step time, {case}, d={width} ({problem.numel:,} params), N={num}")
             step = make_step(case, problem, num, backend)
             res.times[(width, num)][case] = median_time(step, cfg.repeats, cfg.budget_s)
@@ -390,7 +400,7 @@ def memory_points(cfg: Config, device: torch.device, backend: str, res: DeviceRe
     The workers run single-threaded, one per CPU at a time (at most 4): each measures its own
     process, so running side by side changes the wall time, not the peaks.
     """
-    jobs = [(width, case) for width in cfg.widths for case in MEMORY_CASES]
+    jobs = [(width, case) for width in cfg.widths for case in RUNNABLE_MEMORY]
     at_once = memory_parallelism()
     with tempfile.TemporaryDirectory() as tmp:
 
@@ -478,14 +488,24 @@ def summary_rows(cfg: Config, results: Sequence[DeviceResults]) -> List[List[str
             for sweep, (width, num) in sweeps:
                 t = res.times[(width, num)]
                 row = [tag, label, CONTENDERS[ours], sweep, f"d={width}, {mlp_numel(width):,} params", str(num)]
-                row += [fmt_time(t[base]), fmt_time(t[ours]), fmt_ratio(t[base] / t[ours])]
+                if base in t:
+                    row += [fmt_time(t[base]), fmt_time(t[ours]), fmt_ratio(t[base] / t[ours])]
+                else:  # not runnable here (TorchOpt not installed): no ratio
+                    row += [not_run(base), fmt_time(t[ours]), ""]
                 mb, mo = peak_of(res, width, base), peak_of(res, width, ours)
                 if sweep == "params" and mb is not None and mo is not None:
                     row += [fmt_mem(mb), fmt_mem(mo), fmt_ratio(mb / mo)]
+                elif sweep == "params" and base not in RUNNABLE_MEMORY:
+                    row += [not_run(base), fmt_mem(mo) if mo is not None else "", ""]
                 else:
                     row += ["", "", ""]
                 rows.append(row)
     return rows
+
+
+def not_run(case: str) -> str:
+    """The cell of a case that was not measured on this machine."""
+    return TORCHOPT_MISSING if case == "torchopt" and torchopt is None else "not measured"
 
 
 def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
@@ -496,15 +516,19 @@ def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
         lines += ["", f"### Step time per contender [{tag}] (median, milliseconds)", ""]
         rows = []
         for (width, num), t in sorted(res.times.items()):
-            rows.append([str(width), f"{mlp_numel(width):,}", str(num)] + [f"{t[c] * 1e3:,.2f}" for c in CONTENDERS])
+            cells = [f"{t[c] * 1e3:,.2f}" if c in t else not_run(c) for c in CONTENDERS]
+            rows.append([str(width), f"{mlp_numel(width):,}", str(num), *cells])
         lines += table(["d", "params", "N", *CONTENDERS.values()], rows)
         lines += ["", f"### Peak memory of one step [{tag}], N={cfg.param_samples} (MiB)", ""]
         rows = []
         for width, cases in sorted(res.memory.items()):
             cells = []
             for case in MEMORY_CASES:
-                r = cases.get(case, {})
-                cells.append(f"{r['peak'] / 2**20:,.2f}" if "peak" in r else f"FAILED: {r.get('error', '?')}")
+                r = cases.get(case)
+                if r is None:
+                    cells.append(not_run(case))
+                else:
+                    cells.append(f"{r['peak'] / 2**20:,.2f}" if "peak" in r else f"FAILED: {r.get('error', '?')}")
             rows.append([str(width), f"{mlp_numel(width):,}", *cells])
         lines += table(["d", "params", *MEMORY_CASES.values()], rows)
         methods = sorted({r["method"] for cases in res.memory.values() for r in cases.values() if "method" in r})
@@ -608,15 +632,28 @@ def plot(
     plt.close(fig)
 
 
+def have_matplotlib() -> bool:
+    """Whether matplotlib can be imported (the plots are skipped, with a note, where it cannot)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, prefix: str) -> List[Path]:
-    """The three PNGs: time vs N, time vs parameter count, peak memory vs parameter count."""
+    """The three PNGs: time vs N, time vs parameter count, peak memory vs parameter count (none without matplotlib)."""
+    if not have_matplotlib():
+        return []
     paths = [out_dir / f"{prefix}-{name}.png" for name in ("time-vs-samples", "time-vs-params", "memory-vs-params")]
 
     def vs_samples(res: DeviceResults) -> Dict[str, List[Tuple[float, float]]]:
-        return {c: [(n, res.times[(cfg.sweep_width, n)][c]) for n in cfg.sample_counts] for c in CONTENDERS}
+        points = [(n, res.times[(cfg.sweep_width, n)]) for n in cfg.sample_counts]
+        return {c: [(n, t[c]) for n, t in points if c in t] for c in CONTENDERS}
 
     def vs_params(res: DeviceResults) -> Dict[str, List[Tuple[float, float]]]:
-        return {c: [(mlp_numel(w), res.times[(w, cfg.param_samples)][c]) for w in cfg.widths] for c in CONTENDERS}
+        points = [(mlp_numel(w), res.times[(w, cfg.param_samples)]) for w in cfg.widths]
+        return {c: [(x, t[c]) for x, t in points if c in t] for c in CONTENDERS}
 
     def memory(res: DeviceResults) -> Dict[str, List[Tuple[float, float]]]:
         out: Dict[str, List[Tuple[float, float]]] = {}
@@ -687,7 +724,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = Config.make(args.quick)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     prefix = f"summary-{device_tag(devices[-1])}" + ("-quick" if cfg.quick else "")
-    per_device = len(cfg.points()) * len(CONTENDERS) + len(cfg.widths) * len(MEMORY_CASES)
+    per_device = len(cfg.points()) * len(RUNNABLE) + len(cfg.widths) * len(RUNNABLE_MEMORY)
     progress = Progress(per_device * len(devices))
     before = start_monitor()
     time.sleep(1.0)
@@ -709,13 +746,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - started
     footer = [f"Measured in {elapsed:.1f} s. {load_note('during the run', during)}."]
     report = header_lines(cfg, results, load) + ["## Summary: ratios against the baselines", ""] + summary
-    report += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    report += ["", "## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or [PLOTS_MISSING])
     report += ["", "## Data behind the plots"] + data_tables(cfg, results) + ["", *footer]
     md = args.out_dir / f"{prefix}.md"
     md.write_text("\n".join(report) + "\n")
     print("\n".join(header_lines(cfg, results, load) + ["## Summary: ratios against the baselines", ""] + summary))
     print("\n" + footer[0])
-    print(f"\nWrote {md} and {', '.join(p.name for p in plots)}")
+    print(f"\nWrote {md} and {', '.join(p.name for p in plots) or 'no plots (' + PLOTS_MISSING + ')'}")
     return 0
 
 

@@ -42,7 +42,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-import torchopt
 
 import zo_kernels
 from zo_kernels import distributions
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "python"))
 
+from baselines import TORCHOPT_MISSING, import_torchopt, torchopt_version  # noqa: E402
 from cpu_kernels import (  # noqa: E402
     OtherLoad,
     _system_cpu_seconds,
@@ -66,6 +66,8 @@ from cpu_kernels import (  # noqa: E402
     verdict,
 )
 from mezo_finetune import TinyGPT  # noqa: E402
+
+torchopt = import_torchopt()  # optional: without it the TorchOpt cells say TORCHOPT_MISSING
 
 THREADS = 2
 SIGMA = 0.01  # section 1 and 3 (as bench/cpu_kernels.py)
@@ -305,18 +307,23 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
             f"({problem.numel:,} params)"
         )
         evals = 2 * cfg.num_samples + 1
-        t_opt = step_time(problem, torchopt_decorator(cfg, device)(problem.loss), cfg)
+        t_opt = step_time(problem, torchopt_decorator(cfg, device)(problem.loss), cfg) if torchopt is not None else None
         t_loop = step_time(problem, ours(cfg)(problem.loss), cfg)
         t_bare = bare_time(problem, evals, cfg)
-        baseline = f"TorchOpt {fmt_ms(t_opt)}"
-        rows.append(Row(section, "TorchOpt 0.7.3 `torchopt.diff.zero_order`", fmt_ms(t_opt), detail=""))
+        baseline = f"TorchOpt {fmt_ms(t_opt)}" if t_opt is not None else ""
+
+        def vs_torchopt(seconds: float, t_opt: Optional[float] = t_opt) -> str:
+            return fmt_ratio(t_opt / seconds) if t_opt is not None else ""
+
+        opt_result = fmt_ms(t_opt) if t_opt is not None else TORCHOPT_MISSING
+        rows.append(Row(section, "TorchOpt 0.7.3 `torchopt.diff.zero_order`", opt_result, detail=""))
         rows.append(
             Row(
                 section,
                 "zo_kernels loop: `zero_order(...)`",
                 fmt_ms(t_loop),
                 baseline,
-                fmt_ratio(t_opt / t_loop),
+                vs_torchopt(t_loop),
                 detail=f"{evals} plain evaluations alone (no_grad loop): {fmt_ms(t_bare)}",
             )
         )
@@ -336,15 +343,19 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
                 warnings.simplefilter("always")
                 t_b = step_time(problem, ours(cfg, batch_size=b)(problem.loss), cfg)
             fallback = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+            if t_opt is not None:
+                met = verdict([("speed-up", t_opt / t_b >= problem.min_speedup), ("vmap", not fallback)])
+            else:
+                met = f"{'NO: vmap' if fallback else 'vmap ok'}; speed-up not measured ({TORCHOPT_MISSING})"
             rows.append(
                 Row(
                     section,
                     f"zo_kernels batched: `zero_order(..., batch_size={b})`",
                     fmt_ms(t_b),
                     baseline,
-                    fmt_ratio(t_opt / t_b),
+                    vs_torchopt(t_b),
                     f"≥ {problem.min_speedup:g}x vs TorchOpt",
-                    verdict([("speed-up", t_opt / t_b >= problem.min_speedup), ("vmap", not fallback)]),
+                    met,
                     ("FELL BACK TO THE LOOP: " + fallback[0][:160]) if fallback else "",
                 )
             )
@@ -404,10 +415,13 @@ def memory_worker(case: str, device_name: str, gpt: Dict[str, int], out: str) ->
     zo_inplace = zo_kernels.zero_order(
         distributions.Normal(), method=METHOD, num_samples=1, sigma=MEZO_SIGMA, inplace=True
     )(loss_fn)
-    zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
-    to_fn = torchopt.diff.zero_order(
-        torch.distributions.Normal(zero, one), method=METHOD, argnums=0, num_samples=1, sigma=MEZO_SIGMA
-    )(lambda ps, batch: loss_fn(list(ps), batch))
+    if case == "torchopt":
+        if torchopt is None:
+            raise RuntimeError(f"memory case 'torchopt': {TORCHOPT_MISSING}")
+        zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
+        to_fn = torchopt.diff.zero_order(
+            torch.distributions.Normal(zero, one), method=METHOD, argnums=0, num_samples=1, sigma=MEZO_SIGMA
+        )(lambda ps, batch: loss_fn(list(ps), batch))
 
     def step() -> None:
         if case == "inference":
@@ -469,6 +483,9 @@ def memory_rows(cfg: Config, device: torch.device) -> List[Row]:
     results: Dict[str, Dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for case, _ in cases:
+            if case == "torchopt" and torchopt is None:
+                results[case] = {"missing": TORCHOPT_MISSING}
+                continue
             out = str(Path(tmp) / f"{case}.json")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", case, "--device", str(device)]
             cmd += ["--gpt", json.dumps(gpt), "--worker-out", out]
@@ -487,6 +504,9 @@ def memory_rows(cfg: Config, device: torch.device) -> List[Row]:
     rows = []
     for case, label in cases:
         r = results[case]
+        if "missing" in r:
+            rows.append(Row(section, label, r["missing"]))
+            continue
         if "error" in r:
             rows.append(Row(section, label, "FAILED", detail=r["error"]))
             continue
@@ -676,7 +696,7 @@ def header_lines(cfg: Config, backend_note: str, load: str, devices: Sequence[to
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- device: {cpu_model()} ({os.cpu_count()} CPUs){gpu}",
         f"- versions: torch {torch.__version__}, zo_kernels {zo_kernels.__version__}, "
-        f"torchopt {torchopt.__version__}, python {platform.python_version()}",
+        f"{torchopt_version(torchopt)}, python {platform.python_version()}",
         f"- threads: {THREADS} (torch.set_num_threads); {omp_environment()}",
         f"- {load}",
         f"- backend: {backend_note}; devices measured: {', '.join(d.type for d in devices)}",

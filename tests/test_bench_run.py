@@ -1,4 +1,8 @@
-"""`bench/run.py --quick` (the smoke run of `make bench`) writes its report and three valid PNG plots."""
+"""`bench/run.py --quick` (the smoke run of `make bench`) writes its report and three valid PNG plots.
+
+It also runs without the optional torchopt and matplotlib (as on a GPU machine without a package
+registry): the TorchOpt cells say so, the other ratios are still measured, the plots are skipped.
+"""
 
 import os
 import re
@@ -15,11 +19,17 @@ BASELINES = ("(a) TorchOpt", "(b) plain PyTorch", "(c) MeZO")
 PLOTS = ("time-vs-samples", "time-vs-params", "memory-vs-params")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("bench")
+def _quick(out_dir, hidden=()):
+    """``bench/run.py --quick`` into ``out_dir``; the modules of ``hidden`` fail to import, as if not installed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    if hidden:  # a package of that name first on the path (the memory workers inherit it too)
+        shadow = out_dir / "hidden-modules"
+        for name in hidden:
+            (shadow / name).mkdir(parents=True)
+            hide = f"raise ModuleNotFoundError(\"No module named '{name}' (hidden by a test)\", name='{name}')\n"
+            (shadow / name / "__init__.py").write_text(hide)
+        env["PYTHONPATH"] = str(shadow) + os.pathsep + env["PYTHONPATH"]
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--out-dir", str(out_dir)],
         cwd=ROOT,
@@ -29,7 +39,13 @@ def quick_run(tmp_path_factory):
         timeout=TIMEOUT_S,
     )
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return out_dir, result
+    return result
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("bench")
+    return out_dir, _quick(out_dir)
 
 
 def summary_rows(text):
@@ -79,6 +95,22 @@ def test_plots_are_non_empty_valid_pngs(quick_run):
         assert len(data) > 10_000  # a drawn figure, not a blank canvas
         report = out_dir / paths[0].name.replace(f"-{name}.png", ".md")
         assert f"({paths[0].name})" in report.read_text()  # the report shows the plot
+
+
+@pytest.mark.slow
+def test_quick_run_without_torchopt_or_matplotlib(tmp_path):
+    result = _quick(tmp_path, hidden=("torchopt", "matplotlib"))
+    text = (tmp_path / "summary-cpu-quick.md").read_text()
+    assert "torchopt not installed, python" in text  # the versions line
+    rows = summary_rows(text)
+    torchopt_rows = [row for row in rows if row[1].startswith(BASELINES[0])]
+    assert torchopt_rows and all(row[6] == "torchopt not installed" and row[8] == "–" for row in torchopt_rows)
+    for baseline in BASELINES[1:]:  # everything else is still measured
+        mine = [row for row in rows if row[1].startswith(baseline)]
+        assert mine and all(re.fullmatch(r"\d+\.\d\dx", row[8]) for row in mine), mine
+    assert "Plots not drawn: matplotlib not installed." in text
+    assert not list(tmp_path.glob("*.png"))
+    assert "torchopt not installed" in result.stdout
 
 
 def _bench_module(name):
