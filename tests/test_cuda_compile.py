@@ -146,7 +146,8 @@ struct EmuPerturb {
                   int64_t offset) {
     using T = typename Io<D>::T;
     for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
-      perturb_item<S, D>(static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample, &scale, 1, n, offset, q);
+      perturb_item<S, D>(static_cast<T*>(out), static_cast<const T*>(theta), n, seed, sample,
+                         RowScales{scale, scale, 1}, n, offset, q);
     });
   }
 };
@@ -156,11 +157,13 @@ struct EmuPerturbRows {  // perturb_rows_kernel: blockIdx.y over the samples, th
   static void run(void* out, const void* theta, int64_t n, uint64_t seed, const int64_t* ids, int64_t num,
                   const double* scales, int signs, int64_t offset) {
     using T = typename Io<D>::T;
-    for (int64_t i = 0; i < num; ++i)
+    for (int64_t i = 0; i < num; ++i) {
+      const RowScales row_scales = sample_scales(ids, scales, i, signs);
       for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
         perturb_item<S, D>(static_cast<T*>(out) + i * signs * n, static_cast<const T*>(theta), n, seed,
-                           static_cast<uint32_t>(ids[i]), scales + i * signs, signs, n, offset, q);
+                           static_cast<uint32_t>(ids[i]), row_scales, n, offset, q);
       });
+    }
   }
 };
 
@@ -365,6 +368,14 @@ def test_emulated_out_of_range_ids_poison(emu):
     w, ids = torch.ones(2), torch.tensor([1, 2**32])
     emu.emu_accumulate(grad.data_ptr(), 50, 0, w.data_ptr(), ids.data_ptr(), 2, 0, 0, 0, 1.0, 0)
     assert bool(torch.isnan(grad).all())
+
+
+def test_emulated_perturb_rows_poisons_the_rows_of_out_of_range_ids(emu):
+    out = torch.zeros(6, 64)
+    ids, scales = torch.tensor([3, 2**32, -1]), torch.ones(3, 2, dtype=torch.float64)
+    emu.emu_perturb_rows(out.data_ptr(), torch.zeros(64).data_ptr(), 64, 0, 0, 0, ids.data_ptr(), 3,
+                         scales.data_ptr(), 2, 0)  # fmt: skip
+    assert not bool(torch.isnan(out[:2]).any()) and bool(torch.isnan(out[2:]).all())
 
 
 @pytest.mark.parametrize("stream", ["normal", "rademacher"])

@@ -142,13 +142,30 @@ ZO_HD void group_noise(uint64_t seed, uint32_t sample, uint64_t start, float (&z
   }
 }
 
+// The 16-byte vector type of T's values (a float4 of floats rather than a uint4 of their bits spares
+// the register moves around the store below).
+template <typename T>
+struct Vector16;
+template <>
+struct Vector16<float> {
+  using type = float4;
+};
+template <>
+struct Vector16<double> {
+  using type = double2;
+};
+template <>
+struct Vector16<unsigned short> {
+  using type = uint4;
+};
+
 // A group of G elements of T as 8- or 16-byte words, for vectorized loads and stores.
 template <typename T, int G>
 struct Packet {
   static constexpr int kBytes = G * static_cast<int>(sizeof(T));
   static constexpr int kAlign = kBytes < 16 ? kBytes : 16;
   static_assert(kAlign == 8 || kAlign == 16, "groups move as 8- or 16-byte words");
-  using Word = typename std::conditional<kAlign == 16, uint4, uint2>::type;
+  using Word = typename std::conditional<kAlign == 16, typename Vector16<T>::type, uint2>::type;
   static constexpr int kWords = kBytes / kAlign;
   union {
     Word w[kWords];
@@ -162,9 +179,18 @@ struct Packet {
 #pragma unroll
     for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const Word*>(p)[i];
   }
+  // On the device through st.global.wb (the plain store's cache policy): a plain store of the union's
+  // words is split into scalars by the compiler, and in some kernels (perturb_rows) it does not
+  // vectorize them again.
   ZO_HD void store(T* p) const {
 #pragma unroll
-    for (int i = 0; i < kWords; ++i) reinterpret_cast<Word*>(p)[i] = w[i];
+    for (int i = 0; i < kWords; ++i) {
+#if defined(__CUDA_ARCH__)
+      __stwb(reinterpret_cast<Word*>(p) + i, w[i]);
+#else
+      reinterpret_cast<Word*>(p)[i] = w[i];
+#endif
+    }
   }
 };
 
@@ -185,36 +211,98 @@ struct GroupPosition {
   ZO_HD bool whole(int64_t n) const { return local >= 0 && local + G <= n; }
 };
 
-// out[k * row_stride + j] = theta[j] + scales[k] * z(seed, sample, offset + j) for k < rows, over the
+// dst[j] = f(e, src[j]) for the elements j = pos.local + e of the group inside [0, n): one packet when
+// the group is whole and both rows are aligned, else element by element (head/tail groups, unaligned
+// rows). dst may be src.
+template <typename U, int G, typename F>
+ZO_HD void update_group(U* dst, const U* src, int64_t n, const GroupPosition<G>& pos, F f) {
+  using Pk = Packet<U, G>;
+  if (pos.whole(n) && Pk::aligned(dst + pos.local) && Pk::aligned(src + pos.local)) {
+    Pk pk;
+    pk.load(src + pos.local);
+#pragma unroll
+    for (int e = 0; e < G; ++e) pk.t[e] = f(e, pk.t[e]);
+    pk.store(dst + pos.local);
+  } else {
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int64_t j = pos.local + e;
+      if (j >= 0 && j < n) dst[j] = f(e, src[j]);
+    }
+  }
+}
+
+// v[e] = row[pos.local + e] for the elements inside [0, n) (U(0) outside), moved like update_group.
+template <typename U, int G>
+ZO_HD void load_group(const U* row, int64_t n, const GroupPosition<G>& pos, U (&v)[G]) {
+  using Pk = Packet<U, G>;
+  if (pos.whole(n) && Pk::aligned(row + pos.local)) {
+    Pk pk;
+    pk.load(row + pos.local);
+#pragma unroll
+    for (int e = 0; e < G; ++e) v[e] = pk.t[e];
+  } else {
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int64_t j = pos.local + e;
+      v[e] = j >= 0 && j < n ? row[j] : U(0);
+    }
+  }
+}
+
+// row[pos.local + e] = v[e] for the elements inside [0, n), moved like update_group.
+template <typename U, int G>
+ZO_HD void store_group(U* row, int64_t n, const GroupPosition<G>& pos, const U (&v)[G]) {
+  using Pk = Packet<U, G>;
+  if (pos.whole(n) && Pk::aligned(row + pos.local)) {
+    Pk pk;
+#pragma unroll
+    for (int e = 0; e < G; ++e) pk.t[e] = v[e];
+    pk.store(row + pos.local);
+  } else {
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      const int64_t j = pos.local + e;
+      if (j >= 0 && j < n) row[j] = v[e];
+    }
+  }
+}
+
+// The scales of one sample's rows of out: one, or two for an antithetic pair. Passed by value so they
+// stay in registers (a pointer to a local array would give the kernel a stack frame).
+struct RowScales {
+  double first;
+  double second;
+  int rows;
+};
+
+// Sample i's `signs` scales; NaN for an id outside [0, 2**32), which poisons its rows like the reduce.
+ZO_HD RowScales sample_scales(const int64_t* ids, const double* scales, int64_t i, int signs) {
+  const bool valid = (static_cast<uint64_t>(ids[i]) >> 32) == 0;
+  const double first = valid ? scales[i * signs] : quiet_nan<double>();
+  const double second = valid && signs > 1 ? scales[i * signs + 1] : quiet_nan<double>();
+  return RowScales{first, second, signs};
+}
+
+// out[k * row_stride + j] = theta[j] + scale_k * z(seed, sample, offset + j) for each row k, over the
 // elements of group q: the noise is generated once for every row (the antithetic pair shares it).
 // With one row, out may be theta (in place).
 template <int S, int D>
 ZO_HD void perturb_item(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed,
-                        uint32_t sample, const double* scales, int rows, int64_t row_stride, int64_t offset,
-                        int64_t q) {
+                        uint32_t sample, RowScales scales, int64_t row_stride, int64_t offset, int64_t q) {
   using IO = Io<D>;
   using Acc = typename IO::Acc;
+  using T = typename IO::T;
   constexpr int G = Group<S>::kSize;
-  using Pk = Packet<typename IO::T, G>;
   const GroupPosition<G> pos(offset, q);
   float z[G];
   group_noise<S>(seed, sample, pos.start, z);
-  for (int k = 0; k < rows; ++k) {
-    typename IO::T* row = out + k * row_stride;
-    const Acc scale = static_cast<Acc>(scales[k]);
-    if (pos.whole(n) && Pk::aligned(row + pos.local) && Pk::aligned(theta + pos.local)) {
-      Pk pk;
-      pk.load(theta + pos.local);
-#pragma unroll
-      for (int e = 0; e < G; ++e) pk.t[e] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(pk.t[e])));
-      pk.store(row + pos.local);
-    } else {
-#pragma unroll
-      for (int e = 0; e < G; ++e) {
-        const int64_t j = pos.local + e;
-        if (j >= 0 && j < n) row[j] = IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(theta[j])));
-      }
-    }
+  // Not unrolled: a second copy of the row code would hold twice the registers for the antithetic pair.
+#pragma unroll 1
+  for (int k = 0; k < scales.rows; ++k) {
+    const Acc scale = static_cast<Acc>(k == 0 ? scales.first : scales.second);
+    update_group(out + k * row_stride, theta, n, pos,
+                 [&](int e, T t) { return IO::store(mul_add(scale, static_cast<Acc>(z[e]), IO::load(t))); });
   }
 }
 
@@ -223,42 +311,47 @@ ZO_HD Acc apply(Acc value, Acc sum, Acc lr, bool subtract) {
   return subtract ? mul_add(-lr, sum, value) : value + sum;
 }
 
-// Group q of reduce (subtract = false: data += sum_k w_k z_k) or step (subtract = true: data -= lr * sum).
-// The samples are visited in order and the sums kept in registers: a fixed order for every element.
+// acc[e] = sum over the samples k in [lo, hi), in order, of weights[k] * z(seed, ids[k], start + e): one
+// fma per sample into a running sum that starts at +0. An id outside [0, 2**32) makes the sums NaN
+// instead of wrapping.
+template <int S, typename Acc>
+ZO_HD void sample_sums(const Acc* weights, const int64_t* ids, int64_t lo, int64_t hi, uint64_t seed,
+                       uint64_t start, Acc (&acc)[Group<S>::kSize]) {
+  constexpr int G = Group<S>::kSize;
+#pragma unroll
+  for (int e = 0; e < G; ++e) acc[e] = Acc(0);
+  for (int64_t k = lo; k < hi; ++k) {
+    const int64_t id = load_shared_value(ids + k);
+    Acc w = load_shared_value(weights + k);
+    if (static_cast<uint64_t>(id) >> 32) w = quiet_nan<Acc>();
+    float z[G];
+    group_noise<S>(seed, static_cast<uint32_t>(id), start, z);
+#pragma unroll
+    for (int e = 0; e < G; ++e) acc[e] = mul_add(w, static_cast<Acc>(z[e]), acc[e]);
+  }
+}
+
+// data = data + sum (reduce) or data - lr * sum (step) over group `pos`, rounding once to T.
+template <int D, int G>
+ZO_HD void apply_group(typename Io<D>::T* data, int64_t n, const GroupPosition<G>& pos,
+                       const typename Io<D>::Acc (&sum)[G], typename Io<D>::Acc lr, bool subtract) {
+  using IO = Io<D>;
+  update_group(data, data, n, pos,
+               [&](int e, typename IO::T t) { return IO::store(apply(IO::load(t), sum[e], lr, subtract)); });
+}
+
+// Group q of reduce (subtract = false: data += sum_k w_k z_k) or step (subtract = true: data -= lr * sum)
+// over all `num` samples in one thread: the single-kernel path.
 template <int S, int D>
 ZO_HD void accumulate_item(typename Io<D>::T* data, int64_t n, const typename Io<D>::Acc* weights, const int64_t* ids,
                            int64_t num, uint64_t seed, int64_t offset, typename Io<D>::Acc lr, bool subtract,
                            int64_t q) {
-  using IO = Io<D>;
-  using Acc = typename IO::Acc;
+  using Acc = typename Io<D>::Acc;
   constexpr int G = Group<S>::kSize;
-  using Pk = Packet<typename IO::T, G>;
   const GroupPosition<G> pos(offset, q);
-  Acc acc[G];
-#pragma unroll
-  for (int e = 0; e < G; ++e) acc[e] = Acc(0);
-  for (int64_t k = 0; k < num; ++k) {
-    const int64_t id = load_shared_value(ids + k);
-    Acc w = load_shared_value(weights + k);
-    if (static_cast<uint64_t>(id) >> 32) w = quiet_nan<Acc>();  // id outside [0, 2**32): poison, don't wrap
-    float z[G];
-    group_noise<S>(seed, static_cast<uint32_t>(id), pos.start, z);
-#pragma unroll
-    for (int e = 0; e < G; ++e) acc[e] = mul_add(w, static_cast<Acc>(z[e]), acc[e]);
-  }
-  if (pos.whole(n) && Pk::aligned(data + pos.local)) {
-    Pk pk;
-    pk.load(data + pos.local);
-#pragma unroll
-    for (int e = 0; e < G; ++e) pk.t[e] = IO::store(apply(IO::load(pk.t[e]), acc[e], lr, subtract));
-    pk.store(data + pos.local);
-  } else {
-#pragma unroll
-    for (int e = 0; e < G; ++e) {
-      const int64_t j = pos.local + e;
-      if (j >= 0 && j < n) data[j] = IO::store(apply(IO::load(data[j]), acc[e], lr, subtract));
-    }
-  }
+  Acc sum[G];
+  sample_sums<S>(weights, ids, 0, num, seed, pos.start, sum);
+  apply_group<D>(data, n, pos, sum, lr, subtract);
 }
 
 template <int S>
@@ -267,11 +360,7 @@ ZO_HD void fill_item(float* out, int64_t n, uint64_t seed, uint32_t sample, int6
   const GroupPosition<G> pos(offset, q);
   float z[G];
   group_noise<S>(seed, sample, pos.start, z);
-#pragma unroll
-  for (int e = 0; e < G; ++e) {
-    const int64_t j = pos.local + e;
-    if (j >= 0 && j < n) out[j] = z[e];
-  }
+  store_group(out, n, pos, z);
 }
 
 // Thread `t`'s share of the squared norm of sample `id` over [lo, hi) (lo a multiple of the chunk):
@@ -310,8 +399,9 @@ template <int S, int D>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(typename Io<D>::T* out, const typename Io<D>::T* theta, int64_t n, uint64_t seed, uint32_t sample,
                    double scale, int64_t offset, int64_t groups) {
+  const RowScales one{scale, scale, 1};
   for (int64_t q = first_item(); q < groups; q += item_stride())
-    perturb_item<S, D>(out, theta, n, seed, sample, &scale, 1, n, offset, q);
+    perturb_item<S, D>(out, theta, n, seed, sample, one, n, offset, q);
 }
 
 // blockIdx.y picks sample first + blockIdx.y: its `signs` rows of `out`, scaled by its `signs` scales.
@@ -322,12 +412,10 @@ __global__ void __launch_bounds__(kThreads)
                         const int64_t* __restrict__ ids, const double* __restrict__ scales, int signs, int64_t first,
                         int64_t offset, int64_t groups) {
   const int64_t i = first + blockIdx.y;
-  const int64_t id = ids[i];
-  const bool valid = id >= 0 && id < (int64_t(1) << 32);
-  double poisoned[2] = {NAN, NAN};
-  const double* row_scales = valid ? scales + i * signs : poisoned;
+  const RowScales row_scales = sample_scales(ids, scales, i, signs);
+  const uint32_t sample = static_cast<uint32_t>(ids[i]);
   for (int64_t q = first_item(); q < groups; q += item_stride())
-    perturb_item<S, D>(out + i * signs * n, theta, n, seed, static_cast<uint32_t>(id), row_scales, signs, n, offset, q);
+    perturb_item<S, D>(out + i * signs * n, theta, n, seed, sample, row_scales, n, offset, q);
 }
 
 template <int S, int D>
