@@ -41,12 +41,14 @@ def test_there_are_cuda_sources():
 def test_the_built_extension_imports_without_a_gpu_and_explains_availability():
     ext, why = load_extension()
     backend, reason = load_backend()
-    if ext is None:
-        assert why.startswith("not built") and backend is None and reason == why
+    if ext is None:  # not built, or built from older sources (a reinstall is due): said so either way
+        assert why.startswith(("not built", "stale build")) and backend is None and reason == why
         pytest.skip(why)
     # The CUDA runtime is linked statically: importing needs no libcudart and no driver.
-    assert ext.ABI_VERSION == 2 and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
+    assert ext.ABI_VERSION == 3 and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
     assert ext.squared_norms_workspace(3, 65537) == 3 * 2
+    assert ext.sample_splits(1000, 256, 0) == 62 and ext.reduce_workspace(1000, 256, 0) == 62 * 256
+    assert ext.sample_splits(0, 256, 0) == 0 and ext.reduce_workspace(1000, 2**22, 0) == 0
     if not torch.cuda.is_available():
         assert backend is None and reason.startswith("built, but no CUDA device is visible"), reason
     else:
@@ -180,6 +182,65 @@ struct EmuAccumulate {
   }
 };
 
+template <int S, int D>
+struct EmuSplit {  // partial_kernel (gridDim.y = chunks), then finish_kernel
+  static void run(void* data, int64_t n, const void* weights, const int64_t* ids, int64_t num, uint64_t seed,
+                  int64_t offset, double lr, bool subtract, int64_t chunks) {
+    using T = typename Io<D>::T;
+    using Acc = typename Io<D>::Acc;
+    // NaN-filled: an element the partial kernel leaves unwritten would show in the result.
+    std::vector<Acc> work(static_cast<size_t>(chunks * n), quiet_nan<Acc>());
+    const SampleChunks split(num, chunks);
+    for (int64_t c = 0; c < chunks; ++c)
+      for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
+        partial_item<S, D>(work.data(), n, static_cast<const Acc*>(weights), ids, split, c, seed, offset, q);
+      });
+    for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
+      finish_item<S, D>(static_cast<T*>(data), n, work.data(), chunks, offset, static_cast<Acc>(lr), subtract, q);
+    });
+  }
+};
+
+// The split path's summation order (kernels.cu) written out element by element with philox.h alone (no
+// groups, packets or work items): what the kernels must reproduce bit for bit.
+template <int S>
+float plain_noise(uint64_t seed, int64_t id, uint64_t j) {
+  const Words w = block_words(seed, static_cast<uint32_t>(id), j / StreamTraits<S>::kPerBlock);
+  if constexpr (S == kNormal) {
+    float z[4];
+    normal_block(w, z);
+    return z[j % 4];
+  } else {
+    return rademacher_sign(w, static_cast<int>(j % 128));
+  }
+}
+
+template <int S, int D>
+struct PlainSplit {
+  static void run(void* data, int64_t n, const void* weights, const int64_t* ids, int64_t num, uint64_t seed,
+                  int64_t offset, double lr, bool subtract, int64_t chunks) {
+    using IO = Io<D>;
+    using Acc = typename IO::Acc;
+    auto* d = static_cast<typename IO::T*>(data);
+    const auto* w = static_cast<const Acc*>(weights);
+    for (int64_t j = 0; j < n; ++j) {
+      Acc sum = 0;
+      for (int64_t c = 0, lo = 0; c < chunks; ++c) {
+        const int64_t hi = lo + num / chunks + (c < num % chunks ? 1 : 0);
+        Acc part = 0;
+        for (int64_t k = lo; k < hi; ++k) {
+          const Acc wk = ids[k] < 0 || ids[k] >= (int64_t{1} << 32) ? quiet_nan<Acc>() : w[k];
+          part = std::fma(wk, static_cast<Acc>(plain_noise<S>(seed, ids[k], offset + j)), part);
+        }
+        sum = c == 0 ? part : sum + part;
+        lo = hi;
+      }
+      const Acc value = IO::load(d[j]);
+      d[j] = IO::store(subtract ? std::fma(-static_cast<Acc>(lr), sum, value) : value + sum);
+    }
+  }
+};
+
 double tree_sum(std::vector<double> v) {  // block_sum's order
   for (int s = kThreads / 2; s > 0; s >>= 1)
     for (int t = 0; t < s; ++t) v[t] += v[t + s];
@@ -223,6 +284,22 @@ void emu_accumulate(void* data, int64_t n, int dtype, const void* weights, const
                     int stream, uint64_t seed, int64_t offset, double lr, int subtract) {
   if (n > 0) dispatch<EmuAccumulate>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract != 0);
 }
+void emu_split(void* data, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+               uint64_t seed, int64_t offset, double lr, int subtract, int64_t chunks) {
+  dispatch<EmuSplit>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract != 0, chunks);
+}
+void plain_split(void* data, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+                 uint64_t seed, int64_t offset, double lr, int subtract, int64_t chunks) {
+  dispatch<PlainSplit>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract != 0, chunks);
+}
+int64_t emu_sample_splits(int64_t num, int64_t n, int stream) { return sample_splits(num, n, stream); }
+// reduce/step as the host functions run them: sample_splits picks nothing, one kernel or the split.
+void emu_reduce(void* data, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+                uint64_t seed, int64_t offset, double lr, int subtract) {
+  const int64_t chunks = sample_splits(num, n, stream);
+  if (chunks == 1) dispatch<EmuAccumulate>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract != 0);
+  if (chunks > 1) emu_split(data, n, dtype, weights, ids, num, stream, seed, offset, lr, subtract, chunks);
+}
 void emu_fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset) {
   if (stream == kNormal) for_each_item(groups_for<kNormal>(n, offset), [&](int64_t q) {
     fill_item<kNormal>(out, n, seed, sample, offset, q); });
@@ -259,6 +336,9 @@ def emu(tmp_path_factory):
     h.emu_perturb.argtypes = [P, P, I64, INT, INT, U64, U32, D, I64]
     h.emu_perturb_rows.argtypes = [P, P, I64, INT, INT, U64, P, I64, P, INT, I64]
     h.emu_accumulate.argtypes = [P, I64, INT, P, P, I64, INT, U64, I64, D, INT]
+    h.emu_split.argtypes = h.plain_split.argtypes = [P, I64, INT, P, P, I64, INT, U64, I64, D, INT, I64]
+    h.emu_reduce.argtypes = [P, I64, INT, P, P, I64, INT, U64, I64, D, INT]
+    h.emu_sample_splits.argtypes, h.emu_sample_splits.restype = [I64, I64, INT], I64
     h.emu_fill.argtypes = [P, I64, INT, U64, U32, I64]
     h.emu_squared_norms.argtypes = [P, P, I64, I64, INT, U64]
     return h
@@ -376,6 +456,113 @@ def test_emulated_perturb_rows_poisons_the_rows_of_out_of_range_ids(emu):
     emu.emu_perturb_rows(out.data_ptr(), torch.zeros(64).data_ptr(), 64, 0, 0, 0, ids.data_ptr(), 3,
                          scales.data_ptr(), 2, 0)  # fmt: skip
     assert not bool(torch.isnan(out[:2]).any()) and bool(torch.isnan(out[2:]).all())
+
+
+# --- The split reduce/step (samples in chunks over gridDim.y) ---------------------------------------
+
+G = {"normal": 4, "rademacher": 32}
+
+
+def _splits(num, n, stream):
+    """The rule of sample_splits (csrc/cuda/kernels.h), restated."""
+    if num <= 0 or n <= 0:
+        return 0
+    threads = -(-n // G[stream])
+    return max(1, min(132 * 2048 // threads, num // 16, (64 << 20) // 8 // n, 65535))
+
+
+def _accumulate(emu, fn, start, weights, ids, stream, offset, lr, subtract, *chunks):
+    data = start.clone()
+    fn(data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], weights.data_ptr(), ids.data_ptr(), ids.numel(),
+       STREAM_IDS[stream], 5, offset, lr, subtract, *chunks)  # fmt: skip
+    return data
+
+
+def _inputs(dt, num, n):
+    acc = noise.accumulation_dtype(dt)
+    weights = (torch.randn(num, dtype=torch.float64) / num).to(acc)
+    return torch.randn(n, dtype=torch.float64).to(dt), weights, torch.randperm(4 * num)[:num]
+
+
+def test_sample_splits_rule(emu):
+    cases = [(0, 256), (1000, 0), (31, 256), (32, 256), (1000, 256), (1000, 4096), (1000, 2**16), (1000, 2**20)]
+    cases += [(10**6, 1), (10**6, 300), (2**20, 2**22), (64, 10**6), (5000, 2049)]
+    for stream in noise.STREAMS:
+        for num, n in cases:
+            k = emu.emu_sample_splits(num, n, STREAM_IDS[stream])
+            assert k == _splits(num, n, stream), (stream, num, n)
+            assert k == 0 or num // k >= 16 or k == 1
+            assert k * n * 8 <= 64 << 20 or k == 1
+    assert emu.emu_sample_splits(1000, 256, 0) == 62  # a bias at N = 1000: 62 chunks of 16 samples
+    assert emu.emu_sample_splits(1000, 2**22, 0) == 1  # a large tensor has the threads already
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_emulated_split_follows_the_plain_sequential_order_bitwise(emu, dt, stream):
+    # Per chunk the samples in order from +0, then the chunks in order: written out element by element
+    # with philox.h alone (plain_split), the kernels' work items must give the same bits.
+    for num, n in ((40, 1), (40, 131), (37, 2049)):
+        start, weights, ids = _inputs(dt, num, n)
+        for chunks in (1, 2, 3, 7, num):
+            for offset, subtract, lr in ((0, 0, 1.0), (5, 1, 0.5), (2**33 + 125, 0, 1.0), (16 * 777 + 3, 1, 1.0)):
+                got = _accumulate(emu, emu.emu_split, start, weights, ids, stream, offset, lr, subtract, chunks)
+                want = _accumulate(emu, emu.plain_split, start, weights, ids, stream, offset, lr, subtract, chunks)
+                assert torch.equal(got, want), (num, n, chunks, offset, subtract)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("shift", [0, 1])
+def test_emulated_split_with_one_chunk_is_the_single_kernel_path(emu, dt, stream, shift):
+    start, weights, ids = _inputs(dt, 13, 2049)
+    for offset in (0, 5, 2**33 + 125):
+        for subtract, lr in ((0, 1.0), (1, 0.5)):
+            base = _shifted_cpu(start, shift)
+            one = _accumulate(emu, emu.emu_split, base, weights, ids, stream, offset, lr, subtract, 1)
+            single = _accumulate(emu, emu.emu_accumulate, base, weights, ids, stream, offset, lr, subtract)
+            assert torch.equal(one, single)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_emulated_split_matches_the_reference(emu, dt, stream):
+    acc = noise.accumulation_dtype(dt)
+    num, n = 1000, 256  # a bias at N = 1000: the rule splits it (62 chunks)
+    start, weights, ids = _inputs(dt, num, n)
+    assert emu.emu_sample_splits(num, n, STREAM_IDS[stream]) == 62
+    for offset in (0, 7, 2**31 + 3):
+        total = noise.combine(weights, ids, stream, 5, offset, n, dt)
+        for chunks in (2, 5, 62):
+            got = _accumulate(emu, emu.emu_split, start, weights, ids, stream, offset, 1.0, 0, chunks)
+            assert_close(got, start.to(acc) + total, dt, scale=4)
+        reduced = _accumulate(emu, emu.emu_reduce, start, weights, ids, stream, offset, 1.0, 0)
+        assert torch.equal(reduced, _accumulate(emu, emu.emu_split, start, weights, ids, stream, offset, 1.0, 0, 62))
+        stepped = _accumulate(emu, emu.emu_reduce, start, weights, ids, stream, offset, 0.5, 1)
+        assert_close(stepped, start.to(acc) - 0.5 * total, dt, scale=4)
+
+
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_emulated_split_poisons_out_of_range_ids(emu, stream):
+    start, weights, ids = _inputs(torch.float32, 64, 300)
+    for bad in (2**32, -1):
+        ids_bad = ids.clone()
+        ids_bad[40] = bad  # in chunk 2 of 3: the other chunks' partial sums are finite
+        got = _accumulate(emu, emu.emu_split, start, weights, ids_bad, stream, 3, 1.0, 0, 3)
+        assert bool(torch.isnan(got).all())
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_emulated_reduce_and_step_with_no_samples_touch_nothing(emu, dt):
+    start = torch.randn(300, dtype=torch.float64).to(dt)
+    start[::3] = -0.0
+    nothing = torch.empty(0, dtype=noise.accumulation_dtype(dt)), torch.empty(0, dtype=torch.int64)
+    for subtract in (0, 1):
+        got = _accumulate(emu, emu.emu_reduce, start, *nothing, "normal", 0, 0.1, subtract)
+        assert torch.equal(got, start) and bool(torch.signbit(got[::3]).all())  # -0.0 stays -0.0
+    # Why the host functions return before launching: one pass adding the empty sum (+0.0) would not.
+    launched = _accumulate(emu, emu.emu_accumulate, start, *nothing, "normal", 0, 1.0, 0)
+    assert not bool(torch.signbit(launched[::3]).any())
 
 
 @pytest.mark.parametrize("stream", ["normal", "rademacher"])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from zo_kernels import backends
+from zo_kernels.kernels.checks import STREAM_IDS
 from zo_kernels.kernels.native_cuda import load_backend
 from zo_kernels.reference import noise, philox
 
@@ -210,11 +211,17 @@ def test_perturb_rows_poisons_the_rows_of_out_of_range_ids(cuda):
     assert not bool(torch.isnan(out[:2]).any()) and bool(torch.isnan(out[2:]).all())
 
 
-def test_reduce_with_no_samples_leaves_the_gradient(cuda):
-    grad = torch.randn(100, device="cuda")
-    before = grad.clone()
-    cuda.reduce(grad, torch.empty(0, device="cuda"), torch.empty(0, dtype=torch.int64, device="cuda"), "normal", 1, 0)
-    assert torch.equal(grad, before)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_and_step_with_no_samples_touch_nothing(cuda, dtype):
+    # Nothing is launched: a kernel adding the empty sum (+0.0) would turn -0.0 into +0.0.
+    start = torch.randn(300, dtype=torch.float64).to(dtype)
+    start[::3] = -0.0
+    nothing = torch.empty(0, device="cuda"), torch.empty(0, dtype=torch.int64, device="cuda")
+    grad, theta = start.cuda(), start.cuda()
+    cuda.reduce(grad, *nothing, "normal", 1, 0)
+    cuda.step(theta, *nothing, "rademacher", 1, 0.1, 0)
+    for t in (grad.cpu(), theta.cpu()):
+        assert torch.equal(t, start) and bool(torch.signbit(t[::3]).all())
 
 
 def test_out_of_range_sample_ids_poison_the_result_instead_of_wrapping(cuda):
@@ -225,6 +232,40 @@ def test_out_of_range_sample_ids_poison_the_result_instead_of_wrapping(cuda):
     theta = torch.zeros(64, dtype=torch.float64, device="cuda")
     cuda.step(theta, torch.ones(1, device="cuda"), torch.tensor([-1], device="cuda"), "rademacher", 0, 0.1, 0)
     assert bool(torch.isnan(theta).all())
+    # The split path too: one bad id in one chunk poisons every element's sum of the chunks.
+    ids = torch.arange(1000, device="cuda")
+    ids[500] = 2**32
+    bias = torch.zeros(256, device="cuda")
+    assert cuda._C.sample_splits(1000, 256, STREAM_IDS["normal"]) > 1
+    cuda.reduce(bias, torch.ones(1000, device="cuda"), ids, "normal", 0, 0)
+    assert bool(torch.isnan(bias).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("layout", ["aligned", "shifted"])
+def test_split_reduce_and_step_of_a_small_bias(cuda, dtype, stream, layout):
+    # A 256-element bias at N = 1000 would be one block looping over all samples; the split runs 62
+    # chunks of 16 samples over gridDim.y and sums their partial sums in chunk order.
+    n, num = 256, 1000
+    assert cuda._C.sample_splits(num, n, STREAM_IDS[stream]) == 62
+    assert cuda._C.reduce_workspace(num, n, STREAM_IDS[stream]) == 62 * n
+    shift, offset = _layout(layout)
+    weights = torch.randn(num, dtype=torch.float64) / num  # the estimator's scale: a mean over the samples
+    ids = torch.randperm(4 * num)[:num]
+    start = torch.randn(n, dtype=torch.float64).to(dtype)
+    acc = noise.accumulation_dtype(dtype)
+    total = noise.combine(weights, ids, stream, 5, offset, n, dtype)
+    grads = []
+    for _ in range(3):
+        grad = _shifted(start, shift)
+        cuda.reduce(grad, weights.cuda(), ids.cuda(), stream, 5, offset)
+        grads.append(grad.cpu())
+    assert_close(grads[0], start.to(acc) + total, dtype, scale=4)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])  # bitwise run to run
+    theta = _shifted(start, shift)
+    cuda.step(theta, weights.cuda(), ids.cuda(), stream, 5, 0.5, offset)
+    assert_close(theta.cpu(), start.to(acc) - 0.5 * total, dtype, scale=4)
 
 
 @pytest.mark.parametrize("stream", noise.STREAMS)
@@ -269,6 +310,8 @@ def test_kernels_run_on_the_current_stream(cuda):
     prepared_out = torch.full((n,), float("nan"), device="cuda")
     stepped = torch.zeros(n, device="cuda")
     weights, ids = torch.randn(4, device="cuda"), torch.arange(4, device="cuda")
+    bias = torch.zeros(256, device="cuda")  # with 1000 samples: the split path and its workspace
+    bias_weights, bias_ids = torch.randn(1000, device="cuda") / 1000, torch.arange(1000, device="cuda")
     prepared = cuda.prepare_perturb(prepared_out, theta, "normal", 1, 0)  # prepared outside, called inside
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
@@ -277,10 +320,12 @@ def test_kernels_run_on_the_current_stream(cuda):
         theta.copy_(src)
         grad.copy_(src)
         stepped.copy_(src)
+        bias.copy_(src[:256])
         cuda.perturb(out, theta, "normal", 1, 2, 0.1, 0)
         prepared(2, 0.1)
         cuda.reduce(grad, weights, ids, "normal", 1, 0)
         cuda.step(stepped, weights, ids, "normal", 1, 0.5, 0)
+        cuda.reduce(bias, bias_weights, bias_ids, "normal", 1, 0)
     side.synchronize()
     src_cpu = src.cpu()
     ref = torch.empty_like(src_cpu)
@@ -290,12 +335,15 @@ def test_kernels_run_on_the_current_stream(cuda):
     total = noise.combine(weights.cpu(), ids.cpu(), "normal", 1, 0, n, torch.float32)
     assert_close(grad.cpu(), src_cpu + total, torch.float32, scale=4)
     assert_close(stepped.cpu(), src_cpu - 0.5 * total, torch.float32, scale=4)
+    bias_total = noise.combine(bias_weights.cpu(), bias_ids.cpu(), "normal", 1, 0, 256, torch.float32)
+    assert_close(bias.cpu(), src_cpu[:256] + bias_total, torch.float32, scale=4)
 
 
 def test_no_host_sync_in_perturb_reduce_step(cuda):
     theta = torch.randn(1000, device="cuda")
     out = torch.empty_like(theta)
     weights, ids = torch.randn(8, dtype=torch.float64, device="cuda"), torch.arange(8, device="cuda")
+    bias, many = torch.zeros(256, device="cuda"), torch.arange(1000, device="cuda")  # the split path
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing PyTorch call raises
@@ -303,6 +351,8 @@ def test_no_host_sync_in_perturb_reduce_step(cuda):
         cuda.perturb(out, theta, "normal", 1, 0, 0.1, 0)
         cuda.reduce(out, weights, ids, "normal", 1, 0)
         cuda.step(theta, weights, ids, "rademacher", 1, 0.01, 0)
+        cuda.reduce(bias, many.double(), many, "normal", 1, 0)
+        cuda.step(bias, many.double(), many, "rademacher", 1, 0.01, 0)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.synchronize()
@@ -375,7 +425,11 @@ def test_cuda_errors_become_python_exceptions(cuda):
     with pytest.raises(ValueError, match="dtype id"):
         cuda._C.perturb(t.data_ptr(), t.data_ptr(), 8, 9, 0, 0, 0, 1.0, 0, t.device.index, _stream())
     with pytest.raises(ValueError, match="stream id"):
-        cuda._C.reduce(t.data_ptr(), 8, 0, 0, 0, 0, 5, 0, 0, t.device.index, _stream())
+        cuda._C.reduce(t.data_ptr(), 8, 0, 0, 0, 0, 5, 0, 0, 0, t.device.index, _stream())
+    bias, weights, ids = _t(256), _t(1000), _t(1000, dtype=torch.int64)
+    with pytest.raises(ValueError, match="workspace"):  # a split without its workspace, refused before launching
+        cuda._C.reduce(bias.data_ptr(), 256, 0, weights.data_ptr(), ids.data_ptr(), 1000, 0, 0, 0, 0,
+                       bias.device.index, _stream())  # fmt: skip
     # The device is still usable afterwards.
     cuda.perturb(t, t, "normal", 0, 0, 1.0, 0)
     assert bool(torch.isfinite(t).all())

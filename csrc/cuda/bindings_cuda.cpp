@@ -25,12 +25,16 @@ T* ptr(uintptr_t address) {
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "zo_kernels fused CUDA kernels over the Philox4x32-10 noise stream";
-  m.attr("ABI_VERSION") = 2;  // zo_kernels/kernels/native_cuda.py checks it
+  m.attr("ABI_VERSION") = 3;  // zo_kernels/kernels/native_cuda.py checks it
   m.attr("CUDART_VERSION") = zo::cuda::runtime_version();
   m.attr("MIN_ARCH") = zo::cuda::min_architecture();
   m.def("device_count", &zo::cuda::device_count, "CUDA devices visible to the module's runtime (0 if none).");
   m.def("squared_norms_workspace", &zo::cuda::squared_norms_workspace, py::arg("num"), py::arg("n"),
         "Doubles of device scratch memory that squared_norms needs.");
+  m.def("sample_splits", &zo::cuda::sample_splits, py::arg("num"), py::arg("n"), py::arg("stream"),
+        "Chunks reduce/step split `num` samples into for n elements (0: nothing to do, 1: one kernel).");
+  m.def("reduce_workspace", &zo::cuda::reduce_workspace, py::arg("num"), py::arg("n"), py::arg("stream"),
+        "Elements of the accumulation dtype of device scratch memory that reduce/step need (0: none).");
 
   m.def(
       "perturb",
@@ -58,24 +62,25 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "reduce",
       [](uintptr_t grad, int64_t n, int dtype, uintptr_t weights, uintptr_t ids, int64_t num, int stream,
-         uint64_t seed, int64_t offset, int device, uintptr_t cuda_stream) {
+         uint64_t seed, int64_t offset, uintptr_t workspace, int device, uintptr_t cuda_stream) {
         py::gil_scoped_release release;
         zo::cuda::reduce(ptr<void>(grad), n, dtype, ptr<const void>(weights), ptr<const int64_t>(ids), num, stream,
-                         seed, offset, device, cuda_stream);
+                         seed, offset, ptr<void>(workspace), device, cuda_stream);
       },
       py::arg("grad"), py::arg("n"), py::arg("dtype"), py::arg("weights"), py::arg("ids"), py::arg("num"),
-      py::arg("stream"), py::arg("seed"), py::arg("offset"), py::arg("device"), py::arg("cuda_stream"));
+      py::arg("stream"), py::arg("seed"), py::arg("offset"), py::arg("workspace"), py::arg("device"),
+      py::arg("cuda_stream"));
 
   m.def(
       "step",
       [](uintptr_t theta, int64_t n, int dtype, uintptr_t weights, uintptr_t ids, int64_t num, int stream,
-         uint64_t seed, double lr, int64_t offset, int device, uintptr_t cuda_stream) {
+         uint64_t seed, double lr, int64_t offset, uintptr_t workspace, int device, uintptr_t cuda_stream) {
         py::gil_scoped_release release;
         zo::cuda::step(ptr<void>(theta), n, dtype, ptr<const void>(weights), ptr<const int64_t>(ids), num, stream,
-                       seed, lr, offset, device, cuda_stream);
+                       seed, lr, offset, ptr<void>(workspace), device, cuda_stream);
       },
       py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("weights"), py::arg("ids"), py::arg("num"),
-      py::arg("stream"), py::arg("seed"), py::arg("lr"), py::arg("offset"), py::arg("device"),
+      py::arg("stream"), py::arg("seed"), py::arg("lr"), py::arg("offset"), py::arg("workspace"), py::arg("device"),
       py::arg("cuda_stream"));
 
   m.def(

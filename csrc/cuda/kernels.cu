@@ -3,11 +3,14 @@
 // Work split: a thread owns a *group* of G consecutive flat elements whose global start is a multiple
 // of G (normal: G = 4, one Philox block; rademacher: G = 32, one 32-bit word of a block, so four threads
 // share a block). reduce/step loop over the samples in order inside the thread, accumulating the group in
-// registers, and touch memory once at the end: every element's sum has a fixed order, so results are
-// deterministic and independent of the launch geometry. Interior groups whose addresses are aligned
-// move with 8/16-byte vector loads and stores; head/tail groups (offset or n not a multiple of G) and
-// unaligned pointers take a guarded scalar path. Indices are int64 and the grids are grid-stride
-// loops capped at a few waves, so any n < 2**63 works.
+// registers, and touch memory once at the end. A small tensor has too few groups to fill the GPU, so
+// its samples are split into K contiguous chunks over gridDim.y: each chunk's partial sums go to a
+// K x n workspace and a second kernel adds them in chunk order (see "The split path" below). K is a
+// function of (num, n, stream) only (sample_splits), so every element's sum has a fixed order: results
+// are deterministic and independent of the launch geometry and of the device. Interior groups whose
+// addresses are aligned move with 8/16-byte vector loads and stores; head/tail groups (offset or n not
+// a multiple of G) and unaligned pointers take a guarded scalar path. Indices are int64 and the grids
+// are grid-stride loops capped at a few waves, so any n < 2**63 works.
 //
 // The normals use the accurate logf/sqrtf/sincosf of the CUDA math library (no fast-math intrinsics;
 // never build with --use_fast_math), so they stay within float32 rounding of the reference.
@@ -39,7 +42,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-// The largest gridDim.y: perturb_rows launches once per this many samples.
+// The largest gridDim.y: perturb_rows launches once per this many samples, reduce/step split the
+// samples into at most this many chunks.
 constexpr int64_t kMaxGridY = 65535;
 // Grid cap, in blocks per SM: 8 resident blocks of 256 threads fill an SM; 4 waves of them keep the
 // tail short while the grid-stride loops cover any larger n.
@@ -47,6 +51,13 @@ constexpr int64_t kBlocksPerSm = 32;
 // Elements per partial sum of squared_norms (a multiple of every group and block length). Fixed, so
 // the summation order does not depend on the device.
 constexpr int64_t kNormChunk = 65536;
+// The sample split of reduce/step (sample_splits): fixed numbers, never the device's, because the
+// chunks fix the summation order. Threads aimed at: an H100/H200 (132 SMs x 2048 threads) full once.
+constexpr int64_t kSplitThreads = 132 * 2048;
+// Fewest samples per chunk: shorter chunks would spend more on the workspace round trip than they win.
+constexpr int64_t kMinChunkSamples = 16;
+// Most workspace elements: 64 MiB of float64 partial sums; larger tensors have the threads anyway.
+constexpr int64_t kMaxWorkspaceElements = (int64_t{64} << 20) / 8;
 
 // ---------------------------------------------------------------------------------------------------
 // Element types: storage type T (float16/bfloat16 as raw 16-bit patterns) and accumulation type Acc.
@@ -180,8 +191,8 @@ struct Packet {
     for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const Word*>(p)[i];
   }
   // On the device through st.global.wb (the plain store's cache policy): a plain store of the union's
-  // words is split into scalars by the compiler, and in some kernels (perturb_rows) it does not
-  // vectorize them again.
+  // words is split into scalars by the compiler, and in some kernels (perturb_rows, the split reduce's
+  // partial sums) it does not vectorize them again.
   ZO_HD void store(T* p) const {
 #pragma unroll
     for (int i = 0; i < kWords; ++i) {
@@ -354,6 +365,63 @@ ZO_HD void accumulate_item(typename Io<D>::T* data, int64_t n, const typename Io
   apply_group<D>(data, n, pos, sum, lr, subtract);
 }
 
+// ---- The split path: the samples in `chunks` contiguous chunks, one partial sum each, then their sum.
+//
+// Summation order of element j, in the accumulation type (fixed by (num, n, stream) alone, see
+// sample_splits; w_k = weights[k], z_k = z(seed, ids[k], offset + j)):
+//   p_c = fma(w_{hi-1}, z_{hi-1}, ... fma(w_{lo+1}, z_{lo+1}, fma(w_lo, z_lo, +0)))   for chunk c = [lo, hi)
+//   sum = (((p_0 + p_1) + p_2) + ...) + p_{K-1}
+//   data[j] = data[j] + sum (reduce) or fma(-lr, sum, data[j]) (step), rounded once to the data type.
+// With K = 1 this is the single-kernel path's order, bit for bit.
+
+struct SampleRange {
+  int64_t lo;
+  int64_t hi;
+};
+
+// `chunks` near-equal contiguous chunks of the samples [0, num): the first num % chunks have one more.
+// Built on the host, so the kernels divide nothing (a 64-bit division is a subroutine call there).
+struct SampleChunks {
+  int64_t base;
+  int64_t extra;
+  ZO_HD SampleChunks(int64_t num, int64_t chunks) : base(num / chunks), extra(num % chunks) {}
+  ZO_HD SampleRange range(int64_t c) const {
+    const int64_t lo = c * base + (c < extra ? c : extra);
+    return SampleRange{lo, lo + base + (c < extra ? 1 : 0)};
+  }
+};
+
+// Row c of `workspace` (chunks x n, accumulation type) = chunk c's partial sums, over group q.
+template <int S, int D>
+ZO_HD void partial_item(typename Io<D>::Acc* workspace, int64_t n, const typename Io<D>::Acc* weights,
+                        const int64_t* ids, SampleChunks chunks, int64_t c, uint64_t seed, int64_t offset, int64_t q) {
+  using Acc = typename Io<D>::Acc;
+  constexpr int G = Group<S>::kSize;
+  const GroupPosition<G> pos(offset, q);
+  const SampleRange r = chunks.range(c);
+  Acc sum[G];
+  sample_sums<S>(weights, ids, r.lo, r.hi, seed, pos.start, sum);
+  store_group(workspace + c * n, n, pos, sum);
+}
+
+// Group q of data, updated with the sum of the partials in chunk order.
+template <int S, int D>
+ZO_HD void finish_item(typename Io<D>::T* data, int64_t n, const typename Io<D>::Acc* workspace, int64_t chunks,
+                       int64_t offset, typename Io<D>::Acc lr, bool subtract, int64_t q) {
+  using Acc = typename Io<D>::Acc;
+  constexpr int G = Group<S>::kSize;
+  const GroupPosition<G> pos(offset, q);
+  Acc sum[G];
+  load_group(workspace, n, pos, sum);
+  for (int64_t c = 1; c < chunks; ++c) {
+    Acc part[G];
+    load_group(workspace + c * n, n, pos, part);
+#pragma unroll
+    for (int e = 0; e < G; ++e) sum[e] += part[e];
+  }
+  apply_group<D>(data, n, pos, sum, lr, subtract);
+}
+
 template <int S>
 ZO_HD void fill_item(float* out, int64_t n, uint64_t seed, uint32_t sample, int64_t offset, int64_t q) {
   constexpr int G = Group<S>::kSize;
@@ -425,6 +493,24 @@ __global__ void __launch_bounds__(kThreads)
                       typename Io<D>::Acc lr, bool subtract) {
   for (int64_t q = first_item(); q < groups; q += item_stride())
     accumulate_item<S, D>(data, n, weights, ids, num, seed, offset, lr, subtract, q);
+}
+
+// blockIdx.y is the chunk: row blockIdx.y of the workspace.
+template <int S, int D>
+__global__ void __launch_bounds__(kThreads)
+    partial_kernel(typename Io<D>::Acc* workspace, int64_t n, const typename Io<D>::Acc* __restrict__ weights,
+                   const int64_t* __restrict__ ids, SampleChunks chunks, uint64_t seed, int64_t offset,
+                   int64_t groups) {
+  for (int64_t q = first_item(); q < groups; q += item_stride())
+    partial_item<S, D>(workspace, n, weights, ids, chunks, blockIdx.y, seed, offset, q);
+}
+
+template <int S, int D>
+__global__ void __launch_bounds__(kThreads)
+    finish_kernel(typename Io<D>::T* data, int64_t n, const typename Io<D>::Acc* __restrict__ workspace,
+                  int64_t chunks, int64_t offset, int64_t groups, typename Io<D>::Acc lr, bool subtract) {
+  for (int64_t q = first_item(); q < groups; q += item_stride())
+    finish_item<S, D>(data, n, workspace, chunks, offset, lr, subtract, q);
 }
 
 template <int S>
@@ -618,20 +704,49 @@ struct PerturbRowsOp {
   }
 };
 
+// reduce/step: one kernel when chunks == 1, else the partial sums of the chunks into `workspace`
+// (chunks x n) and a finishing kernel that adds them up in chunk order and updates data.
 template <int S, int D>
 struct AccumulateOp {
   static void run(void* data, int64_t n, const void* weights, const int64_t* ids, int64_t num, uint64_t seed,
-                  int64_t offset, double lr, bool subtract, int device, cudaStream_t stream) {
+                  int64_t offset, double lr, bool subtract, void* workspace, int64_t chunks, int device,
+                  cudaStream_t stream) {
     using IO = Io<D>;
     using T = typename IO::T;
     using Acc = typename IO::Acc;
     const int64_t groups = groups_for<S>(n, offset);
-    accumulate_kernel<S, D><<<grid_for(groups, kThreads, device), kThreads, 0, stream>>>(
-        static_cast<T*>(data), n, static_cast<const Acc*>(weights), ids, num, seed, offset, groups,
-        static_cast<Acc>(lr), subtract);
-    check_launch(subtract ? "step kernel launch" : "reduce kernel launch");
+    const unsigned x = grid_for(groups, kThreads, device);
+    const char* what = subtract ? "step kernel launch" : "reduce kernel launch";
+    if (chunks == 1) {
+      accumulate_kernel<S, D><<<x, kThreads, 0, stream>>>(static_cast<T*>(data), n, static_cast<const Acc*>(weights),
+                                                          ids, num, seed, offset, groups, static_cast<Acc>(lr),
+                                                          subtract);
+      check_launch(what);
+      return;
+    }
+    Acc* partial = static_cast<Acc*>(workspace);
+    partial_kernel<S, D><<<dim3(x, static_cast<unsigned>(chunks)), kThreads, 0, stream>>>(
+        partial, n, static_cast<const Acc*>(weights), ids, SampleChunks(num, chunks), seed, offset, groups);
+    check_launch(what);
+    finish_kernel<S, D><<<x, kThreads, 0, stream>>>(static_cast<T*>(data), n, partial, chunks, offset, groups,
+                                                    static_cast<Acc>(lr), subtract);
+    check_launch(what);
   }
 };
+
+void accumulate(void* data, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+                uint64_t seed, int64_t offset, double lr, bool subtract, void* workspace, int device,
+                uintptr_t cuda_stream) {
+  check_ids(stream, dtype);
+  const int64_t chunks = sample_splits(num, n, stream);
+  // No samples: nothing to add, and adding +0.0 would still turn -0.0 into +0.0.
+  if (chunks == 0) return;
+  if (chunks > 1 && workspace == nullptr)
+    throw std::invalid_argument("zo_kernels._C_cuda: reduce/step need a workspace of reduce_workspace() elements");
+  DeviceGuard guard(device);
+  dispatch<AccumulateOp>(stream, dtype, data, n, weights, ids, num, seed, offset, lr, subtract, workspace, chunks,
+                         device, as_stream(cuda_stream));
+}
 
 }  // namespace
 
@@ -653,22 +768,28 @@ void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream
                           as_stream(cuda_stream));
 }
 
+int64_t sample_splits(int64_t num, int64_t n, int stream) {
+  check_ids(stream, kFloat32);
+  if (num <= 0 || n <= 0) return 0;
+  const int64_t g = stream == kNormal ? Group<kNormal>::kSize : Group<kRademacher>::kSize;
+  const int64_t threads = (n + g - 1) / g;  // per chunk (an offset's head group aside)
+  const int64_t k = std::min({kSplitThreads / threads, num / kMinChunkSamples, kMaxWorkspaceElements / n, kMaxGridY});
+  return std::max<int64_t>(k, 1);
+}
+
+int64_t reduce_workspace(int64_t num, int64_t n, int stream) {
+  const int64_t chunks = sample_splits(num, n, stream);
+  return chunks > 1 ? chunks * n : 0;
+}
+
 void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
-            uint64_t seed, int64_t offset, int device, uintptr_t cuda_stream) {
-  check_ids(stream, dtype);
-  if (n <= 0) return;
-  DeviceGuard guard(device);
-  dispatch<AccumulateOp>(stream, dtype, grad, n, weights, ids, num, seed, offset, 1.0, false, device,
-                         as_stream(cuda_stream));
+            uint64_t seed, int64_t offset, void* workspace, int device, uintptr_t cuda_stream) {
+  accumulate(grad, n, dtype, weights, ids, num, stream, seed, offset, 1.0, false, workspace, device, cuda_stream);
 }
 
 void step(void* theta, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
-          uint64_t seed, double lr, int64_t offset, int device, uintptr_t cuda_stream) {
-  check_ids(stream, dtype);
-  if (n <= 0) return;
-  DeviceGuard guard(device);
-  dispatch<AccumulateOp>(stream, dtype, theta, n, weights, ids, num, seed, offset, lr, true, device,
-                         as_stream(cuda_stream));
+          uint64_t seed, double lr, int64_t offset, void* workspace, int device, uintptr_t cuda_stream) {
+  accumulate(theta, n, dtype, weights, ids, num, stream, seed, offset, lr, true, workspace, device, cuda_stream);
 }
 
 int64_t squared_norms_workspace(int64_t num, int64_t n) { return num > 0 && n > 0 ? num * chunks_for(n) : 0; }

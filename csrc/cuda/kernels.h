@@ -25,16 +25,31 @@ void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uin
 void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, const int64_t* ids,
                   int64_t num, const double* scales, int signs, int64_t offset, int device, uintptr_t cuda_stream);
 
-// grad[j] += sum_k weights[k] * z(seed, ids[k], offset + j), each element's sum over k in order.
-// `weights` holds `num` values of the accumulation type: float for float32/float16/bfloat16 data,
-// double for float64 data. An id outside [0, 2**32) turns the result into NaN (checking it on the
-// host would need a device sync).
-void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
-            uint64_t seed, int64_t offset, int device, uintptr_t cuda_stream);
+// How many contiguous chunks reduce/step split the `num` samples into for an n-element tensor of
+// `stream`: 0 when there is nothing to do (num or n is 0), 1 for one kernel that loops over all samples
+// in each thread, K >= 2 for K partial sums (one per chunk, in parallel over gridDim.y) added up in
+// chunk order by a second kernel. A pure function of (num, n, stream), never of the device, so the
+// summation order (and every bit of the result) is the same on any GPU: K = min(132 * 2048 // ceil(n / G),
+// num // 16, 8 Mi // n, 65535), at least 1, G being the stream's group size (normal 4, rademacher 32).
+int64_t sample_splits(int64_t num, int64_t n, int stream);
 
-// theta[j] -= lr * sum_k weights[k] * z(seed, ids[k], offset + j), without writing a gradient.
+// Elements (of the accumulation type) of the device workspace reduce/step need: sample_splits * n when
+// that is 2 or more, else 0 (no workspace; pass a null pointer).
+int64_t reduce_workspace(int64_t num, int64_t n, int stream);
+
+// grad[j] += sum_k weights[k] * z(seed, ids[k], offset + j). `weights` holds `num` values of the
+// accumulation type: float for float32/float16/bfloat16 data, double for float64 data. Each element's
+// sum has a fixed order (see sample_splits): over the samples of each chunk in order, then over the
+// chunks in order. `workspace` has reduce_workspace(num, n, stream) elements of the accumulation type
+// (null when that is 0). An id outside [0, 2**32) turns the result into NaN (checking it on the host
+// would need a device sync). With num == 0 nothing is launched and grad is left bit for bit.
+void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
+            uint64_t seed, int64_t offset, void* workspace, int device, uintptr_t cuda_stream);
+
+// theta[j] -= lr * sum_k weights[k] * z(seed, ids[k], offset + j), without writing a gradient; the sum
+// and the workspace are those of reduce.
 void step(void* theta, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num, int stream,
-          uint64_t seed, double lr, int64_t offset, int device, uintptr_t cuda_stream);
+          uint64_t seed, double lr, int64_t offset, void* workspace, int device, uintptr_t cuda_stream);
 
 // Number of doubles of device scratch memory that squared_norms needs for (num, n).
 int64_t squared_norms_workspace(int64_t num, int64_t n);

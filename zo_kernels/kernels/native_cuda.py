@@ -32,7 +32,7 @@ def _min_capability(ext: ModuleType) -> Tuple[int, int]:
 
 
 #: The ``zo_kernels._C_cuda`` entry points this module calls; bumped whenever csrc/cuda/bindings_cuda.cpp changes.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 def load_extension() -> Tuple[Optional[ModuleType], str]:
@@ -102,8 +102,11 @@ def _cuda_device(device=None) -> torch.device:
 class NativeCudaBackend(Backend):
     """Fused perturb / reduce / step on CUDA tensors with the CUDA C++ kernels.
 
-    Each element's sum over the samples runs in the order given by ``sample_ids`` inside one thread,
-    so results are bitwise identical run to run.
+    Each element's sum over the samples has a fixed order: the samples, in the order given by
+    ``sample_ids``, are split into ``_C_cuda.sample_splits(num, numel, stream)`` contiguous chunks (one
+    for large tensors), each chunk summed in order, then the chunks' sums added in order. The split
+    depends on (num, numel, stream) alone, never on the device, so results are bitwise identical run
+    to run and from one GPU to another.
     """
 
     name = "cuda"
@@ -182,14 +185,27 @@ class NativeCudaBackend(Backend):
             raise TypeError(f"weights must be real, got {weights.dtype}")
         # Conversions run on the device, on the current stream (no host sync); no-ops when the caller
         # already passes int64 ids and weights in the accumulation dtype.
+        acc = accumulation_dtype(data.dtype)
         ids = sample_ids.reshape(-1).to(torch.int64).contiguous()
-        w = weights.reshape(-1).to(accumulation_dtype(data.dtype)).contiguous()
+        w = weights.reshape(-1).to(acc).contiguous()
         _check_tensor(ids, "sample_ids", torch.int64, device=device)
-        _check_tensor(w, "weights", accumulation_dtype(data.dtype), ids.numel(), device)
+        _check_tensor(w, "weights", acc, ids.numel(), device)
+        work = self._workspace(ids.numel(), data.numel(), s, acc, device)
         fn(
             data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], w.data_ptr(), ids.data_ptr(), ids.numel(), s, seed,
-            *extra, offset, device.index, _stream_handle(device),
+            *extra, offset, 0 if work is None else work.data_ptr(), device.index, _stream_handle(device),
         )  # fmt: skip
+
+    def _workspace(
+        self, num: int, numel: int, stream_id: int, acc: torch.dtype, device: torch.device
+    ) -> Optional[torch.Tensor]:
+        """The partial sums' scratch tensor of a split reduce/step, or None when it runs as one kernel.
+
+        Allocated on the current stream, the one the kernels run on, so the caching allocator hands
+        the memory to nobody else before they are done with it.
+        """
+        size = self._C.reduce_workspace(num, numel, stream_id)
+        return torch.empty(size, dtype=acc, device=device) if size else None
 
     def reduce(self, grad, weights, sample_ids, stream, seed, offset):  # noqa: D102
         self._accumulate(self._C.reduce, grad, weights, sample_ids, stream, seed, offset)
