@@ -5,16 +5,19 @@
 #   bash bench/gpu_all.sh [STAGE ...]        # no STAGE: all of them, in this order
 #
 # Stages (name, timeout in seconds; the timeouts add up to 360 s):
-#   01 device        20  nvidia-smi, python/torch/triton versions, torch.cuda.get_device_name
+#   01 device        15  nvidia-smi, python/torch/triton versions, torch.cuda.get_device_name
 #   02 build         60  ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation
 #                        --no-deps -e . (CMake + Ninja on every core), then import _C and _C_cuda
-#   03 backends      15  json of zo_kernels.backends.available(); fails unless cuda and triton are available
-#   04 tests-cuda    45  tests/test_cuda_kernels.py
-#   05 tests-triton  60  tests/test_triton_kernels.py (+ tests/test_triton_compile.py when present),
+#   03 backends      15  json of zo_kernels.backends.available(); fails unless cpu, cuda and triton are available
+#   04 sass          25  python bench/sass_report.py --out $OUT/sass.md --json $OUT/sass.json: the SASS bounds
+#                        of the kernels as this machine's nvcc and Triton compile them (no GPU needed)
+#   05 tests-cuda    40  tests/test_cuda_kernels.py
+#   06 tests-triton  60  tests/test_triton_kernels.py (+ tests/test_triton_compile.py when present),
 #                        compiled for the GPU, split over parallel pytest processes (bench/pytest_shard.py)
-#   06 tests-gpu     45  pytest -m gpu over every other test file that marks GPU tests
-#   07 bench-gpu     75  python bench/gpu_kernels.py --quick --out $OUT/gpu.md (and gpu.json)
-#   08 run-quick     40  python bench/run.py --quick --out-dir $OUT/run
+#   07 tests-gpu     35  pytest -m gpu over every other test file that marks GPU tests
+#   08 bench-gpu     70  python bench/gpu_kernels.py --quick --out $OUT/gpu.md (and gpu.json), with the
+#                        SASS bounds of $OUT/sass.json (stage 04), else of bench/results/sass.json
+#   09 run-quick     40  python bench/run.py --quick --out-dir $OUT/run
 #
 # Each stage writes $OUT/NN-NAME.log as it runs, is stopped at its timeout, and never stops the
 # stages after it. After every stage one line (number, name, ok / FAILED rc=N / TIMEOUT after N s /
@@ -25,7 +28,7 @@
 #
 # Environment: OUT (default bench/results/gpu-run), PYTHON (default: python, else python3),
 # GPU_ALL_MAX_TIMEOUT (caps every stage's timeout, in seconds; for tests of this script),
-# GPU_ALL_SHARDS (parallel pytest processes of tests-triton; default nproc/2, at most 8).
+# GPU_ALL_SHARDS (parallel pytest processes of tests-triton; default nproc - 4, at least 1, at most 12).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
@@ -35,9 +38,9 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 MAX_TIMEOUT=${GPU_ALL_MAX_TIMEOUT:-}
 NPROC=$(nproc 2>/dev/null || echo 2)
-SHARDS=${GPU_ALL_SHARDS:-$((NPROC / 2 > 8 ? 8 : (NPROC / 2 < 1 ? 1 : NPROC / 2)))}
+SHARDS=${GPU_ALL_SHARDS:-$((NPROC - 4 > 12 ? 12 : (NPROC - 4 < 1 ? 1 : NPROC - 4)))}
 SUMMARY=$OUT/summary.txt
-STAGE_NAMES=(device build backends tests-cuda tests-triton tests-gpu bench-gpu run-quick)
+STAGE_NAMES=(device build backends sass tests-cuda tests-triton tests-gpu bench-gpu run-quick)
 SELECTED=("$@")
 for wanted in "${SELECTED[@]}"; do
   [[ " ${STAGE_NAMES[*]} " == *" $wanted "* ]] || { echo "gpu_all.sh: unknown stage '$wanted' (stages: ${STAGE_NAMES[*]})" >&2; exit 2; }
@@ -179,7 +182,14 @@ pytest_sharded() {
   return $rc
 }
 
-export -f device_info build backends_json pytest_sharded
+# The benchmark uses the SASS bounds measured by the sass stage when it wrote them.
+gpu_bench() {
+  local sass=bench/results/sass.json
+  [[ -s "$OUT/sass.json" ]] && sass=$OUT/sass.json
+  "$PY" bench/gpu_kernels.py --quick --out "$OUT/gpu.md" --sass "$sass"
+}
+
+export -f device_info build backends_json pytest_sharded gpu_bench
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rs --durations=15)
 GPU_FILES=()
@@ -197,7 +207,7 @@ RUN_START=$(now)
 echo "gpu_all.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
   "python $PY, $NPROC CPUs, results in $OUT"
 
-stage device 20 device_info
+stage device 15 device_info
 # The GPU stages run when torch sees a CUDA device (also when only `device` and later stages are selected).
 if grep -q '^torch.cuda.is_available(): True' "$OUT/01-device.log" 2>/dev/null; then
   HAVE_GPU=1
@@ -206,12 +216,13 @@ elif ! selected device && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.
 fi
 gpu_stage build 60 build
 stage backends 15 backends_json
-gpu_stage tests-cuda 45 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_cuda_kernels.py
+gpu_stage sass 25 "$PY" bench/sass_report.py --out "$OUT/sass.md" --json "$OUT/sass.json"
+gpu_stage tests-cuda 40 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_cuda_kernels.py
 export STAGE_LOG_STEM
 STAGE_LOG_STEM=$(printf '%02d' $((STAGE_NO + 1)))-tests-triton
 gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 "${TRITON_FILES[@]}"
-gpu_stage tests-gpu 45 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
-gpu_stage bench-gpu 75 "$PY" bench/gpu_kernels.py --quick --out "$OUT/gpu.md"
+gpu_stage tests-gpu 35 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
+gpu_stage bench-gpu 70 gpu_bench
 gpu_stage run-quick 40 "$PY" bench/run.py --quick --out-dir "$OUT/run"
 
 echo

@@ -1,27 +1,49 @@
-"""GPU benchmark of zo_kernels: fused reduce kernels and full gradient steps, one table per section.
+"""GPU benchmark of zo_kernels: the fused reduce kernels against plain PyTorch and their SASS bound, and full steps.
 
 Run on a machine with a CUDA GPU (``bench/gpu_all.sh`` builds, tests and runs this)::
 
-    python bench/gpu_kernels.py [--quick] [--out bench/results/gpu.md]
+    python bench/gpu_kernels.py [--quick] [--out bench/results/gpu.md] [--sass bench/results/sass.json]
 
-Kernel times are medians of ``triton.testing.do_bench``; every ratio compares numbers measured in
-this run on this GPU. Sections:
+Kernel times are medians of ``triton.testing.do_bench`` (L2 flushed between runs); peak memory is
+``torch.cuda.max_memory_allocated`` during one call, above what was allocated before it. Every
+ratio compares numbers measured in this run on this GPU. ``--out`` also writes the raw numbers as
+JSON next to the report (``gpu.md`` -> ``gpu.json``).
 
-1. ``reduce`` (grad += sum_i w_i z_i over N samples of n elements) for the Triton and CUDA backends,
-   float32 and bfloat16 parameters, against a PyTorch baseline (chunked ``torch.randn`` + matmul
-   accumulate), a Philox bound (N*n normals at the measured rate of a generation-only Philox kernel)
-   and the write bound of the gradient (read + write of n elements at the measured copy bandwidth).
-2. A full gradient step (forward + ES backward) for each method, N = 100 and 1000, on the CPU
-   benchmark's MLP (1024-256-10) and a 4-layer MLP with about 4M parameters, against TorchOpt
-   0.7.3 when it is installed, with the peak GPU memory of each step.
+1. ``reduce`` (``grad += sum_i w_i z_i`` over N samples of n elements) of the ``cuda`` and ``triton``
+   backends, Normal and Rademacher streams, float32 and bfloat16 gradients, against the fastest
+   plain-PyTorch way to the same sum (noise materialized in chunks of at most 1 GiB, then a matrix-vector
+   product), and against the SASS bound of ``bench/results/sass.json`` (``bench/sass_report.py``:
+   the GPU's instruction issue rate over the kernel's instructions per element).
+   Targets (issue 11), at N = 1024, n = 1e7, each a ratio in the table and a met / NOT met computed
+   from it: the fused reduce reaches >= 85% of its SASS bound (both streams, both backends); the
+   default backend is >= 0.9x as fast as the randn + matmul baseline (Normal) and >= 5x (Rademacher)
+   with O(n) memory (peak <= 4n bytes) where the baseline holds O(chunk*n); Triton within 1.5x of
+   CUDA. Why 0.9x and not more: on an H200 the accurate Box-Muller stream is bound at about
+   4.4-4.8e11 normals/s by instruction issue, while randn + matmul is bound by writing memory at
+   about 5e11 normals/s, so with accurate normals the fused kernel cannot be several times faster;
+   its gain is the memory.
+2. A full gradient step (forward + ES backward, every ``.grad`` written) for each method on the CPU
+   benchmark's MLP (1024-256-10; full run: also a 4-layer MLP of 4.2M parameters), against TorchOpt
+   0.7.3 when it is installed and the plain-PyTorch antithetic step of ``bench/baselines.py``, with the
+   peak GPU memory of each.
+
+The table-building functions (:func:`reduce_report`, :func:`step_report`, :func:`sass_bound`) are
+pure: ``tests/test_gpu_kernels.py`` feeds them a fake sass.json and fake timings without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
+import statistics
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +51,350 @@ import torch.nn.functional as F
 import zo_kernels
 from zo_kernels import backends, distributions
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import TORCHOPT_MISSING, import_torchopt, torch_matmul_step, torchopt_version  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SASS = ROOT / "bench" / "results" / "sass.json"
 SIGMA = 0.01
+SEED = 7
 METHODS = ("naive", "forward", "antithetic")
+STREAMS = ("normal", "rademacher")
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHUNK_BYTES = 1 << 30  # the baselines materialize at most 1 GiB of float32 noise at a time
+BASELINE_MAX_ELEMENTS = 1024 * 10**7  # larger N*n: the baseline is not run (it would take seconds per call)
+
+#: The point of the targets, and the targets (issue 11).
+TARGET_POINT = (1024, 10**7)
+SASS_FRACTION = 0.85
+VS_BASELINE = {"normal": 0.9, "rademacher": 5.0}
+TRITON_VS_CUDA = 1.5
+NO_SASS = "no SASS bound recorded"
 
 
-def do_bench(fn: Callable[[], None]) -> float:
-    """Median milliseconds of ``fn`` (``triton.testing.do_bench``, which flushes the L2 between runs)."""
-    import triton.testing
+# --------------------------------------------------------------------------------------------------
+# Results (plain data: what the pure report functions take)
+# --------------------------------------------------------------------------------------------------
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+@dataclass(frozen=True)
+class Case:
+    """One reduce configuration: N samples of n elements, the gradient's dtype, the noise stream."""
+
+    num: int
+    n: int
+    dtype: str
+    stream: str
+
+
+@dataclass
+class Timing:
+    """One measured contender of a case: median milliseconds and the extra bytes allocated during a call."""
+
+    label: str
+    ms: Optional[float] = None
+    peak_bytes: Optional[int] = None
+    note: str = ""  # why it has no numbers (skipped, failed)
+
+
+@dataclass
+class ReduceResults:
+    """Section 1: per case, each backend's timing and the fastest baseline's."""
+
+    kernels: Dict[Case, Dict[str, Timing]] = dataclasses.field(default_factory=dict)
+    baselines: Dict[Case, Timing] = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    """Section 2: one (model, N, method) with ours, TorchOpt and the plain-PyTorch step."""
+
+    model: str
+    params: int
+    num: int
+    method: str
+    ours: Timing
+    torchopt: Timing
+    plain: Timing
+
+
+# --------------------------------------------------------------------------------------------------
+# SASS bounds (bench/results/sass.json)
+# --------------------------------------------------------------------------------------------------
+
+
+def load_sass(path: Optional[Path]) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The parsed sass.json and a line saying where it came from (or why there is none)."""
+    if path is None or not Path(path).exists():
+        return None, f"SASS bounds: {NO_SASS} ({path} not found; bench/sass_report.py writes it)"
+    try:
+        data = json.loads(Path(path).read_text())
+        kernels = data["kernels"]
+        assert isinstance(kernels, list)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as exc:
+        return None, f"SASS bounds: {NO_SASS} ({path} unreadable: {type(exc).__name__}: {exc})"
+    rate = data.get("issue_rate")
+    rate_text = f"issue rate {rate:.4g} instructions/s" if isinstance(rate, (int, float)) else "issue rate not given"
+    return data, f"SASS bounds: {path} ({len(kernels)} kernels, {rate_text})"
+
+
+def sass_bound(
+    sass: Optional[Dict[str, Any]], backend: str, op: str, stream: str, dtype: str
+) -> Optional[Tuple[float, int]]:
+    """(elements per second, variants) of the fastest recorded kernel for this combination, or None.
+
+    Several entries can match (a Triton kernel has one per autotune configuration); the highest
+    bound is used, which makes the percentage the strictest.
+    """
+    if not sass:
+        return None
+    bounds = [
+        float(k["bound_per_s"])
+        for k in sass.get("kernels", [])
+        if isinstance(k, dict)
+        and (k.get("backend"), k.get("op"), k.get("stream"), k.get("dtype")) == (backend, op, stream, dtype)
+        and isinstance(k.get("bound_per_s"), (int, float))
+        and k["bound_per_s"] > 0
+    ]
+    return (max(bounds), len(bounds)) if bounds else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting and the pure report functions
+# --------------------------------------------------------------------------------------------------
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    """A markdown table (empty cells as an en dash, pipes escaped)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join((c or "–").replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def fmt_ms(ms: Optional[float]) -> str:
+    """Milliseconds with three significant digits."""
+    if ms is None:
+        return ""
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
+def fmt_bytes(nbytes: Optional[float]) -> str:
+    """Bytes as MiB (or KiB / B when small)."""
+    if nbytes is None:
+        return ""
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:,.1f} MiB"
+    return f"{nbytes / 2**10:.1f} KiB" if nbytes >= 2**10 else f"{int(nbytes)} B"
+
+
+def fmt_rate(per_s: float) -> str:
+    """Elements per second in G/s, three significant digits."""
+    return f"{per_s / 1e9:.3g} G/s"
+
+
+def fmt_n(n: int) -> str:
+    """``10000000`` as ``1e7``."""
+    text = f"{n:.0e}".replace("e+0", "e").replace("e+", "e")
+    return text if float(text) == n else f"{n:,}"
+
+
+def verdict(name: str, ok: Optional[bool], value: str, why: str = "") -> str:
+    """One target's cell text: ``name: met (value)``, ``NOT met``, or ``not checked (why)``."""
+    if ok is None:
+        return f"{name}: not checked ({why})"
+    return f"{name}: {'met' if ok else 'NOT met'} ({value})"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target instance at the target point, for the summary list under the table."""
+
+    row: str
+    text: str
+    ok: Optional[bool]
+
+
+def primary_backend(names: Sequence[str]) -> Optional[str]:
+    """The backend zero_order uses for CUDA tensors: cuda when it is there, else triton."""
+    for name in ("cuda", "triton"):
+        if name in names:
+            return name
+    return names[0] if names else None
+
+
+def reduce_report(results: ReduceResults, sass: Optional[Dict[str, Any]]) -> Tuple[List[str], List[Target]]:
+    """Section 1's table and the targets checked at the target point, from measured (or fake) numbers."""
+    columns = (
+        "N",
+        "n",
+        "dtype",
+        "stream",
+        "backend",
+        "time",
+        "elements/s",
+        "% of SASS bound",
+        "baseline (fastest plain PyTorch)",
+        "baseline time",
+        "speed vs baseline",
+        "peak mem ours",
+        "peak mem baseline",
+        "triton / cuda time",
+        "targets (N = 1024, n = 1e7)",
+    )
+    rows: List[List[str]] = []
+    targets: List[Target] = []
+    for case, timings in results.kernels.items():
+        base = results.baselines.get(case, Timing("", note="not measured"))
+        primary = primary_backend(list(timings))
+        at_target = (case.num, case.n) == TARGET_POINT
+        for name, t in timings.items():
+            label = f"{name} {case.stream} {case.dtype} N={case.num} n={fmt_n(case.n)}"
+            row = [str(case.num), fmt_n(case.n), case.dtype, case.stream, name]
+            if t.ms is None:
+                rows.append(row + [t.note or "not measured"] + [""] * 9)
+                continue
+            rate = case.num * case.n / (t.ms * 1e-3)
+            bound = sass_bound(sass, name, "reduce", case.stream, case.dtype)
+            pct = rate / bound[0] if bound else None
+            pct_cell = NO_SASS if bound is None else f"{pct:.0%}" + (f" (best of {bound[1]})" if bound[1] > 1 else "")
+            speed = base.ms / t.ms if base.ms is not None else None
+            cuda = timings.get("cuda")
+            vs_cuda = t.ms / cuda.ms if name == "triton" and cuda is not None and cuda.ms else None
+            if name == "triton":
+                vs_cuda_cell = f"{vs_cuda:.2f}x" if vs_cuda is not None else "cuda not measured"
+            else:
+                vs_cuda_cell = ""
+            checks: List[Tuple[str, Optional[bool], str, str]] = []
+            if at_target:
+                checks.append(
+                    (f"≥ {SASS_FRACTION:.0%} of SASS bound", None if pct is None else pct >= SASS_FRACTION,
+                     f"{pct:.0%}" if pct is not None else "", NO_SASS)
+                )  # fmt: skip
+                if name == primary:
+                    need = VS_BASELINE[case.stream]
+                    checks.append(
+                        (f"≥ {need:g}x baseline", None if speed is None else speed >= need,
+                         f"{speed:.2f}x" if speed is not None else "", base.note or "baseline not measured")
+                    )  # fmt: skip
+                if t.peak_bytes is not None:
+                    checks.append(
+                        ("O(n) memory (≤ 4n bytes)", t.peak_bytes <= 4 * case.n, fmt_bytes(t.peak_bytes), "")
+                    )
+                if name == "triton":
+                    checks.append(
+                        (f"≤ {TRITON_VS_CUDA:g}x cuda time", None if vs_cuda is None else vs_cuda <= TRITON_VS_CUDA,
+                         f"{vs_cuda:.2f}x" if vs_cuda is not None else "", "cuda not measured")
+                    )  # fmt: skip
+            cells = [verdict(*check) for check in checks]
+            targets += [Target(label, cell, check[1]) for cell, check in zip(cells, checks)]
+            rows.append(
+                row
+                + [
+                    fmt_ms(t.ms),
+                    fmt_rate(rate),
+                    pct_cell,
+                    base.label or base.note,
+                    fmt_ms(base.ms) if base.ms is not None else base.note,
+                    f"{speed:.2f}x" if speed is not None else "",
+                    fmt_bytes(t.peak_bytes),
+                    fmt_bytes(base.peak_bytes),
+                    vs_cuda_cell,
+                    "; ".join(cells),
+                ]
+            )
+    return table(columns, rows), targets
+
+
+def target_summary(targets: Sequence[Target]) -> List[str]:
+    """The list of every checked target and a count line."""
+    met = sum(t.ok is True for t in targets)
+    missed = sum(t.ok is False for t in targets)
+    unchecked = sum(t.ok is None for t in targets)
+    lines = [f"Targets at N = {TARGET_POINT[0]}, n = {fmt_n(TARGET_POINT[1])}: {met} met, {missed} NOT met, "
+             f"{unchecked} not checked."]  # fmt: skip
+    lines += [f"- {t.row}: {t.text}" for t in targets]
+    return lines
+
+
+def step_report(results: Sequence[StepResult]) -> List[str]:
+    """Section 2's table: ours, TorchOpt and plain PyTorch per (model, N, method), with peaks and ratios."""
+    columns = (
+        "model",
+        "params",
+        "N",
+        "method",
+        "ours",
+        "peak mem ours",
+        "TorchOpt",
+        "peak mem TorchOpt",
+        "TorchOpt / ours",
+        "plain PyTorch randn(N, n) + w @ Z",
+        "peak mem plain",
+        "plain / ours",
+    )
+    rows = []
+    for r in results:
+        row = [r.model, f"{r.params:,}", str(r.num), r.method]
+        row += [fmt_ms(r.ours.ms) or r.ours.note, fmt_bytes(r.ours.peak_bytes)]
+        for other in (r.torchopt, r.plain):
+            ratio = f"{other.ms / r.ours.ms:.2f}x" if other.ms is not None and r.ours.ms else ""
+            row += [fmt_ms(other.ms) if other.ms is not None else other.note, fmt_bytes(other.peak_bytes), ratio]
+        rows.append(row)
+    return table(columns, rows)
+
+
+def results_json(reduce: ReduceResults, steps: Sequence[StepResult]) -> Dict[str, Any]:
+    """Every number of the run as plain JSON-able data."""
+    return {
+        "reduce": [
+            {**dataclasses.asdict(case), "contender": name, **dataclasses.asdict(t)}
+            for case, timings in reduce.kernels.items()
+            for name, t in [*timings.items(), ("baseline", reduce.baselines.get(case, Timing("", note="none")))]
+        ],
+        "step": [dataclasses.asdict(r) for r in steps],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring (GPU)
+# --------------------------------------------------------------------------------------------------
+
+
+class Meter:
+    """Median milliseconds (``triton.testing.do_bench``) and peak extra bytes of a call on a CUDA device."""
+
+    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int) -> None:
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+
+    def ms(self, fn: Callable[[], Any]) -> float:
+        """Median milliseconds of ``fn``."""
+        try:
+            import triton.testing
+        except ImportError:  # CUDA events without triton: median of repeated runs
+            return self._events(fn)
+        return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
+
+    def _events(self, fn: Callable[[], Any]) -> float:
+        fn()
+        times = []
+        deadline = time.perf_counter() + self.rep_ms * 1e-3
+        while len(times) < 3 or time.perf_counter() < deadline:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    def peak(self, fn: Callable[[], Any]) -> int:
+        """Bytes allocated at the peak of one call of ``fn`` above what was allocated before it."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        fn()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - base
 
 
 def gpu_backends() -> List[str]:
@@ -46,71 +403,102 @@ def gpu_backends() -> List[str]:
     return [name for name in ("cuda", "triton") if status.get(name) == "available"]
 
 
-def torch_baseline(grad: torch.Tensor, weights: torch.Tensor, chunk: int) -> None:
-    """What a user writes without fused kernels: materialize a chunk of noise, then a matmul."""
-    n = grad.numel()
-    acc = torch.zeros(n, dtype=torch.float32, device=grad.device)
-    for lo in range(0, weights.numel(), chunk):
-        w = weights[lo : lo + chunk]
-        z = torch.randn(w.numel(), n, device=grad.device, dtype=torch.float32)
-        acc.addmv_(z.t(), w)
-    grad.add_(acc.to(grad.dtype))
+def chunk_rows(num: int, n: int) -> int:
+    """Samples per materialized chunk: at most 1 GiB of float32 noise."""
+    return max(1, min(num, CHUNK_BYTES // (4 * n)))
 
 
-def philox_rate(device: torch.device) -> float:
-    """Normals per second of noise generation alone (the fused ``sample`` of the best backend)."""
-    backend = backends.get(gpu_backends()[0])
-    n = 1 << 26
-    ms = do_bench(lambda: backend.sample("normal", 1, 0, 0, n, device))
-    return n / (ms * 1e-3)
+def baseline_candidates(
+    stream: str, grad: torch.Tensor, weights: torch.Tensor
+) -> List[Tuple[str, Callable[[], None]]]:
+    """Plain-PyTorch ways to ``grad += sum_i w_i z_i``: noise in chunks of <= 1 GiB, then ``addmv_``."""
+    n, num = grad.numel(), weights.numel()
+    chunk = chunk_rows(num, n)
+    device = grad.device
+    direct = grad.dtype == torch.float32  # else accumulate in float32 and add once
 
+    def accumulate(make: Callable[[int], torch.Tensor], affine: bool) -> Callable[[], None]:
+        def run() -> None:
+            acc = grad if direct else torch.zeros(n, dtype=torch.float32, device=device)
+            for lo in range(0, num, chunk):
+                w = weights[lo : lo + chunk]
+                z = make(w.numel())
+                if affine:  # z in {0, 1}: sum w (2z - 1) = 2 (w @ z) - sum w, without a pass over z
+                    acc.addmv_(z.t(), w, alpha=2.0)
+                    acc.sub_(w.sum())
+                else:
+                    acc.addmv_(z.t(), w)
+            if not direct:
+                grad.add_(acc)
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a large device-to-device copy (read + write)."""
-    a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    ms = do_bench(lambda: b.copy_(a))
-    return 2 * a.numel() / (ms * 1e-3)
+        return run
 
+    def randn(rows: int) -> torch.Tensor:
+        return torch.randn(rows, n, device=device)
 
-def reduce_case(num: int, n: int, dtype: torch.dtype, device: torch.device, rate: float, bandwidth: float) -> List[str]:
-    """Rows of section 1 for one (N, n, dtype): every GPU backend against the baseline and bounds."""
-    grad = torch.zeros(n, dtype=dtype, device=device)
-    weights = torch.randn(num, dtype=torch.float32, device=device)
-    ids = torch.arange(num, device=device)
-    chunk = max(1, min(num, (1 << 30) // (4 * n)))  # at most 1 GiB of materialized noise per chunk
-    base_ms = do_bench(lambda: torch_baseline(grad, weights, chunk)) if num * n <= 1024 * 10**7 else None
-    bound_ms = num * n / rate * 1e3
-    write_ms = 2 * n * grad.element_size() / bandwidth * 1e3
-    rows = []
-    for name in gpu_backends():
-        backend = backends.get(name)
-        ms = do_bench(lambda b=backend: b.reduce(grad, weights, ids, "normal", 7, 0))
-        speedup = f"{base_ms / ms:.1f}x" if base_ms else "(skipped: N*n > 1e10)"
-        target = "≥ 3x vs PyTorch" if (num, n) == (1024, 10**7) else ""
-        rows.append(
-            f"| {num} | {n:.0e} | {str(dtype)[6:]} | {name} | {ms:.2f} ms | {num * n / ms / 1e6:.2f} G/s | "
-            f"{speedup} | {bound_ms:.2f} ms | {write_ms:.3f} ms | {target} |"
-        )
-    return rows
+    def randint_signs(rows: int) -> torch.Tensor:
+        return torch.randint(0, 2, (rows, n), device=device, dtype=torch.float32).mul_(2.0).sub_(1.0)
 
+    def bernoulli_signs(rows: int) -> torch.Tensor:
+        return torch.empty(rows, n, device=device).bernoulli_(0.5).mul_(2.0).sub_(1.0)
 
-def reduce_rows(quick: bool, device: torch.device) -> List[str]:
-    """Section 1 table rows."""
-    rate, bandwidth = philox_rate(device), copy_bandwidth(device)
-    rows = [
-        f"Measured: noise generation {rate / 1e9:.1f} G normals/s; copy bandwidth {bandwidth / 1e9:.0f} GB/s.",
-        "",
-        "| N | n | dtype | backend | time | normals/s | vs PyTorch randn+matmul | Philox bound | write bound "
-        "| target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    def randint_bits(rows: int) -> torch.Tensor:
+        return torch.randint(0, 2, (rows, n), device=device, dtype=torch.float32)
+
+    if stream == "normal":
+        return [(f"randn({chunk}, n) + addmv_", accumulate(randn, False))]
+    return [
+        (f"randint(0, 2, ({chunk}, n))·2−1 + addmv_", accumulate(randint_signs, False)),
+        (f"bernoulli_(0.5) ({chunk}, n)·2−1 + addmv_", accumulate(bernoulli_signs, False)),
+        (f"randint(0, 2, ({chunk}, n)) + 2·addmv_ − Σw", accumulate(randint_bits, True)),
     ]
-    sizes = [(256, 10**6), (1024, 10**7)] if quick else [(k, n) for k in (256, 1024) for n in (10**6, 10**7, 10**8)]
-    for num, n in sizes:
-        for dtype in (torch.float32, torch.bfloat16):
-            rows += reduce_case(num, n, dtype, device, rate, bandwidth)
+
+
+def measure_reduce(
+    cases: Sequence[Case], names: Sequence[str], device: torch.device, meter: Any, log: Callable[[str], None]
+) -> ReduceResults:
+    """Time every backend and the fastest baseline on every case (a failure is recorded, not raised)."""
+    results = ReduceResults()
+    for case in cases:
+        log(f"reduce {case}")
+        results.kernels[case], results.baselines[case] = measure_case(case, names, device, meter)
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
+    return results
+
+
+def measure_case(
+    case: Case, names: Sequence[str], device: torch.device, meter: Any
+) -> Tuple[Dict[str, Timing], Timing]:
+    """Every backend's reduce on one case, and the fastest baseline (its peak memory measured too)."""
+    grad = torch.zeros(case.n, dtype=DTYPES[case.dtype], device=device)
+    weights = torch.randn(case.num, device=device)
+    ids = torch.arange(case.num, device=device)
+    timings: Dict[str, Timing] = {}
+    for name in names:
+        backend = backends.get(name)
+        timings[name] = timed(name, lambda b=backend: b.reduce(grad, weights, ids, case.stream, SEED, 0), meter)
+    if case.num * case.n > BASELINE_MAX_ELEMENTS:
+        return timings, Timing("", note=f"not run: N·n > {BASELINE_MAX_ELEMENTS:.0e}")
+    candidates = baseline_candidates(case.stream, grad, weights)
+    measured = [timed(label, fn, meter, peak=False) for label, fn in candidates]
+    done = [t for t in measured if t.ms is not None]
+    if not done:
+        return timings, Timing("", note="; ".join(t.note for t in measured))
+    best = min(done, key=lambda t: t.ms)
+    best.peak_bytes = meter.peak(dict(candidates)[best.label])
+    return timings, best
+
+
+def timed(label: str, fn: Callable[[], Any], meter: Any, peak: bool = True) -> Timing:
+    """A first call (compilation, autotuning) outside the numbers, then the peak and the median time."""
+    try:
+        fn()
+        peak_bytes = meter.peak(fn) if peak else None
+        return Timing(label, meter.ms(fn), peak_bytes)
+    except Exception as exc:  # noqa: BLE001 - one failing contender must not cost the report
+        traceback.print_exc()
+        return Timing(label, note=f"FAILED: {type(exc).__name__}: {str(exc)[:120]}")
 
 
 def mlp(sizes: Sequence[int], device: torch.device) -> Tuple[Tuple[torch.Tensor, ...], Callable[..., torch.Tensor]]:
@@ -131,96 +519,201 @@ def mlp(sizes: Sequence[int], device: torch.device) -> Tuple[Tuple[torch.Tensor,
     return tuple(params), loss
 
 
-def step_stats(fn: Callable[..., torch.Tensor], params: Tuple[torch.Tensor, ...], x, y) -> Tuple[float, int]:
-    """(median ms, peak bytes) of one forward + backward that fills ``.grad``."""
-
-    def run() -> None:
-        for p in params:
-            p.grad = None
-        fn(params, x, y).backward()
-
-    run()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    return do_bench(run), peak
-
-
-def step_rows(quick: bool, device: torch.device) -> List[str]:
-    """Section 2 table rows."""
-    try:
-        import torchopt
-    except ImportError:
-        torchopt = None
-    rows = [
-        "| model | params | N | method | ours | TorchOpt 0.7.3 | speed-up | peak mem ours | peak mem TorchOpt "
-        "| target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    models: Dict[str, Tuple[Sequence[int], int]] = {"MLP 1024-256-10": ((1024, 256, 10), 256)}
-    if not quick:
-        models["4-layer MLP 4.2M"] = ((1024, 1792, 1024, 512, 10), 256)
+def measure_steps(
+    models: Dict[str, Tuple[Sequence[int], int]],
+    sample_counts: Sequence[int],
+    device: torch.device,
+    meter: Any,
+    log: Callable[[str], None],
+) -> List[StepResult]:
+    """Section 2: ours, TorchOpt (when installed) and the plain-PyTorch antithetic step, per point."""
+    results = []
     for name, (sizes, batch) in models.items():
-        params, loss = mlp(sizes, device)
-        x = torch.randn(batch, sizes[0], device=device)
-        y = torch.randn(batch, sizes[-1], device=device)
-        numel = sum(p.numel() for p in params)
-        for num in (100,) if quick else (100, 1000):
+        for num in sample_counts:
             for method in METHODS:
-                ours = zo_kernels.zero_order(distributions.Normal(), method=method, num_samples=num, sigma=SIGMA)(loss)
-                t_ours, m_ours = step_stats(ours, params, x, y)
-                if torchopt is not None:
-                    zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
-                    normal = torch.distributions.Normal(zero, one)
-                    theirs = torchopt.diff.zero_order(normal, method=method, num_samples=num, sigma=SIGMA)(loss)
-                    t_opt, m_opt = step_stats(theirs, params, x, y)
-                    opt_cells = f"{t_opt:.1f} ms | {t_opt / t_ours:.1f}x"
-                    mem_opt = f"{m_opt / 2**20:.1f} MiB"
-                else:
-                    opt_cells, mem_opt = "not installed | –", "–"
-                rows.append(
-                    f"| {name} | {numel:,} | {num} | {method} | {t_ours:.1f} ms | {opt_cells} | "
-                    f"{m_ours / 2**20:.1f} MiB | {mem_opt} | ≥ 10x |"
-                )
-    return rows
+                log(f"step {name} N={num} {method}")
+                results.append(measure_step(name, sizes, batch, num, method, device, meter))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Run every section and print (and optionally write) the tables."""
+def measure_step(
+    model: str, sizes: Sequence[int], batch: int, num: int, method: str, device: torch.device, meter: Any
+) -> StepResult:
+    """One point of section 2 on a freshly seeded MLP."""
+    torch.manual_seed(0)
+    params, loss = mlp(sizes, device)
+    x = torch.randn(batch, sizes[0], device=device)
+    y = torch.randn(batch, sizes[-1], device=device)
+
+    def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            for p in params:
+                p.grad = None
+            fn(params, x, y).backward()
+
+        return run
+
+    ours = zo_kernels.zero_order(distributions.Normal(), method=method, num_samples=num, sigma=SIGMA)(loss)
+    t_ours = timed("zo_kernels", step(ours), meter)
+    torchopt = import_torchopt()
+    if torchopt is None:
+        t_opt = Timing("TorchOpt", note=TORCHOPT_MISSING)
+    else:
+        normal = torch.distributions.Normal(torch.tensor(0.0, device=device), torch.tensor(1.0, device=device))
+        theirs = torchopt.diff.zero_order(normal, method=method, num_samples=num, sigma=SIGMA)(loss)
+        t_opt = timed("TorchOpt", step(theirs), meter)
+    if method == "antithetic":
+
+        def plain() -> None:
+            torch_matmul_step(loss, params, x, y, num_samples=num, sigma=SIGMA)
+
+        t_plain = timed("plain PyTorch", plain, meter)
+    else:
+        t_plain = Timing("plain PyTorch", note="antithetic only")
+    return StepResult(model, sum(p.numel() for p in params), num, method, t_ours, t_opt, t_plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def reduce_cases(quick: bool) -> List[Case]:
+    """The reduce configurations: the target point only with ``--quick``."""
+    sizes = [TARGET_POINT] if quick else [(k, n) for k in (256, 1024) for n in (10**6, 10**7, 10**8)]
+    return [Case(num, n, dtype, stream) for num, n in sizes for dtype in DTYPES for stream in STREAMS]
+
+
+def measured_rates(device: torch.device, meter: Any, name: str, numel: int = 1 << 26) -> str:
+    """One line: noise generation alone (``sample``) and device copy bandwidth, measured now."""
+    try:
+        backend = backends.get(name)
+        gen = numel / (meter.ms(lambda: backend.sample("normal", 1, 0, 0, numel, device)) * 1e-3)
+        a = torch.empty(4 * numel, dtype=torch.uint8, device=device)
+        b = torch.empty_like(a)
+        bandwidth = 2 * a.numel() / (meter.ms(lambda: b.copy_(a)) * 1e-3)
+        return (f"Measured alongside: `{name}` normal generation alone (`sample` of {numel:,} floats, written to "
+                f"memory) {fmt_rate(gen)}; device copy {bandwidth / 1e9:.3g} GB/s (read + write).")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        return f"Generation rate / copy bandwidth not measured: {type(exc).__name__}: {exc}"
+
+
+def write(path: Optional[str], lines: Sequence[str]) -> None:
+    """Write the report so far (so a run cut short still leaves its finished sections)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+class CpuMeter:
+    """``--cpu-dry-run``'s meter: the median of 3 ``perf_counter`` runs, no memory statistics (0 bytes)."""
+
+    warmup_ms, rep_ms = 0, 0
+
+    def ms(self, fn: Callable[[], Any]) -> float:
+        """Median milliseconds of 3 runs."""
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def peak(self, fn: Callable[[], Any]) -> int:
+        """Runs ``fn``; CPU tensors have no allocator statistics."""
+        fn()
+        return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run both sections, print the report and write it (and its JSON) to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke run)")
-    parser.add_argument("--out", help="also write the report to this markdown file")
+    parser.add_argument("--quick", action="store_true", help="the target point only, one model, N = 100 (~1 min)")
+    parser.add_argument("--out", help="also write the report to this markdown file (and the numbers as .json)")
+    parser.add_argument("--sass", type=Path, default=DEFAULT_SASS, help="SASS bounds (bench/sass_report.py's JSON)")
+    # Tiny sizes on CPU tensors with the CPU backends: runs every line of the script without a GPU (tests).
+    parser.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu_kernels.py needs a CUDA GPU")
-    if not gpu_backends():
-        sys.exit(f"no GPU backend is available: {backends.available()}")
-    device = torch.device("cuda")
-    import triton
+    models: Dict[str, Tuple[Sequence[int], int]] = {"MLP 1024-256-10": ((1024, 256, 10), 256)}
+    if args.cpu_dry_run:
+        device, meter = torch.device("cpu"), CpuMeter()
+        names = [name for name in ("reference", "cpu") if backends.available().get(name) == "available"]
+        cases = [Case(8, 5000, dtype, stream) for dtype in DTYPES for stream in STREAMS]
+        models, sample_counts, rate_numel = {"MLP 64-16-10": ((64, 16, 10), 32)}, (4,), 1 << 16
+        device_line, timing = "CPU: DRY RUN of the script, the numbers mean nothing", "3 perf_counter runs"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/gpu_kernels.py needs a CUDA GPU")
+        names = gpu_backends()
+        if not names:
+            sys.exit(f"no GPU backend is available: {backends.available()}")
+        device = torch.device("cuda")
+        meter = Meter(device, warmup_ms=25, rep_ms=100)
+        cases, sample_counts, rate_numel = reduce_cases(args.quick), (100,) if args.quick else (100, 1000), 1 << 26
+        if not args.quick:
+            models["4-layer MLP 4.2M"] = ((1024, 1792, 1024, 512, 10), 256)
+        props = torch.cuda.get_device_properties(device)
+        device_line = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
+        timing = f"triton.testing.do_bench (warmup {meter.warmup_ms} ms, rep {meter.rep_ms} ms, L2 flushed)"
+    mode = "dry run" if args.cpu_dry_run else "quick" if args.quick else "full"
+    started = time.perf_counter()
 
-    header = [
+    def log(what: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+    sass, sass_line = load_sass(args.sass)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    report = [
         "# zo_kernels GPU benchmark",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- device: {torch.cuda.get_device_name(device)}",
-        f"- versions: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
-        f"zo_kernels {zo_kernels.__version__}, python {sys.version.split()[0]}",
-        f"- backends: {', '.join(gpu_backends())}; times are medians of triton.testing.do_bench",
+        f"- device: {device_line}",
+        f"- versions: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
+        f"zo_kernels {zo_kernels.__version__}, {torchopt_version(import_torchopt())}, python {sys.version.split()[0]}",
+        f"- backends: {', '.join(names)}; mode: {mode}; times are medians of {timing}; "
+        "peak mem = torch.cuda.max_memory_allocated during one call minus what was allocated before it",
+        f"- {sass_line}; elements/s = N·n / time, the unit of bound_per_s",
         "",
-        "## 1. reduce: grad += sum_i w_i z_i",
+        "## 1. reduce: grad += Σ_i w_i z_i",
+        "",
+        "Targets (issue 11) at N = 1024, n = 1e7: the fused reduce ≥ 85% of its SASS bound (both streams, both "
+        "backends); the default backend ≥ 0.9x the randn + matmul baseline's speed (Normal) and ≥ 5x "
+        "(Rademacher), with O(n) memory (peak ≤ 4n bytes) where the baseline holds a chunk of noise; Triton "
+        "within 1.5x of CUDA. On an H200 the accurate Box-Muller stream is bound at about 4.4-4.8e11 normals/s "
+        "by instruction issue and randn + matmul at about 5e11/s by writing memory, so the fused Normal reduce "
+        "is not expected to be several times faster; it saves the chunk's memory. The baseline is the fastest "
+        "plain-PyTorch way measured here (Rademacher: the fastest of three), noise in chunks of at most 1 GiB.",
         "",
     ]
-    report = header + reduce_rows(args.quick, device) + ["", "## 2. gradient step (Normal noise)", ""]
-    report += step_rows(args.quick, device)
-    text = "\n".join(report) + "\n"
-    print(text)
+    write(args.out, report + ["(running)"])
+    reduce = measure_reduce(cases, names, device, meter, log)
+    reduce_lines, targets = reduce_report(reduce, sass)
+    report += [measured_rates(device, meter, names[0], rate_numel), ""] + reduce_lines
+    report += [""] + target_summary(targets)
+    write(args.out, report + ["", "(section 2 running)"])
+    steps = measure_steps(models, sample_counts, device, meter, log)
+    report += [
+        "",
+        "## 2. gradient step (Normal noise, forward + backward until every .grad is written)",
+        "",
+        "Ratios are the other's time over ours (> 1: ours is faster). No target: the step's cost is the N "
+        "evaluations of the model, the same for every contender.",
+        "",
+    ]
+    report += step_report(steps) + ["", f"Measured in {time.perf_counter() - started:.0f} s."]
+    print("\n".join(report))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        write(args.out, report)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results_json(reduce, steps), indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_all.sh")
-STAGES = ["device", "build", "backends", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick"]
+STAGES = ["device", "build", "backends", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick"]
 LINE = re.compile(r"^(\d\d)  (\S+) +(ok|FAILED rc=\d+|TIMEOUT after \S+ s|SKIPPED \(no GPU\)) +(\d+\.\d) s$")
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
@@ -27,7 +27,8 @@ case "$*" in
   *test_cuda_kernels.py*) sleep 30; exit 0 ;;
   *"-m gpu"*) echo "1 failed, 2 passed"; exit 1 ;;
   *"-m pytest"*) echo "3 passed"; exit 0 ;;
-  *gpu_kernels.py*) echo "# fake report" >"$OUT/gpu.md"; exit 0 ;;
+  *sass_report.py*) echo '{"kernels": []}' >"$OUT/sass.json"; exit 0 ;;
+  *gpu_kernels.py*) echo "# fake report, $*" >"$OUT/gpu.md"; exit 0 ;;
   *"-c "*is_available*) echo "torch.cuda.is_available(): $FAKE_CUDA"; [[ $FAKE_CUDA == True ]]; exit ;;
 esac
 exit 0
@@ -74,6 +75,7 @@ def test_failures_and_timeouts_do_not_stop_later_stages(tmp_path):
         "device": "ok",
         "build": "FAILED rc=3",
         "backends": "ok",
+        "sass": "ok",
         "tests-cuda": "TIMEOUT after 1 s",
         "tests-triton": "ok",
         "tests-gpu": "FAILED rc=1",
@@ -85,10 +87,10 @@ def test_failures_and_timeouts_do_not_stop_later_stages(tmp_path):
         assert log.startswith(f"=== [{k:02d} {name}]"), log
         assert re.search(rf"=== \[{k:02d} {name}\] .* in \d+\.\d s$", log.strip()), log  # its wall time
     assert "fake build error" in (out / "02-build.log").read_text()  # the output is in the log
-    assert (out / "gpu.md").read_text() == "# fake report\n"
+    assert f"--sass {out / 'sass.json'}" in (out / "gpu.md").read_text()  # the bounds of the sass stage
     for k in range(2):  # the sharded stage: a log per shard, and each shard's tail in the stage log
-        assert "3 passed" in (out / f"05-tests-triton.shard{k}.log").read_text()
-    assert "--- shard 1/2: exit 0" in (out / "05-tests-triton.log").read_text()
+        assert "3 passed" in (out / f"06-tests-triton.shard{k}.log").read_text()
+    assert "--- shard 1/2: exit 0" in (out / "06-tests-triton.log").read_text()
     assert result.stdout.rstrip().endswith("\n".join(lines))  # the summary is printed last
 
 
@@ -98,7 +100,7 @@ def test_without_a_gpu_the_gpu_stages_are_skipped_with_a_note(tmp_path):
     statuses = _statuses(lines)
     assert list(statuses) == STAGES
     assert statuses["device"] == "FAILED rc=1" and statuses["backends"] == "ok"
-    for name in ("build", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick"):
+    for name in ("build", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick"):
         assert statuses[name] == "SKIPPED (no GPU)"
     assert "no CUDA device" in (out / "02-build.log").read_text()
 
@@ -107,7 +109,7 @@ def test_named_stages_only_and_unknown_stage_refused(tmp_path):
     result, out, lines = _run(tmp_path, "backends", "bench-gpu")
     assert result.returncode == 0, result.stdout + result.stderr
     assert _statuses(lines) == {"backends": "ok", "bench-gpu": "ok"}
-    assert sorted(p.name for p in out.glob("*.log")) == ["03-backends.log", "07-bench-gpu.log"]
+    assert sorted(p.name for p in out.glob("*.log")) == ["03-backends.log", "08-bench-gpu.log"]
     result, _, _ = _run(tmp_path / "again", "no-such-stage")
     assert result.returncode == 2 and "unknown stage 'no-such-stage'" in result.stderr
 
