@@ -26,7 +26,9 @@
 # are SKIPPED with that note (so the script can be tried anywhere; it never builds there).
 # Exit status: 0 when every stage that ran is ok, 1 otherwise.
 #
-# Environment: OUT (default bench/results/gpu-run), PYTHON (default: python, else python3),
+# Besides the logs and summary.txt, $OUT/run-info.txt: date, commit (GPU_ALL_COMMIT overrides `git rev-parse`,
+# for a copy of the tree without .git), python, CPUs.
+# Environment: OUT (default bench/results/gpu-run), PYTHON (default: python, else python3, whichever has torch),
 # GPU_ALL_MAX_TIMEOUT (caps every stage's timeout, in seconds; for tests of this script),
 # GPU_ALL_SHARDS (parallel pytest processes of tests-triton; default nproc - 4, at least 1, at most 12).
 set -u -o pipefail
@@ -35,7 +37,16 @@ ROOT=$(pwd)
 OUT=${OUT:-bench/results/gpu-run}
 mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+if [[ -z "${PYTHON:-}" ]]; then  # the first python that has torch (a cheap look-up, no import)
+  for candidate in python python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+      "$candidate" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null; then
+      PYTHON=$(command -v "$candidate")
+      break
+    fi
+  done
+fi
+PY=${PYTHON:-python}
 MAX_TIMEOUT=${GPU_ALL_MAX_TIMEOUT:-}
 NPROC=$(nproc 2>/dev/null || echo 2)
 SHARDS=${GPU_ALL_SHARDS:-$((NPROC - 4 > 12 ? 12 : (NPROC - 4 < 1 ? 1 : NPROC - 4)))}
@@ -142,9 +153,13 @@ build() {
   # caps it); nvcc compiles the architectures of CMakeLists.txt in parallel (--threads 0).
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
   export ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1
+  local rc=1
   if "$PY" -m pip --version; then
-    "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e . || return $?
-  else  # no pip on this machine: build the extensions in place (PYTHONPATH has the tree)
+    "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e .
+    rc=$?
+    [[ $rc -eq 0 ]] || echo "WARNING: pip install -e . failed (rc=$rc); building in place with setup.py instead"
+  fi
+  if [[ $rc -ne 0 ]]; then  # no pip, or no editable install: the extensions in place (PYTHONPATH has the tree)
     "$PY" setup.py build_ext --inplace || return $?
   fi
   "$PY" -c 'import zo_kernels._C as c, zo_kernels._C_cuda as g; print("built:", c.__file__, g.__file__)'
@@ -204,8 +219,14 @@ TRITON_FILES=(tests/test_triton_kernels.py)
 
 # --- the run ---------------------------------------------------------------------------------------
 RUN_START=$(now)
-echo "gpu_all.sh: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
-  "python $PY, $NPROC CPUs, results in $OUT"
+COMMIT=${GPU_ALL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+DIRTY=$(git status --porcelain 2>/dev/null | wc -l | tr -d ' ')
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "commit: $COMMIT${GPU_ALL_COMMIT:+ (from GPU_ALL_COMMIT)}; files differing from it here: ${DIRTY:-unknown (no git)}"
+  echo "python: $PY; CPUs: $NPROC; tests-triton shards: $SHARDS; stages: ${SELECTED[*]:-all}"
+  echo "GPU_ALL_MAX_TIMEOUT: ${MAX_TIMEOUT:-(unset)}"
+} | tee "$OUT/run-info.txt" | sed 's/^/gpu_all.sh: /'
 
 stage device 15 device_info
 # The GPU stages run when torch sees a CUDA device (also when only `device` and later stages are selected).

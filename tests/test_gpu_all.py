@@ -24,11 +24,13 @@ echo "fake python $*"
 case "$*" in
   *"-m pip --version"*) echo "pip 0 (fake)"; exit 0 ;;
   *"-m pip install"*) echo "fake build error"; exit 3 ;;
+  *"setup.py build_ext"*) echo "fake build error again"; exit 4 ;;
   *test_cuda_kernels.py*) sleep 30; exit 0 ;;
   *"-m gpu"*) echo "1 failed, 2 passed"; exit 1 ;;
   *"-m pytest"*) echo "3 passed"; exit 0 ;;
   *sass_report.py*) echo '{"kernels": []}' >"$OUT/sass.json"; exit 0 ;;
   *gpu_kernels.py*) echo "# fake report, $*" >"$OUT/gpu.md"; exit 0 ;;
+  *find_spec*) exit 0 ;;
   *"-c "*is_available*) echo "torch.cuda.is_available(): $FAKE_CUDA"; [[ $FAKE_CUDA == True ]]; exit ;;
 esac
 exit 0
@@ -73,7 +75,7 @@ def test_failures_and_timeouts_do_not_stop_later_stages(tmp_path):
     assert [LINE.match(line).group(1) for line in lines] == [f"{k:02d}" for k in range(1, len(STAGES) + 1)]
     assert _statuses(lines) == {
         "device": "ok",
-        "build": "FAILED rc=3",
+        "build": "FAILED rc=4",
         "backends": "ok",
         "sass": "ok",
         "tests-cuda": "TIMEOUT after 1 s",
@@ -86,7 +88,8 @@ def test_failures_and_timeouts_do_not_stop_later_stages(tmp_path):
         log = (out / f"{k:02d}-{name}.log").read_text()
         assert log.startswith(f"=== [{k:02d} {name}]"), log
         assert re.search(rf"=== \[{k:02d} {name}\] .* in \d+\.\d s$", log.strip()), log  # its wall time
-    assert "fake build error" in (out / "02-build.log").read_text()  # the output is in the log
+    build = (out / "02-build.log").read_text()  # the output is in the log
+    assert "fake build error" in build and "pip install -e . failed (rc=3)" in build and "error again" in build
     assert f"--sass {out / 'sass.json'}" in (out / "gpu.md").read_text()  # the bounds of the sass stage
     for k in range(2):  # the sharded stage: a log per shard, and each shard's tail in the stage log
         assert "3 passed" in (out / f"06-tests-triton.shard{k}.log").read_text()
