@@ -220,10 +220,11 @@ TRITON_FILES=(tests/test_triton_kernels.py)
 # --- the run ---------------------------------------------------------------------------------------
 RUN_START=$(now)
 COMMIT=${GPU_ALL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-DIRTY=$(git status --porcelain 2>/dev/null | wc -l | tr -d ' ')
+DIRTY="unknown (no git)"
+git rev-parse --git-dir >/dev/null 2>&1 && DIRTY=$(git status --porcelain | wc -l | tr -d ' ')
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "commit: $COMMIT${GPU_ALL_COMMIT:+ (from GPU_ALL_COMMIT)}; files differing from it here: ${DIRTY:-unknown (no git)}"
+  echo "commit: $COMMIT${GPU_ALL_COMMIT:+ (from GPU_ALL_COMMIT)}; files differing from it here: $DIRTY"
   echo "python: $PY; CPUs: $NPROC; tests-triton shards: $SHARDS; stages: ${SELECTED[*]:-all}"
   echo "GPU_ALL_MAX_TIMEOUT: ${MAX_TIMEOUT:-(unset)}"
 } | tee "$OUT/run-info.txt" | sed 's/^/gpu_all.sh: /'
