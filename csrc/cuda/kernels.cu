@@ -154,7 +154,7 @@ ZO_HD void group_noise(uint64_t seed, uint32_t sample, uint64_t start, float (&z
 }
 
 // The 16-byte vector type of T's values (a float4 of floats rather than a uint4 of their bits spares
-// the register moves around the store below).
+// register moves around store_word).
 template <typename T>
 struct Vector16;
 template <>
@@ -169,6 +169,24 @@ template <>
 struct Vector16<unsigned short> {
   using type = uint4;
 };
+
+#if defined(__CUDA_ARCH__)
+// One vector store, as inline PTX the compiler cannot split: a plain store of Packet's union words is
+// split into scalars, and in some kernels (perturb_rows, the split reduce's partial sums) the compiler
+// does not vectorize them again. A plain st.global (weak, default cache policy) like the C++ store.
+__device__ __forceinline__ void store_word(float4* p, const float4& w) {
+  asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(w.x), "f"(w.y), "f"(w.z), "f"(w.w) : "memory");
+}
+__device__ __forceinline__ void store_word(double2* p, const double2& w) {
+  asm volatile("st.global.v2.f64 [%0], {%1, %2};" ::"l"(p), "d"(w.x), "d"(w.y) : "memory");
+}
+__device__ __forceinline__ void store_word(uint4* p, const uint4& w) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w) : "memory");
+}
+__device__ __forceinline__ void store_word(uint2* p, const uint2& w) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y) : "memory");
+}
+#endif
 
 // A group of G elements of T as 8- or 16-byte words, for vectorized loads and stores.
 template <typename T, int G>
@@ -190,14 +208,11 @@ struct Packet {
 #pragma unroll
     for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const Word*>(p)[i];
   }
-  // On the device through st.global.wb (the plain store's cache policy): a plain store of the union's
-  // words is split into scalars by the compiler, and in some kernels (perturb_rows, the split reduce's
-  // partial sums) it does not vectorize them again.
   ZO_HD void store(T* p) const {
 #pragma unroll
     for (int i = 0; i < kWords; ++i) {
 #if defined(__CUDA_ARCH__)
-      __stwb(reinterpret_cast<Word*>(p) + i, w[i]);
+      store_word(reinterpret_cast<Word*>(p) + i, w[i]);
 #else
       reinterpret_cast<Word*>(p)[i] = w[i];
 #endif
