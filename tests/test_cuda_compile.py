@@ -193,7 +193,8 @@ struct EmuSplit {  // partial_kernel (gridDim.y = chunks), then finish_kernel
     const SampleChunks split(num, chunks);
     for (int64_t c = 0; c < chunks; ++c)
       for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
-        partial_item<S, D>(work.data(), n, static_cast<const Acc*>(weights), ids, split, c, seed, offset, q);
+        partial_item<S, D>(work.data() + c * n, n, static_cast<const Acc*>(weights), ids, split.range(c), seed,
+                           offset, q);
       });
     for_each_item(groups_for<S>(n, offset), [&](int64_t q) {
       finish_item<S, D>(static_cast<T*>(data), n, work.data(), chunks, offset, static_cast<Acc>(lr), subtract, q);

@@ -406,17 +406,17 @@ struct SampleChunks {
   }
 };
 
-// Row c of `workspace` (chunks x n, accumulation type) = chunk c's partial sums, over group q.
+// row (one of the workspace's, n elements of the accumulation type) = the partial sums of the samples
+// in `chunk`, over group q.
 template <int S, int D>
-ZO_HD void partial_item(typename Io<D>::Acc* workspace, int64_t n, const typename Io<D>::Acc* weights,
-                        const int64_t* ids, SampleChunks chunks, int64_t c, uint64_t seed, int64_t offset, int64_t q) {
+ZO_HD void partial_item(typename Io<D>::Acc* row, int64_t n, const typename Io<D>::Acc* weights, const int64_t* ids,
+                        SampleRange chunk, uint64_t seed, int64_t offset, int64_t q) {
   using Acc = typename Io<D>::Acc;
   constexpr int G = Group<S>::kSize;
   const GroupPosition<G> pos(offset, q);
-  const SampleRange r = chunks.range(c);
   Acc sum[G];
-  sample_sums<S>(weights, ids, r.lo, r.hi, seed, pos.start, sum);
-  store_group(workspace + c * n, n, pos, sum);
+  sample_sums<S>(weights, ids, chunk.lo, chunk.hi, seed, pos.start, sum);
+  store_group(row, n, pos, sum);
 }
 
 // Group q of data, updated with the sum of the partials in chunk order.
@@ -516,8 +516,10 @@ __global__ void __launch_bounds__(kThreads)
     partial_kernel(typename Io<D>::Acc* workspace, int64_t n, const typename Io<D>::Acc* __restrict__ weights,
                    const int64_t* __restrict__ ids, SampleChunks chunks, uint64_t seed, int64_t offset,
                    int64_t groups) {
+  typename Io<D>::Acc* row = workspace + blockIdx.y * n;
+  const SampleRange chunk = chunks.range(blockIdx.y);
   for (int64_t q = first_item(); q < groups; q += item_stride())
-    partial_item<S, D>(workspace, n, weights, ids, chunks, blockIdx.y, seed, offset, q);
+    partial_item<S, D>(row, n, weights, ids, chunk, seed, offset, q);
 }
 
 template <int S, int D>
