@@ -18,20 +18,22 @@ pytestmark = pytest.mark.skipif(TRITON is None, reason=f"triton backend: {WHY}")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# 0, 1, odd, around a Rademacher block (128) and a tile (the interpreter's tile is 2048).
-SIZES = [0, 1, 3, 127, 128, 129, 2047, 2049, 5000]
-REDUCE_SIZES = [0, 1, 3, 129, 2049, 3000]
+# 0, 1, odd, around a Rademacher block (128) and the tiles (normal 512, rademacher 4096; ops.CONFIGS),
+# multiples of 16 bytes (vector loads) and not.
+SIZES = [0, 1, 3, 127, 128, 129, 511, 513, 4095, 4097, 5000]
+REDUCE_SIZES = [0, 1, 3, 129, 513, 4097, 5000]
 OFFSETS = [0, 5, 2**31 + 3, 2**34 + 127]
 SEEDS = [0, 1, 2**32 - 1, 2**32, 0xDEADBEEFCAFEF00D, 2**64 - 1]
 
 
-def straddling_offset(n: int) -> int:
-    """A random offset at which an ``n``-element tensor starts unaligned and crosses a tile boundary.
+def straddling_offset(n: int, aligned: bool = False) -> int:
+    """A random offset at which an ``n``-element tensor crosses a tile boundary (a multiple of 8, or odd).
 
     ``2**13`` is a multiple of every tile size the kernels use, so the middle of the tensor lies on
-    a tile boundary whatever configuration the autotuner picks.
+    a tile boundary. ``aligned`` offsets (multiples of 8) let the kernels move 16-byte vectors.
     """
-    return int(torch.randint(1, 2**21, ()).item()) * 2**13 - n // 2 - 1
+    base = int(torch.randint(1, 2**21, ()).item()) * 2**13 - (n // 2)
+    return base - base % 8 if aligned else base - 1 + base % 2
 
 
 @pytest.mark.parametrize("ctr,key,expected", KAT)
@@ -64,12 +66,13 @@ def test_stream_values_match_the_reference(stream, offset, n):
         torch.testing.assert_close(got.cpu(), ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("stream", noise.STREAMS)
-def test_perturb(dtype, n, stream):
+def test_perturb(dtype, n, stream, aligned):
     theta = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
-    offset = straddling_offset(n)
+    offset = straddling_offset(n, aligned)
     out = torch.full_like(theta, float("nan"))  # poison: every element must be written
     TRITON.perturb(out, theta, stream, 42, 9, -0.37, offset)
     ref = torch.empty_like(theta)
@@ -78,12 +81,12 @@ def test_perturb(dtype, n, stream):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 129, 2049])
+@pytest.mark.parametrize("n", [1, 129, 4104])
 @pytest.mark.parametrize("stream", noise.STREAMS)
 @pytest.mark.parametrize("signs", [1, 2])
 def test_perturb_rows(dtype, n, stream, signs):
     theta = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
-    offset = straddling_offset(n)
+    offset = straddling_offset(n, aligned=n % 8 == 0)
     ids = torch.randperm(60)[:3]
     scales = torch.randn(3, signs, dtype=torch.float64)
     out = torch.full((3 * signs, n), float("nan"), dtype=dtype, device=DEVICE)  # poison: every row is written
@@ -117,12 +120,13 @@ def test_perturb_in_place_and_prepared_calls_match():
     assert torch.equal(in_place, prepared)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", REDUCE_SIZES)
 @pytest.mark.parametrize("stream", noise.STREAMS)
-def test_reduce_and_step(dtype, n, stream):
+def test_reduce_and_step(dtype, n, stream, aligned):
     num, seed = 7, 5
-    offset = straddling_offset(n)
+    offset = straddling_offset(n, aligned)
     acc = noise.accumulation_dtype(dtype)
     weights = torch.randn(num, dtype=torch.float64).to(acc).to(DEVICE)  # as the estimator passes them
     ids = torch.randperm(40)[:num]
@@ -151,7 +155,7 @@ def test_reduce_with_no_samples_leaves_the_gradient_alone():
 @pytest.mark.parametrize("stream", noise.STREAMS)
 def test_squared_norms(stream):
     ids = torch.tensor([0, 17, 2**32 - 1], device=DEVICE)
-    for n in (0, 1, 2049, 5000):
+    for n in (0, 1, 513, 5000):
         got = TRITON.squared_norms(stream, 3, ids, n)
         assert got.dtype == torch.float64 and got.device.type == DEVICE.type
         torch.testing.assert_close(got, noise.squared_norms(stream, 3, ids, n), rtol=1e-6, atol=1e-6)
@@ -262,3 +266,112 @@ def test_batched_zero_order_equals_the_loop(method):
         zo_kernels.zero_order(distributions.Normal(), **kw, **extra)(loss)(leaf, x).backward()
         grads.append(leaf.grad)
     assert_close(grads[1], grads[0], torch.float32, scale=10)
+
+
+# -- sample splits (ops.sample_splits) and ids that the backend cannot range-check ---------------
+
+OPS = TRITON._ops if TRITON is not None else None
+STREAM_ID = {name: k for k, name in enumerate(noise.STREAMS)}
+
+
+def _weights_ids(num, acc, bad=None):
+    weights = torch.randn(num, dtype=torch.float64).to(acc).to(DEVICE)
+    ids = torch.randperm(10 * num)[:num]
+    if bad is not None:
+        ids[num // 2] = bad
+    return weights, ids.to(DEVICE)
+
+
+def _chunked(data, weights, ids, stream, seed, offset, chunks, lr=None):
+    """What a K-chunk reduce/step must give: each chunk's sums from its own one-chunk call into a zeroed
+    buffer, the chunks added in order, then applied once (lr a power of two, so fma and torch agree)."""
+    acc = noise.accumulation_dtype(data.dtype)
+    total = None
+    for c in range(chunks):
+        lo, hi = OPS.chunk_bounds(ids.numel(), chunks, c)
+        part = torch.zeros(data.numel(), dtype=acc, device=DEVICE)
+        OPS.accumulate(part, weights[lo:hi], ids[lo:hi], STREAM_ID[stream], seed, offset, splits=1)
+        total = part if total is None else total + part
+    applied = data.to(acc) + total if lr is None else data.to(acc) - lr * total
+    return applied.to(data.dtype)
+
+
+def test_sample_splits_rule():
+    normal, rademacher = STREAM_ID["normal"], STREAM_ID["rademacher"]
+    assert OPS.sample_splits(0, 100, normal) == 0 and OPS.sample_splits(100, 0, normal) == 0
+    assert OPS.sample_splits(15, 256, normal) == 1  # fewer than 2 chunks of 16 samples
+    assert OPS.sample_splits(1000, 256, normal) == 62  # 1000 // 16
+    assert OPS.sample_splits(10**6, 256, normal) == 132 * 2048 // 64  # threads: 64 groups of 4
+    assert OPS.sample_splits(10**6, 256, rademacher) == 8 * 2**20 // 256  # the workspace cap
+    assert OPS.sample_splits(2**32, 1, rademacher) == 65535  # the grid cap
+    assert OPS.sample_splits(10**6, 10**7, normal) == 1  # the tensor alone fills the GPU
+    for num, n in [(1000, 256), (37, 5), (10**5, 3000), (2**20, 2**16)]:
+        k = OPS.sample_splits(num, n, normal)
+        assert k * n <= OPS.MAX_WORKSPACE_ELEMENTS and num // k >= OPS.MIN_CHUNK_SAMPLES
+
+
+def test_sample_splits_agree_with_the_cuda_backend():
+    from zo_kernels.kernels.native_cuda import load_extension
+
+    ext, why = load_extension()
+    if ext is None or not hasattr(ext, "sample_splits"):
+        pytest.skip(f"the CUDA extension has no sample_splits ({why})")
+    for num in (0, 1, 16, 31, 32, 1000, 10**5, 2**32):
+        for n in (1, 5, 256, 3000, 2**16, 10**7):
+            for stream, sid in STREAM_ID.items():
+                assert OPS.sample_splits(num, n, sid) == ext.sample_splits(num, n, sid), (num, n, stream)
+
+
+# Not bfloat16 here: Triton's interpreter rounds float32 -> bfloat16 toward zero (GPUs round to
+# nearest even, like torch), so only the other dtypes can be compared bit for bit with torch.
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_split_equals_the_chunks_summed_in_order(stream, dtype, chunks):
+    n, num, seed = 300, 33, 11
+    offset = straddling_offset(n)
+    weights, ids = _weights_ids(num, noise.accumulation_dtype(dtype))
+    start = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
+    for lr in (None, 0.5):
+        got = start.clone()
+        OPS.accumulate(got, weights, ids, STREAM_ID[stream], seed, offset, lr=lr, splits=chunks)
+        assert torch.equal(got, _chunked(start, weights, ids, stream, seed, offset, chunks, lr))
+        again = start.clone()
+        OPS.accumulate(again, weights, ids, STREAM_ID[stream], seed, offset, lr=lr, splits=chunks)
+        assert torch.equal(got, again)  # run to run
+        sums = noise.combine(weights, ids, stream, seed, offset, n, dtype)
+        expected = start.to(sums.dtype) + sums if lr is None else start.to(sums.dtype) - lr * sums
+        assert_close(got, expected, dtype, scale=4)
+
+
+@pytest.mark.parametrize("stream", noise.STREAMS)
+def test_one_chunk_is_the_single_kernel_path(stream):
+    n, num, seed, offset = 1000, 40, 3, 77
+    weights, ids = _weights_ids(num, torch.float32)
+    assert OPS.sample_splits(num, n, STREAM_ID[stream]) == 2  # what the backend would do
+    one = torch.randn(n, device=DEVICE)
+    split = one.clone()
+    OPS.accumulate(one, weights, ids, STREAM_ID[stream], seed, offset, splits=1)
+    TRITON.reduce(split, weights, ids, stream, seed, offset)
+    assert_close(split, one, torch.float32, scale=4)
+    single = torch.zeros(n, device=DEVICE)
+    OPS.accumulate(single, weights[:8], ids[:8], STREAM_ID[stream], seed, offset, splits=1)
+    backend = torch.zeros(n, device=DEVICE)
+    TRITON.reduce(backend, weights[:8], ids[:8], stream, seed, offset)  # 8 samples: K = 1
+    assert torch.equal(single, backend)
+
+
+@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("bad", [-1, 2**32, 2**40])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_out_of_range_device_ids_poison(stream, bad, chunks):
+    """Ids already on the device are not range-checked (that would sync): the kernels poison with NaN."""
+    n, num = 300, 48
+    weights, ids = _weights_ids(num, torch.float32, bad=bad)
+    for lr in (None, 0.5):
+        data = torch.zeros(n, device=DEVICE)
+        OPS.accumulate(data, weights, ids, STREAM_ID[stream], 9, 5, lr=lr, splits=chunks)
+        assert torch.isnan(data).all()
+    norms = OPS.squared_norms(ids, STREAM_ID[stream], 9, n)
+    assert torch.isnan(norms[num // 2]) and torch.isfinite(norms[: num // 2]).all()
+    assert torch.isfinite(norms[num // 2 + 1 :]).all()

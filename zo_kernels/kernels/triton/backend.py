@@ -4,7 +4,8 @@ Tensors must be CUDA tensors (or CPU tensors when ``TRITON_INTERPRET=1``, where 
 runs the same kernels on the CPU), contiguous, of float32, float64, float16 or bfloat16, and on one
 device; every check raises before anything is launched, naming the argument. Weights and sample ids
 that live on the device are used where they are: nothing here synchronizes with the GPU, so ids
-already on the device are not range-checked (ids on the CPU are, before they are copied over).
+already on the device are not range-checked here (ids on the CPU are, before they are copied
+over); the kernels turn what an id outside ``[0, 2**32)`` touches into NaN instead of wrapping it.
 
 This module imports without Triton; :func:`load_backend` imports the kernels and says why it could not.
 """
@@ -64,8 +65,8 @@ def _check_float(value, name: str) -> float:
 class TritonBackend(Backend):
     """Fused perturb / reduce / step with Triton kernels, on CUDA tensors (CPU ones in the interpreter).
 
-    Results are deterministic: each element's sum over samples runs in sample order inside one
-    program, whatever tile size the autotuner picks.
+    Results are deterministic: each element's sum over samples runs in a fixed order, set by the
+    sample split of :func:`.ops.sample_splits`, a function of the sizes alone.
     """
 
     name = "triton"

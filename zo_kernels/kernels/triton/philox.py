@@ -3,7 +3,10 @@
 Philox4x32-10 on uint32 words (``tl.umulhi`` for the high word of each product, the wrapping uint32
 multiply for the low word), the exact float32 uniforms, Box–Muller normals and Rademacher signs.
 :func:`stream_tile` turns a tile of consecutive flat indices into stream values with one Philox call
-per stream block (4 normals, 128 signs), so callers start tiles at multiples of the block length.
+per 4 normals and per 32 signs (a block's words are spread over four threads), so callers start
+tiles at multiples of the block length. A thread keeps what it generates: the four lanes of a
+normal block as four row tensors, the 32 bits of a word along an axis held in registers, and the
+reduce loop keeps its sums in that layout, so no value crosses threads per sample.
 
 On GPUs ``log``, ``sin`` and ``cos`` are libdevice's accurate ``__nv_logf`` / ``__nv_sinf`` /
 ``__nv_cosf`` rather than fast approximations, which keeps the normals within about 1e-6 of the
@@ -108,41 +111,89 @@ def box_muller(a, b):
 
 
 @triton.jit
-def tile_index(STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """Positions ``0 .. BLOCK - 1`` laid out like :func:`stream_tile`'s values: ``[r, a, b] = r * P + a * B + b``.
+def normal_lanes(start, sample, k0, k1, ROWS: tl.constexpr):
+    """The four normals of each of the ``ROWS`` Philox blocks from flat element ``start`` (int64, a multiple of 4).
 
-    Shapes ``[BLOCK // 4, 2, 2]`` (normal) and ``[BLOCK // 128, 4, 32]`` (rademacher): one row per Philox block.
+    Four ``[ROWS]`` tensors, lanes 0..3 of the blocks ``start // 4 + r``: each thread generates and
+    keeps whole blocks, so nothing crosses threads until :func:`interleave_lanes`.
     """
-    P: tl.constexpr = NORMAL_PER_BLOCK if STREAM == NORMAL else RADEMACHER_PER_BLOCK
-    A: tl.constexpr = 2 if STREAM == NORMAL else 4
-    B: tl.constexpr = P // A
-    r = tl.arange(0, BLOCK // P)[:, None, None] * P
-    return r + tl.arange(0, A)[None, :, None] * B + tl.arange(0, B)[None, None, :]
+    x0, x1, x2, x3 = block_words(start // NORMAL_PER_BLOCK + tl.arange(0, ROWS).to(tl.int64), sample, k0, k1)
+    n0, n1 = box_muller(x0, x1)
+    n2, n3 = box_muller(x2, x3)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def interleave_lanes(a0, a1, a2, a3, BLOCK: tl.constexpr):
+    """``[BLOCK]`` with element ``4 r + l`` = lane ``l`` of row ``r``.
+
+    ``join`` adds a minor axis inside each thread: ``[r, q, p]`` = lane ``2 q + p``, so the four lanes
+    of a block stay in the thread that computed them and the reshape moves nothing.
+    """
+    return tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [BLOCK])
+
+
+@triton.jit
+def rademacher_words(start, sample, k0, k1, WORDS: tl.constexpr):
+    """Word ``i`` (uint32, ``[WORDS]``) = word ``i % 4`` of Philox block ``start // 128 + i // 4``.
+
+    The four threads holding a block's words each run the whole Philox call: one call per 32 signs,
+    which costs less than moving words between threads.
+    """
+    i = tl.arange(0, WORDS)
+    x0, x1, x2, x3 = block_words(start // RADEMACHER_PER_BLOCK + (i // 4).to(tl.int64), sample, k0, k1)
+    w = i % 4
+    return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
+
+
+@triton.jit
+def word_bits(word):
+    """``[32, W]``: ``[t, i]`` = bit ``t`` of ``word[i]``.
+
+    The bits run along the *major* axis: Triton's default layout spreads the minor axis (the words)
+    over the threads and repeats the major one in each thread's registers, so a word's 32 bits stay
+    in the thread that generated it, in every op that follows, without a layout conversion.
+    """
+    return (word[None, :] >> tl.arange(0, 32).to(tl.uint32)[:, None]) & 1
+
+
+@triton.jit
+def bits_tile(x, BLOCK: tl.constexpr):
+    """The ``[BLOCK]`` tile of a ``[32, W]`` tensor laid out like :func:`word_bits`: ``32 i + t`` is ``x[t, i]``."""
+    return tl.reshape(tl.trans(x), [BLOCK])
+
+
+@triton.jit
+def pinned_words(word):
+    """``word`` (uint32), through a copy Triton may not duplicate (on GPUs; as is in the interpreter).
+
+    A tile of signs meets a vector-load layout (4 elements a thread, threads next to each other)
+    when it is added to loaded data. Without this, Triton's layout pass regenerates the words in
+    that layout, one Philox call per vector (8 a thread); behind an instruction with side effects
+    it exchanges the one word each thread made through shared memory instead.
+    """
+    if _LIBDEVICE:
+        word = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [word], dtype=tl.uint32, is_pure=False, pack=1)
+    return word
+
+
+@triton.jit
+def sign_values(bits):
+    """float32 ``+1`` where ``bits`` is set, ``-1`` where not."""
+    return tl.where(bits != 0, 1.0, -1.0).to(tl.float32)
 
 
 @triton.jit
 def stream_tile(start, sample, k0, k1, STREAM: tl.constexpr, BLOCK: tl.constexpr):
-    """float32 values of the flat elements ``start + tile_index(STREAM, BLOCK)`` of ``sample``.
+    """float32 values ``[BLOCK]`` of the flat elements ``start + i`` of ``sample``.
 
     ``start`` (int64) must be a multiple of the stream's block length P (4 or 128): the tile is
-    ``BLOCK // P`` whole Philox blocks, each generated once, one per row.
+    ``BLOCK // P`` whole Philox blocks, each generated once.
     """
-    P: tl.constexpr = NORMAL_PER_BLOCK if STREAM == NORMAL else RADEMACHER_PER_BLOCK
-    rows = tl.arange(0, BLOCK // P).to(tl.int64)
-    x0, x1, x2, x3 = block_words(start // P + rows, sample, k0, k1)
     if STREAM == NORMAL:
-        n0, n1 = box_muller(x0, x1)
-        n2, n3 = box_muller(x2, x3)
-        # [r, q, p] = lane 2q + p of block r. join adds a minor axis inside each thread, so the four
-        # lanes of a block stay in the thread that computed them.
-        z = tl.join(tl.join(n0, n2), tl.join(n1, n3))
+        n0, n1, n2, n3 = normal_lanes(start, sample, k0, k1, BLOCK // NORMAL_PER_BLOCK)
+        z = interleave_lanes(n0, n1, n2, n3, BLOCK)
     else:
-        w = tl.arange(0, 4)[None, :, None]
-        word = tl.where(
-            w == 0,
-            x0[:, None, None],
-            tl.where(w == 1, x1[:, None, None], tl.where(w == 2, x2[:, None, None], x3[:, None, None])),
-        )
-        bits = (word >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1  # [r, w, t] = bit t of x_w
-        z = tl.where(bits != 0, 1.0, -1.0).to(tl.float32)
+        word = pinned_words(rademacher_words(start, sample, k0, k1, BLOCK // 32))
+        z = bits_tile(sign_values(word_bits(word)), BLOCK)
     return z

@@ -1,48 +1,43 @@
 """Every Triton kernel variant the backend can launch, compiled ahead of time for a GPU target.
 
 A *variant* is one kernel with the argument types, constexprs and launch options that a launcher
-in :mod:`.ops` can give it: each stream, each parameter dtype and weight dtype, each ROWS / SIGNS /
-STEP case, each autotune config, and both index widths (Python ints below 2**31 reach a kernel as
-int32, larger ones as uint32 or int64). :func:`compile_variant` builds one with Triton's own compiler
-for an explicit :class:`GPUTarget` (``sm_90`` by default), which needs no GPU: the interpreter
-accepts code that the compiler rejects, so ``tests/test_triton_compile.py`` compiles every variant,
-and ``bench/sass_report.py`` reads the SASS of each.
+in :mod:`.ops` can give it: each stream, each parameter dtype, each ROWS / SIGNS / STEP / PARTIAL
+case, and both alignments (``ALIGN``: vector loads when the offset and size allow). The tile
+config is fixed per stream (:data:`.ops.CONFIGS`) and every integer argument carries a type
+annotation, so values never select a variant. :func:`compile_variant` builds one with Triton's own
+compiler for an explicit :class:`GPUTarget` (``sm_90`` by default), which needs no GPU: the
+interpreter accepts code that the compiler rejects, so ``tests/test_triton_compile.py`` compiles
+every variant, and ``bench/sass_report.py`` reads the SASS of each.
 
-Importing this module imports :mod:`.ops`; run it without ``TRITON_INTERPRET=1`` in the environment
-(the interpreter's fixed autotune config would hide the GPU configs).
+Importing this module imports :mod:`.ops`; compile without ``TRITON_INTERPRET=1`` in the environment.
 """
 
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from . import ops
 from .philox import STREAM_IDS
 
 #: Triton's type strings of the parameter dtypes.
 POINTER_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-#: The index widths of integer arguments: small values (int32) and values past 2**31 (uint32 / int64).
-INDEX_WIDTHS = ("int32", "int64")
-
-# How each integer argument reaches a kernel, per index width: Triton types a Python int as i32
-# below 2**31, u32 below 2**32 and i64 above. Seed words and sample ids are < 2**32; sizes, offsets
-# and block indices may exceed it; the float64 bit patterns are int64 whatever their value.
-_INT_TYPES = {
-    "int32": {"scale_bits": "i64"},
-    "int64": {
-        "n": "i64", "offset": "i64", "tiles": "i64", "block0": "i64", "num": "i64",
-        "seed_lo": "u32", "seed_hi": "u32", "sample": "u32", "c2": "u32", "c3": "u32", "scale_bits": "i64",
-    },
-}  # fmt: skip
+#: The index variants: one, since every integer argument is annotated (``tl.int64`` / ``tl.uint32``).
+INDEX_WIDTHS = ("annotated",)
+#: Compile options every launch of :mod:`.ops` passes besides ``num_warps``.
+OPTIONS = {"enable_fp_fusion": ops.FP_FUSION}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +56,21 @@ class Variant:
 
     @property
     def fn(self):
-        """The ``JITFunction`` under any autotuner."""
-        return getattr(self.kernel, "fn", self.kernel)
+        """The ``JITFunction`` (under any autotuner or heuristics wrapper)."""
+        kernel = self.kernel
+        while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn"):
+            kernel = kernel.fn  # an autotuner, or the interpreter's wrapper (whose fn is the Python function)
+        return kernel
 
     @property
     def block(self) -> int:
         """The tile size (``BLOCK``)."""
         return int(dict(self.constexprs)["BLOCK"])
+
+    @property
+    def align(self) -> int:
+        """``ALIGN``: 1, or the elements per 16-byte vector the kernel may move (1 for kernels without it)."""
+        return int(dict(self.constexprs).get("ALIGN", 1))
 
     @property
     def elements_per_thread(self) -> int:
@@ -76,19 +79,31 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """A readable id, e.g. ``reduce-normal-float32-w32-B1024-nw4-int32``."""
+        """A readable id, e.g. ``reduce-normal-float32-w32-B512-nw4-a4-annotated``."""
         parts = [self.op, self.stream, _short(self.dtype), _short(self.weights) and "w" + _short(self.weights)[5:]]
-        extra = {k: v for k, v in self.constexprs if k in ("SIGNS",) and dict(self.constexprs).get("ROWS")}
-        parts += [f"{k.lower()}{v}" for k, v in extra.items()]
-        parts += [f"B{self.block}", f"nw{self.num_warps}", self.index]
+        consts = dict(self.constexprs)
+        if consts.get("ROWS"):
+            parts.append(f"signs{consts['SIGNS']}")
+        parts += [f"B{self.block}", f"nw{self.num_warps}"]
+        if "ALIGN" in consts:
+            parts.append(f"a{consts['ALIGN']}")
+        parts.append(self.index)
         return "-".join(p for p in parts if p)
 
     def signature(self) -> Dict[str, str]:
-        """Triton's signature dict: pointer, integer and ``constexpr`` types by argument name."""
-        pointers, consts, ints = dict(self.pointers), dict(self.constexprs), _INT_TYPES[self.index]
+        """Triton's signature dict: pointer, annotated integer and ``constexpr`` types by argument name."""
+        pointers, consts = dict(self.pointers), dict(self.constexprs)
         out = {}
-        for arg in self.fn.arg_names:
-            out[arg] = pointers.get(arg) or ("constexpr" if arg in consts else ints.get(arg, "i32"))
+        for param in self.fn.params:
+            arg = param.name
+            if arg in pointers:
+                out[arg] = pointers[arg]
+            elif arg in consts:
+                out[arg] = "constexpr"
+            elif param.annotation_type:
+                out[arg] = param.annotation_type
+            else:
+                raise TypeError(f"{self.fn.__name__}: argument {arg} has no type annotation and is no pointer")
         return out
 
 
@@ -96,47 +111,77 @@ def _short(dtype: Optional[torch.dtype]) -> str:
     return str(dtype).replace("torch.", "") if dtype is not None else ""
 
 
-def _configs() -> List[Tuple[int, int]]:
-    """The (BLOCK, num_warps) pairs the autotuned kernels are tried with on a GPU."""
-    return [(c.kwargs["BLOCK"], c.num_warps) for c in ops.gpu_configs()]
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _aligns(dtype: torch.dtype) -> Tuple[int, int]:
+    """The ``ALIGN`` values :func:`.ops._align` gives for ``dtype``: unaligned, and 16 bytes of it."""
+    return 1, 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def _noise_variants(stream: str, dtype: torch.dtype, align: int) -> Iterator[Variant]:
+    """perturb, perturb_rows (1 and 2 signs), reduce and step of one stream, dtype and alignment."""
+    sid, ptr = STREAM_IDS[stream], POINTER_TYPES[dtype]
+    block, warps = ops.CONFIGS[sid]
+    acc, accptr = _acc(dtype), POINTER_TYPES[_acc(dtype)]
+    common = dict(num_warps=warps, index=INDEX_WIDTHS[0], stream=stream, dtype=dtype)
+    consts = (("STREAM", sid), ("ACC", ops._acc(dtype)), ("BLOCK", block), ("ALIGN", align))
+    yield Variant(
+        "perturb", ops._perturb_kernel, (("out_ptr", ptr), ("theta_ptr", ptr), ("ids_ptr", ptr), ("scales_ptr", ptr)),
+        consts + (("ROWS", False), ("SIGNS", 1)), **common,
+    )  # fmt: skip
+    for signs in (1, 2):
+        yield Variant(
+            "perturb_rows", ops._perturb_kernel,
+            (("out_ptr", ptr), ("theta_ptr", ptr), ("ids_ptr", "*i64"), ("scales_ptr", "*fp64")),
+            consts + (("ROWS", True), ("SIGNS", signs)), **common,
+        )  # fmt: skip
+    for step in (False, True):
+        yield Variant(
+            "step" if step else "reduce", ops._accumulate_kernel,
+            (("out_ptr", ptr), ("weights_ptr", accptr), ("ids_ptr", "*i64")),
+            consts + (("STEP", step), ("PARTIAL", False)), weights=acc, **common,
+        )  # fmt: skip
+
+
+def _split_variants(dtype: torch.dtype, align: int) -> Iterator[Variant]:
+    """The two kernels of a split reduce/step for ``dtype``: the partial sums (per stream) and the finish."""
+    acc, accptr = _acc(dtype), POINTER_TYPES[_acc(dtype)]
+    if dtype == acc:  # the partial sums only see the accumulation dtype and its alignment
+        for stream, sid in STREAM_IDS.items():
+            block, warps = ops.CONFIGS[sid]
+            yield Variant(
+                "reduce_partial", ops._accumulate_kernel,
+                (("out_ptr", accptr), ("weights_ptr", accptr), ("ids_ptr", "*i64")),
+                (("STREAM", sid), ("ACC", ops._acc(dtype)), ("BLOCK", block), ("ALIGN", align), ("STEP", False),
+                 ("PARTIAL", True)),
+                warps, INDEX_WIDTHS[0], stream=stream, dtype=acc, weights=acc,
+            )  # fmt: skip
+    for step in (False, True):
+        yield Variant(
+            "step_finish" if step else "reduce_finish", ops._finish_kernel,
+            (("data_ptr", POINTER_TYPES[dtype]), ("ws_ptr", accptr)),
+            (("STEP", step), ("BLOCK", ops.FINISH_BLOCK), ("ALIGN", align)), ops.NUM_WARPS, INDEX_WIDTHS[0],
+            dtype=dtype,
+        )  # fmt: skip
 
 
 def variants() -> Iterator[Variant]:
     """Every variant the launchers of :mod:`.ops` can produce."""
-    for index in INDEX_WIDTHS:
-        for stream, sid in STREAM_IDS.items():
-            for dtype, ptr in POINTER_TYPES.items():
-                for block, warps in _configs():
-                    common = dict(num_warps=warps, index=index, stream=stream, dtype=dtype)
-                    consts = (("STREAM", sid), ("ACC", _acc(dtype)), ("BLOCK", block))
-                    yield Variant(
-                        "perturb", ops._perturb_kernel,
-                        (("out_ptr", ptr), ("theta_ptr", ptr), ("ids_ptr", ptr), ("scales_ptr", ptr)),
-                        consts + (("ROWS", False), ("SIGNS", 1)), **common,
-                    )  # fmt: skip
-                    for signs in (1, 2):
-                        yield Variant(
-                            "perturb_rows", ops._perturb_kernel,
-                            (("out_ptr", ptr), ("theta_ptr", ptr), ("ids_ptr", "*i64"), ("scales_ptr", "*fp64")),
-                            consts + (("ROWS", True), ("SIGNS", signs)), **common,
-                        )  # fmt: skip
-                    for weights, wptr in ((torch.float32, "*fp32"), (torch.float64, "*fp64")):
-                        for step in (False, True):
-                            yield Variant(
-                                "step" if step else "reduce", ops._accumulate_kernel,
-                                (("data_ptr", ptr), ("weights_ptr", wptr), ("ids_ptr", "*i64")),
-                                consts + (("STEP", step),), weights=weights, **common,
-                            )  # fmt: skip
-            yield Variant(
-                "squared_norms", ops._squared_norms_kernel, (("partial_ptr", "*fp64"), ("ids_ptr", "*i64")),
-                (("STREAM", sid), ("BLOCK", ops.NORM_BLOCK)), 4, index, stream=stream,
-            )  # fmt: skip
-        words = (("BLOCK", ops.WORDS_BLOCK),)
-        yield Variant("philox_blocks", ops._words_kernel, (("out_ptr", "*i64"),), words, 4, index)
+    for dtype in POINTER_TYPES:
+        for align in _aligns(dtype):
+            for stream in STREAM_IDS:
+                yield from _noise_variants(stream, dtype, align)
+            yield from _split_variants(dtype, align)
+    yield Variant(
+        "squared_norms", ops._squared_norms_kernel, (("partial_ptr", "*fp64"), ("ids_ptr", "*i64")),
+        (("BLOCK", ops.NORM_BLOCK),), ops.NUM_WARPS, INDEX_WIDTHS[0], stream="normal",
+    )  # fmt: skip
+    yield Variant(
+        "philox_blocks", ops._words_kernel, (("out_ptr", "*i64"),), (("BLOCK", ops.WORDS_BLOCK),), ops.NUM_WARPS,
+        INDEX_WIDTHS[0],
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -168,7 +213,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> Compiled:
     # Tensors from the caching allocator are 16-byte aligned: the divisibility Triton infers at launch.
     aligned = {(variant.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, _ in variant.pointers}
     src = ASTSource(variant.fn, sig, dict(variant.constexprs), aligned)
-    compiled = triton.compile(src, target=target(arch), options={"num_warps": variant.num_warps})
+    compiled = triton.compile(src, target=target(arch), options={"num_warps": variant.num_warps, **OPTIONS})
     ptx = compiled.asm["ptx"]
     name = compiled.metadata.name
     info = ptxas_info(ptx, name, arch)
@@ -211,3 +256,93 @@ def ptxas_info(ptx: str, kernel_name: str, arch: int = 90) -> Dict[str, int]:
         raise RuntimeError(f"ptxas failed on {kernel_name}:\n{result.stderr[-4000:]}")
     text = result.stderr.split(f"Compiling entry function '{kernel_name}'")[-1]
     return {key: int(m.group(1)) if (m := rx.search(text)) else 0 for key, rx in _PTXAS_LINE.items()}
+
+
+#: PTX of approximate transcendentals: the normals must use libdevice's accurate functions.
+APPROX_PTX = re.compile(r"\b(sin|cos|lg2|ex2|sqrt|rsqrt)\.approx")
+#: Ops whose kernels loop over samples (or chunks): their loop must not synchronize the block.
+LOOP_OPS = ("reduce", "step", "reduce_partial", "reduce_finish", "step_finish")
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS of ``cubin``, from the ``cuobjdump`` bundled with Triton."""
+    from triton.backends import nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True, timeout=120).stdout
+
+
+def outer_loop(sass: str) -> List[str]:
+    """The instructions of the outermost loop (the widest backward branch) of the kernel's first function."""
+    instrs = [(int(a, 16), text.strip()) for a, text in _SASS.findall(sass)]
+    back = []
+    for addr, text in instrs:
+        m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            back.append((int(m.group(1), 16), addr))
+    if not back:
+        return []
+    lo, hi = max(back, key=lambda r: r[1] - r[0])
+    return [text for addr, text in instrs if lo <= addr <= hi]
+
+
+def _report_row(index: int) -> Dict[str, Any]:
+    """Compile variant ``index`` of :func:`variants` and describe it (a worker of :func:`report`)."""
+    v = list(variants())[index]
+    row = {"name": v.name, "op": v.op, "stream": v.stream, "dtype": _short(v.dtype), "block": v.block,
+           "num_warps": v.num_warps, "align": v.align, "index": v.index}  # fmt: skip
+    try:
+        c = compile_variant(v)
+    except Exception as exc:  # reported, and failed on by the test
+        return {**row, "error": f"{type(exc).__name__}: {exc}"[-2000:]}
+    row.update(registers=c.registers, spill_stores=c.spill_stores, spill_loads=c.spill_loads, stack=c.stack,
+               approx=len(APPROX_PTX.findall(c.ptx)), error=None)  # fmt: skip
+    if v.op in LOOP_OPS:
+        loop = outer_loop(disassemble(c.cubin))
+        row["loop_instructions"] = len(loop)
+        row["loop_barriers"] = sum(1 for t in loop if "BAR." in t)
+        row["loop_shared"] = sum(1 for t in loop if re.search(r"\b(STS|LDS)\b", t))
+    return row
+
+
+def report(jobs: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Compile every variant (``jobs`` processes) and return one row each: registers, spills, loop barriers."""
+    if ops.INTERPRET:
+        raise RuntimeError("compile the variants without TRITON_INTERPRET=1 in the environment")
+    count = sum(1 for _ in variants())
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        return list(pool.map(_report_row, range(count)))
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """``rows`` of :func:`report` as a fixed-width table."""
+    cols = ("name", "registers", "spill_stores", "spill_loads", "stack", "loop_instructions", "loop_barriers",
+            "error")  # fmt: skip
+    lines = ["  ".join(f"{c:>12}" if c != "name" else f"{c:<64}" for c in cols)]
+    for r in rows:
+        cells = [str(r.get(c, "")) if r.get(c) is not None else "" for c in cols]
+        lines.append("  ".join(f"{v:>12}" if c != "name" else f"{v:<64}" for c, v in zip(cols, cells)))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m zo_kernels.kernels.triton.variants [--json PATH] [--jobs N]``: compile and tabulate all."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows here as JSON")
+    parser.add_argument("--jobs", type=int, default=None, help="compiler processes (default: one per CPU)")
+    args = parser.parse_args(argv)
+    rows = report(args.jobs)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
