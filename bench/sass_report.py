@@ -12,9 +12,8 @@ the hot loop and counts the instructions one thread issues per iteration of it:
   over the control-flow graph with inner back edges not taken: the rare slow paths (the Payne–Hanek
   reduction of sin/cos, out of range for these angles) stay off it, and every instruction on it is
   issued once per iteration. Predicated-off instructions count (they are issued); NOPs do not.
-  That path may also leave out a loop that a branch can skip, such as the CUDA perturb_rows loop
-  over a sample's rows: read perturb / perturb_rows counts as the cost of generating the noise (a
-  lower bound; those kernels write n elements per row and are bound by memory first);
+  Where the region writes global memory the path must pass a global store, so the rows loop of
+  perturb_rows is counted once (one row: per element = noise plus one row's write);
 - per element = per iteration / elements one thread handles per iteration (CUDA: its group size;
   Triton: BLOCK / (32 * num_warps));
 - the bound = the H200's lane-instruction issue rate (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz
@@ -128,33 +127,49 @@ def hot_region(code: Sequence[Instr]) -> Tuple[int, int, bool]:
     return 0, exits[-1] if exits else len(code) - 1, False
 
 
+def _stores(ins: Instr) -> bool:
+    return ins.opcode.split(".")[0] == "STG"
+
+
 def shortest_path(code: Sequence[Instr], first: int, last: int) -> List[Instr]:
-    """The fewest-instruction path from ``first`` to ``last`` (inclusive) in that region's forward CFG."""
+    """The fewest-instruction path from ``first`` to ``last`` (inclusive) in that region's forward CFG.
+
+    Where the region writes global memory, the path must pass through a global store: a loop over
+    a sample's rows (CUDA perturb_rows) or a kernel's output is work, not a slow path to skip.
+    """
     index = {ins.addr: k for k, ins in enumerate(code)}
+    must_store = any(_stores(ins) for ins in code[first : last + 1])
     inf = float("inf")
-    dist = [inf] * (last + 1)
-    prev: List[Optional[int]] = [None] * (last + 1)
-    dist[first] = 1 if code[first].opcode != "NOP" else 0
+    # State (k, s): at instruction k, s = whether a global store is behind us.
+    dist = {(first, _stores(code[first])): int(code[first].opcode != "NOP")}
+    prev: Dict[Tuple[int, bool], Optional[Tuple[int, bool]]] = {(first, _stores(code[first])): None}
     for k in range(first, last):
-        if dist[k] == inf or code[k].opcode == "EXIT" and code[k].unconditional:
-            continue
         ins = code[k]
+        if ins.opcode == "EXIT" and ins.unconditional:
+            continue
         succ = []
         target = ins.branch_target
         if not (target is not None and ins.unconditional):
             succ.append(k + 1)  # falls through
         if target is not None and target in index and k < index[target] <= last:
             succ.append(index[target])  # forward branches only: inner back edges are not taken
-        for s in succ:
-            cost = dist[k] + (code[s].opcode != "NOP")
-            if cost < dist[s]:
-                dist[s], prev[s] = cost, k
-    if dist[last] == inf:
+        for stored in (False, True):
+            if (k, stored) not in dist:
+                continue
+            for n in succ:
+                state = (n, stored or _stores(code[n]))
+                cost = dist[(k, stored)] + (code[n].opcode != "NOP")
+                if cost < dist.get(state, inf):
+                    dist[state], prev[state] = cost, (k, stored)
+    ends = [(last, True)] if must_store else [(last, False), (last, True)]
+    reached = [e for e in ends if e in dist]
+    if not reached:
         raise ValueError("the region's end is unreachable from its head")
-    path, k = [], last
-    while k is not None:
-        path.append(code[k])
-        k = prev[k]
+    state: Optional[Tuple[int, bool]] = min(reached, key=dist.__getitem__)
+    path = []
+    while state is not None:
+        path.append(code[state[0]])
+        state = prev[state]
     return [ins for ins in reversed(path) if ins.opcode != "NOP"]
 
 
@@ -350,8 +365,13 @@ def triton_rows(root: str) -> List[Row]:
 
 
 def measure(root: str) -> List[Row]:
-    """Every row of the tree at ``root``."""
-    return sorted(cuda_rows(root) + triton_rows(root), key=lambda r: (r.op, r.stream, r.dtype, r.backend, r.config))
+    """Every row of the tree at ``root`` (a tree whose Triton kernels do not compile gets CUDA rows only)."""
+    rows = cuda_rows(root)
+    try:
+        rows += triton_rows(root)
+    except RuntimeError as exc:
+        print(f"{root}: no Triton rows: {str(exc)[:600]}", file=sys.stderr)
+    return sorted(rows, key=lambda r: (r.op, r.stream, r.dtype, r.backend, r.config))
 
 
 # --- the report -----------------------------------------------------------------------------------

@@ -53,6 +53,19 @@ def test_the_hot_loop_is_the_innermost_loop_with_philox_and_its_fast_path_is_cou
     assert (c.per_iteration, c.barriers, c.is_loop) == (5, 0, True)
 
 
+def test_a_loop_that_writes_memory_is_counted_through_a_store():
+    lines = [
+        "IMAD R1, R1, 0xcd9e8d57, RZ",  # 0x00  head
+        "@!P0 BRA 0x40",  # 0x10  no rows: the store can be skipped
+        "STG.E [R2], R1",  # 0x20  rows loop
+        "@P1 BRA 0x20",  # 0x30
+        "@P2 BRA 0x0",  # 0x40  back edge
+        "EXIT",
+    ]
+    c = sass_report.count(sass_report.parse_sass(_listing(lines))["kern"])
+    assert c.per_iteration == 5  # through the store once, not the 3 of skipping it
+
+
 def test_a_kernel_without_a_loop_counts_from_entry_to_its_last_exit():
     lines = ["IMAD R1, R1, 0xcd9e8d57, RZ", "@P0 EXIT", "BAR.SYNC.DEFER_BLOCKING 0x0", "STG.E [R2], R1", "EXIT"]
     c = sass_report.count(sass_report.parse_sass(_listing(lines))["kern"])
