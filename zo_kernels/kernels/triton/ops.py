@@ -385,7 +385,7 @@ def accumulate(data: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, str
     The samples are cut into :func:`sample_splits` chunks (``splits`` forces the count, for tests).
     """
     n, num = data.numel(), ids.numel()
-    chunks = sample_splits(num, n, stream) if splits is None else min(int(splits), num)
+    chunks = sample_splits(num, n, stream) if splits is None else min(int(splits), num, MAX_GRID_Y)
     if n == 0 or chunks <= 0:
         return
     acc = _acc_dtype(data.dtype)
@@ -398,8 +398,8 @@ def accumulate(data: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, str
     align = _align(offset, n, out.dtype)
     _accumulate_kernel[(_tiles(offset, n, block), chunks)](
         out, weights, ids, n // align, offset // align, lo, hi, base, extra, lr_bits,
-        STREAM=stream, ACC=_acc(data.dtype), STEP=lr is not None, PARTIAL=chunks > 1, BLOCK=block, ALIGN=align,
-        num_warps=warps, enable_fp_fusion=FP_FUSION,
+        STREAM=stream, ACC=_acc(data.dtype), STEP=lr is not None and chunks == 1, PARTIAL=chunks > 1, BLOCK=block,
+        ALIGN=align, num_warps=warps, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     if chunks > 1:
         align = _align(0, n, data.dtype)

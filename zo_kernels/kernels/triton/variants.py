@@ -307,6 +307,7 @@ def _report_row(index: int) -> Dict[str, Any]:
         row["loop_instructions"] = len(loop)
         row["loop_barriers"] = sum(1 for t in loop if "BAR." in t)
         row["loop_shared"] = sum(1 for t in loop if re.search(r"\b(STS|LDS)\b", t))
+        row["loop_local"] = sum(1 for t in loop if re.search(r"\b(STL|LDL)\b", t))
     return row
 
 

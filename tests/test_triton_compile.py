@@ -1,0 +1,147 @@
+"""Every Triton kernel variant the launchers can produce compiles for sm_90 with Triton's own compiler.
+
+No GPU needed: ``zo_kernels.kernels.triton.variants`` compiles each variant for an explicit target
+and reads ``ptxas -v``. The interpreter accepts code the compiler rejects, so this is where a kernel
+that only runs in CI's interpreter would first fail. The compilation runs in a subprocess without
+``TRITON_INTERPRET`` (this session set it before zo_kernels was imported), its processes in
+parallel; run with ``-s`` to see the table of registers, spills and the sample loop's barriers.
+The variants the launchers really request are recorded here, in the interpreter, and must be
+exactly those ``variants()`` enumerates.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zo_kernels.kernels.triton.backend import load_backend
+
+TRITON, WHY = load_backend()
+pytestmark = pytest.mark.skipif(TRITON is None, reason=f"triton backend: {WHY}")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Registers per thread, by op and stream, with headroom over what sm_90 needs today (normal
+# 29-48; rademacher reduce 46-70, 130-160 for float64 with its 32 double sums; perturb 32-124,
+# perturb_rows with two signs up to ~180 for float64): a regression past these costs occupancy,
+# and shows here first.
+REGISTER_CAPS = {
+    ("perturb", "normal"): 64, ("perturb_rows", "normal"): 64, ("reduce", "normal"): 64, ("step", "normal"): 64,
+    ("reduce_partial", "normal"): 64, ("perturb", "rademacher"): 160, ("perturb_rows", "rademacher"): 224,
+    ("reduce", "rademacher"): 176, ("step", "rademacher"): 176, ("reduce_partial", "rademacher"): 176,
+    ("reduce_finish", None): 64, ("step_finish", None): 64, ("squared_norms", "normal"): 64,
+    ("philox_blocks", None): 48,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The rows of ``variants.report()``, compiled in a fresh interpreter without TRITON_INTERPRET."""
+    pytest.importorskip("triton.backends.nvidia")
+    out = tmp_path_factory.mktemp("triton-compile") / "variants.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "zo_kernels.kernels.triton.variants", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    if not out.exists():
+        pytest.fail(f"variants.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    print("\n" + proc.stdout)  # the table (pytest -s)
+    return json.loads(out.read_text())
+
+
+# ptxas may keep a kernel at 64 registers (eight blocks an SM) and spill a predicate or two
+# instead: seen once, 4 bytes, in the epilogue of an unaligned (scalar-access) half-precision
+# reduce, after the sample loop. That much is tolerated there; anything in a loop, or more, is not.
+SMALL_SPILL = 8
+
+
+def test_every_variant_compiles_without_spills(report):
+    assert len(report) >= 100
+    failed = {r["name"]: r["error"] for r in report if r["error"]}
+    assert not failed, failed
+    allowed = {r["name"]: SMALL_SPILL if r["align"] == 1 else 0 for r in report}
+    spilling = {r["name"]: (r["spill_stores"], r["spill_loads"], r["stack"]) for r in report
+                if max(r["spill_stores"], r["spill_loads"]) > allowed[r["name"]] or r["stack"] > 2 * allowed[r["name"]]}
+    assert not spilling, spilling
+    assert not {r["name"]: r["loop_local"] for r in report if r.get("loop_local")}, "local memory in a loop"
+
+
+def test_registers_stay_under_their_caps(report):
+    over = {r["name"]: (r["registers"], REGISTER_CAPS[(r["op"], r["stream"])]) for r in report
+            if r["registers"] > REGISTER_CAPS[(r["op"], r["stream"])]}  # fmt: skip
+    assert not over, over
+
+
+def test_no_block_barrier_or_shared_memory_in_the_sample_loops(report):
+    loops = [r for r in report if "loop_barriers" in r]
+    assert {r["op"] for r in loops} == {"reduce", "step", "reduce_partial", "reduce_finish", "step_finish"}
+    assert all(r["loop_instructions"] > 0 for r in loops)
+    synced = {r["name"]: (r["loop_barriers"], r["loop_shared"]) for r in loops
+              if r["loop_barriers"] or r["loop_shared"]}  # fmt: skip
+    assert not synced, synced
+
+
+def test_accurate_transcendentals_only(report):
+    assert not {r["name"]: r["approx"] for r in report if r["approx"]}
+
+
+class _Recorder:
+    """Stands in for a kernel: records each launch's pointer types, constexprs and warps, then launches."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+        fn = kernel.fn
+        self.params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from zo_kernels.kernels.triton import variants
+
+            types = {**variants.POINTER_TYPES, torch.int64: "*i64"}
+            pointers = {p: types[a.dtype] for p, a in zip(self.params, args) if isinstance(a, torch.Tensor)}
+            consts = {k: str(v) for k, v in kwargs.items() if k not in ("num_warps", "enable_fp_fusion")}
+            self.seen.add(_key(self.kernel.fn.__name__, pointers, consts, kwargs["num_warps"]))
+            assert kwargs["enable_fp_fusion"] is True
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _key(kernel, pointers, consts, warps):
+    return kernel, tuple(sorted(pointers.items())), tuple(sorted((k, str(v)) for k, v in consts.items())), warps
+
+
+def _launch_everything(ops):
+    """Every launcher with every dtype, stream, sign count, step flag, split and alignment."""
+    for dtype in DTYPES:
+        for n, offset in ((16, 32), (5, 3)):  # 16-byte aligned, and not
+            theta = torch.randn(n).to(dtype)
+            for stream in (0, 1):
+                ops.perturb(torch.empty_like(theta), theta, stream, 1, 2, 0.5, offset)
+                for signs in (1, 2):
+                    out = torch.empty(3 * signs, n, dtype=dtype)
+                    ops.perturb_rows(out, theta, stream, 1, torch.arange(3), torch.ones(3, signs, dtype=torch.float64),
+                                     offset)  # fmt: skip
+                for lr in (None, 0.5):
+                    for splits in (1, 2):
+                        weights = torch.ones(4, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                        ops.accumulate(theta.clone(), weights, torch.arange(4), stream, 1, offset, lr, splits)
+    ops.squared_norms(torch.arange(2), 0, 1, 10)
+    ops.philox_blocks(0, 3, 0, 0, 1, torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records the launches in the interpreter (CPU tensors)")
+def test_variants_are_exactly_what_the_launchers_launch(monkeypatch):
+    from zo_kernels.kernels.triton import ops, variants
+
+    expected = {_key(v.fn.__name__, dict(v.pointers), dict(v.constexprs), v.num_warps) for v in variants.variants()}
+    seen = set()
+    for name in ("_perturb_kernel", "_accumulate_kernel", "_finish_kernel", "_squared_norms_kernel", "_words_kernel"):
+        monkeypatch.setattr(ops, name, _Recorder(getattr(ops, name), seen))
+    _launch_everything(ops)
+    assert seen - expected == set(), "launched but not enumerated (so never compiled by the tests above)"
+    assert expected - seen == set(), "enumerated but not reachable from the launchers"
