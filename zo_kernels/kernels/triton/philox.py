@@ -165,16 +165,14 @@ def bits_tile(x, BLOCK: tl.constexpr):
 
 @triton.jit
 def pinned_words(word):
-    """``word`` (uint32), through a copy Triton may not duplicate (on GPUs; as is in the interpreter).
+    """``word`` ([W] uint32) unchanged, as the sum over a size-1 axis: a value Triton moves, never regenerates.
 
-    A tile of signs meets a vector-load layout (4 elements a thread, threads next to each other)
-    when it is added to loaded data. Without this, Triton's layout pass regenerates the words in
-    that layout, one Philox call per vector (8 a thread); behind an instruction with side effects
-    it exchanges the one word each thread made through shared memory instead.
+    A tile of signs meets a vector-load layout (4 elements a thread, threads side by side) when it
+    is added to loaded data. Triton's layout pass would rather regenerate the words in that layout,
+    one Philox call per vector (8 a thread); it does not rematerialize through a reduction, so with
+    this the one word each thread made crosses threads through shared memory instead (Triton 3.6 and 3.9).
     """
-    if _LIBDEVICE:
-        word = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [word], dtype=tl.uint32, is_pure=False, pack=1)
-    return word
+    return tl.sum(word[:, None], axis=1)
 
 
 @triton.jit

@@ -277,18 +277,33 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True, timeout=120).stdout
 
 
-def outer_loop(sass: str) -> List[str]:
-    """The instructions of the outermost loop (the widest backward branch) of the kernel's first function."""
+def _branch_target(text: str) -> Optional[int]:
+    m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+    return int(m.group(1), 16) if m else None
+
+
+def hot_loop(sass: str) -> List[str]:
+    """The instructions one iteration of the kernel's outermost loop issues on its common path.
+
+    The loop is the widest backward branch of the first function. Left out are the regions a
+    conditional forward branch skips when they hold an inner loop or a call: the rare slow paths
+    of libdevice (the Payne-Hanek reduction of sin/cos for huge angles, the sqrt subroutine for
+    denormals), never taken for the angles and radii of Box-Muller.
+    """
     instrs = [(int(a, 16), text.strip()) for a, text in _SASS.findall(sass)]
-    back = []
-    for addr, text in instrs:
-        m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            back.append((int(m.group(1), 16), addr))
+    back = [(t, a) for a, text in instrs if (t := _branch_target(text)) is not None and t < a]
     if not back:
         return []
     lo, hi = max(back, key=lambda r: r[1] - r[0])
-    return [text for addr, text in instrs if lo <= addr <= hi]
+    loop = [(a, text) for a, text in instrs if lo <= a <= hi and not text.startswith("NOP")]
+    cold = set()
+    for a, text in loop:
+        target = _branch_target(text)
+        if text.startswith("@") and target is not None and target > a:
+            skipped = [(b, u) for b, u in loop if a < b < target]
+            if any("CALL" in u or ((t := _branch_target(u)) is not None and t < b) for b, u in skipped):
+                cold.update(b for b, _ in skipped)
+    return [text for a, text in loop if a not in cold]
 
 
 def _report_row(index: int) -> Dict[str, Any]:
@@ -303,7 +318,7 @@ def _report_row(index: int) -> Dict[str, Any]:
     row.update(registers=c.registers, spill_stores=c.spill_stores, spill_loads=c.spill_loads, stack=c.stack,
                approx=len(APPROX_PTX.findall(c.ptx)), error=None)  # fmt: skip
     if v.op in LOOP_OPS:
-        loop = outer_loop(disassemble(c.cubin))
+        loop = hot_loop(disassemble(c.cubin))
         row["loop_instructions"] = len(loop)
         row["loop_barriers"] = sum(1 for t in loop if "BAR." in t)
         row["loop_shared"] = sum(1 for t in loop if re.search(r"\b(STS|LDS)\b", t))
