@@ -21,6 +21,7 @@ alone, so every result is bitwise identical run to run and on any GPU. Launchers
 from __future__ import annotations
 
 import struct
+from typing import Tuple
 
 import torch
 import triton
@@ -106,7 +107,7 @@ def sample_splits(num: int, n: int, stream: int) -> int:
     return max(1, min(SPLIT_THREADS // threads, num // MIN_CHUNK_SAMPLES, MAX_WORKSPACE_ELEMENTS // n, MAX_GRID_Y))
 
 
-def chunk_bounds(num: int, chunks: int, c: int):
+def chunk_bounds(num: int, chunks: int, c: int) -> Tuple[int, int]:
     """Samples ``[lo, hi)`` of chunk ``c``: ``chunks`` near-equal chunks, the first ``num % chunks`` one longer."""
     base, extra = divmod(num, chunks)
     lo = c * base + min(c, extra)
