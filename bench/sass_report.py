@@ -3,17 +3,10 @@
 Until a GPU runs the kernels, this is how their speed is judged. For each CUDA kernel (a cubin that
 nvcc builds from ``csrc/cuda/kernels.cu``) and each Triton kernel variant (compiled by
 ``zo_kernels.kernels.triton.variants`` for sm_90), it disassembles the SASS with ``cuobjdump``, finds
-the hot loop and counts the instructions one thread issues per iteration of it:
+the hot loop and counts the instructions one thread issues per iteration of it, as
+``zo_kernels/kernels/sass.py`` defines them (the shortest path through the innermost loop holding
+the Philox multiplies; rare slow paths off it, stores on it):
 
-- the hot loop is the innermost loop holding the Philox multiplies (an immediate operand
-  0xD2511F53 or 0xCD9E8D57): the per-sample loop of reduce / step, the grid-stride loop of the CUDA
-  perturb kernels; a kernel without such a loop (Triton perturb) counts from entry to its last EXIT;
-- one iteration is the shortest path through that region from its head to its back edge (or exit)
-  over the control-flow graph with inner back edges not taken: the rare slow paths (the Payne–Hanek
-  reduction of sin/cos, out of range for these angles) stay off it, and every instruction on it is
-  issued once per iteration. Predicated-off instructions count (they are issued); NOPs do not.
-  Where the region writes global memory the path must pass a global store, so the rows loop of
-  perturb_rows is counted once (one row: per element = noise plus one row's write);
 - per element = per iteration / elements one thread handles per iteration (CUDA: its group size;
   Triton: BLOCK / (32 * num_warps));
 - the bound = the H200's lane-instruction issue rate (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz
@@ -37,7 +30,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,188 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMS, SCHEDULERS, LANES, CLOCK_HZ = 132, 4, 32, 1.98e9
 #: Lane-instructions per second an H200 can issue: one warp instruction per scheduler per cycle.
 ISSUE_RATE = SMS * SCHEDULERS * LANES * CLOCK_HZ
-PHILOX_IMMEDIATES = ("0xd2511f53", "-0x2daee0ad", "0xcd9e8d57", "-0x326172a9")
 STREAMS = ("normal", "rademacher")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # the dtype ids of csrc/cuda/kernels.h
-#: The Triton variants the report covers (all autotune configs; the first index width; float32 weights).
-TRITON_OPS = ("reduce", "step", "perturb", "perturb_rows")
+#: The Triton variants the report covers (every tile config and alignment; the first index width; float32 weights).
+TRITON_OPS = ("reduce", "step", "reduce_partial", "perturb", "perturb_rows")
 REPORT_DTYPES = ("float32", "bfloat16")
-
-
-# --- SASS parsing and the hot-loop count -----------------------------------------------------------
-
-_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
-
-
-@dataclasses.dataclass
-class Instr:
-    """One SASS instruction: address, predicate guard, opcode and operand text."""
-
-    addr: int
-    guard: str
-    opcode: str
-    operands: str
-
-    @property
-    def branch_target(self) -> Optional[int]:
-        """The target of a direct branch (``BRA 0x1370``), else None."""
-        if self.opcode.split(".")[0] != "BRA":
-            return None
-        m = re.search(r"0x([0-9a-f]+)", self.operands)
-        return int(m.group(1), 16) if m else None
-
-    @property
-    def unconditional(self) -> bool:
-        """True if the instruction always executes (no guard, or ``@PT``)."""
-        return self.guard in ("", "@PT")
-
-
-def parse_sass(text: str) -> Dict[str, List[Instr]]:
-    """``cuobjdump -sass`` output as instruction lists per function (mangled name)."""
-    functions: Dict[str, List[Instr]] = {}
-    current: Optional[List[Instr]] = None
-    for line in text.splitlines():
-        f = _FUNCTION.match(line)
-        if f:
-            current = functions.setdefault(f.group(1), [])
-            continue
-        m = _LINE.match(line)
-        if m and current is not None:
-            body = m.group(2).split()
-            guard = body.pop(0) if body and body[0].startswith("@") else ""
-            current.append(Instr(int(m.group(1), 16), guard, body[0], " ".join(body[1:])))
-    return functions
-
-
-def _is_philox(ins: Instr) -> bool:
-    return ins.opcode.startswith("IMAD") and any(c in ins.operands.lower() for c in PHILOX_IMMEDIATES)
-
-
-def loops(code: Sequence[Instr]) -> List[Tuple[int, int]]:
-    """(head index, back-edge index) of every loop: a branch to an earlier address."""
-    index = {ins.addr: k for k, ins in enumerate(code)}
-    found = []
-    for k, ins in enumerate(code):
-        target = ins.branch_target
-        if target is not None and target <= ins.addr and target in index:
-            found.append((index[target], k))
-    return found
-
-
-def hot_region(code: Sequence[Instr]) -> Tuple[int, int, bool]:
-    """(first, last, is_loop): the innermost loop with Philox multiplies, else entry .. last EXIT."""
-    philox = [k for k, ins in enumerate(code) if _is_philox(ins)]
-    candidates = [(h, t) for h, t in loops(code) if any(h <= k <= t for k in philox)]
-    if candidates:
-        h, t = min(candidates, key=lambda ht: ht[1] - ht[0])
-        return h, t, True
-    exits = [k for k, ins in enumerate(code) if ins.opcode == "EXIT"]
-    return 0, exits[-1] if exits else len(code) - 1, False
-
-
-def _stores(ins: Instr) -> bool:
-    return ins.opcode.split(".")[0] == "STG"
-
-
-def shortest_path(code: Sequence[Instr], first: int, last: int) -> List[Instr]:
-    """The fewest-instruction path from ``first`` to ``last`` (inclusive) in that region's forward CFG.
-
-    Where the region writes global memory, the path must pass through a global store: a loop over
-    a sample's rows (CUDA perturb_rows) or a kernel's output is work, not a slow path to skip.
-    """
-    index = {ins.addr: k for k, ins in enumerate(code)}
-    must_store = any(_stores(ins) for ins in code[first : last + 1])
-    inf = float("inf")
-    # State (k, s): at instruction k, s = whether a global store is behind us.
-    dist = {(first, _stores(code[first])): int(code[first].opcode != "NOP")}
-    prev: Dict[Tuple[int, bool], Optional[Tuple[int, bool]]] = {(first, _stores(code[first])): None}
-    for k in range(first, last):
-        ins = code[k]
-        if ins.opcode == "EXIT" and ins.unconditional:
-            continue
-        succ = []
-        target = ins.branch_target
-        if not (target is not None and ins.unconditional):
-            succ.append(k + 1)  # falls through
-        if target is not None and target in index and k < index[target] <= last:
-            succ.append(index[target])  # forward branches only: inner back edges are not taken
-        for stored in (False, True):
-            if (k, stored) not in dist:
-                continue
-            for n in succ:
-                state = (n, stored or _stores(code[n]))
-                cost = dist[(k, stored)] + (code[n].opcode != "NOP")
-                if cost < dist.get(state, inf):
-                    dist[state], prev[state] = cost, (k, stored)
-    ends = [(last, True)] if must_store else [(last, False), (last, True)]
-    reached = [e for e in ends if e in dist]
-    if not reached:
-        raise ValueError("the region's end is unreachable from its head")
-    state: Optional[Tuple[int, bool]] = min(reached, key=dist.__getitem__)
-    path = []
-    while state is not None:
-        path.append(code[state[0]])
-        state = prev[state]
-    return [ins for ins in reversed(path) if ins.opcode != "NOP"]
-
-
-@dataclasses.dataclass
-class Count:
-    """What one kernel issues per hot-loop iteration."""
-
-    per_iteration: int
-    barriers: int
-    shared: int
-    is_loop: bool
-
-
-def count(code: Sequence[Instr]) -> Count:
-    """The hot-path instruction count of one function, and its barriers / shared-memory ops on that path."""
-    first, last, is_loop = hot_region(code)
-    path = shortest_path(code, first, last)
-    bars = sum(ins.opcode.startswith("BAR") for ins in path)
-    shared = sum(ins.opcode.split(".")[0] in ("STS", "LDS", "LDSM") for ins in path)
-    return Count(len(path), bars, shared, is_loop)
-
-
-# --- tools ----------------------------------------------------------------------------------------
-
-
-def _triton_bin(name: str) -> Optional[str]:
-    try:
-        import triton
-    except ImportError:
-        return None
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.exists(path) else None
-
-
-def tool(name: str) -> str:
-    """A CUDA binary tool: on PATH, in /usr/local/cuda/bin, or bundled with Triton."""
-    for candidate in (shutil.which(name), f"/usr/local/cuda/bin/{name}", _triton_bin(name)):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    raise FileNotFoundError(f"{name} not found (PATH, /usr/local/cuda/bin, Triton's bundled tools)")
-
-
-def disassemble(cubin: bytes) -> Dict[str, List[Instr]]:
-    """The SASS of every function of a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        out = subprocess.run([tool("cuobjdump"), "-sass", fh.name], capture_output=True, text=True, check=True)
-    return parse_sass(out.stdout)
-
-
-def demangle(names: Iterable[str]) -> Dict[str, str]:
-    """Itanium-demangled names (``c++filt``), or the names as they are without it."""
-    names = list(names)
-    filt = shutil.which("c++filt")
-    if not filt or not names:
-        return {n: n for n in names}
-    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
-    return dict(zip(names, out.splitlines()))
 
 
 # --- rows -----------------------------------------------------------------------------------------
@@ -297,11 +112,14 @@ def _ptxas_table(text: str) -> Dict[str, Dict[str, int]]:
 
 
 _CUDA_KERNEL = re.compile(r"::(\w+_kernel)<(\d+)(?:,\s*(\d+))?>")
-_CUDA_OPS = {"accumulate_kernel": "reduce/step", "perturb_kernel": "perturb", "perturb_rows_kernel": "perturb_rows"}
+_CUDA_OPS = {"accumulate_kernel": "reduce/step", "perturb_kernel": "perturb", "perturb_rows_kernel": "perturb_rows",
+             "partial_kernel": "reduce_partial"}  # fmt: skip
 
 
 def cuda_rows(root: str) -> List[Row]:
     """Rows for the templated CUDA kernels of ``root``'s csrc/cuda/kernels.cu."""
+    from zo_kernels.kernels.sass import count, demangle, disassemble, tool
+
     source = os.path.join(root, "csrc", "cuda", "kernels.cu")
     with open(source, encoding="utf-8") as fh:
         groups = _group_sizes(fh.read())
@@ -327,11 +145,15 @@ def cuda_rows(root: str) -> List[Row]:
     return rows
 
 
-def triton_rows_here() -> List[Row]:
-    """Rows for the Triton variants of the importable zo_kernels (run with TRITON_INTERPRET unset)."""
+def triton_compiled_here() -> List[dict]:
+    """The report's Triton variants of the importable zo_kernels, compiled: row fields plus the cubin (hex).
+
+    Runs in a worker whose ``zo_kernels`` may be another tree's, so it only compiles; the SASS is
+    read by the caller, with this tree's counting.
+    """
     from zo_kernels.kernels.triton import variants as tv
 
-    rows, seen = [], set()
+    out, seen = [], set()
     for v in tv.variants():
         dtype = str(v.dtype).replace("torch.", "")
         signs = dict(v.constexprs).get("SIGNS", 1)
@@ -339,29 +161,40 @@ def triton_rows_here() -> List[Row]:
             continue
         if (v.weights is not None and str(v.weights) != "torch.float32") or (v.op == "perturb_rows" and signs != 2):
             continue
-        config = f"BLOCK {v.block}, {v.num_warps} warps"
+        align = getattr(v, "align", 1)  # trees before the aligned variants have none
+        config = f"BLOCK {v.block}, {v.num_warps} warps" + (f", {align}-element vectors" if align > 1 else "")
         if (v.op, v.stream, dtype, config) in seen:
             continue
         seen.add((v.op, v.stream, dtype, config))
-        compiled = tv.compile_variant(v)
-        c = count(disassemble(compiled.cubin)[compiled.kernel_name])
-        elements = v.elements_per_thread
-        rows.append(Row("triton", v.op, v.stream, dtype, compiled.kernel_name, config, c.per_iteration, elements,
-                        c.barriers, compiled.registers, compiled.spill_stores + compiled.spill_loads,
-                        compiled.stack))  # fmt: skip
-    return rows
+        c = tv.compile_variant(v)
+        out.append({
+            "op": v.op, "stream": v.stream, "dtype": dtype, "kernel": c.kernel_name, "config": config,
+            "elements": v.elements_per_thread, "registers": c.registers, "spills": c.spill_stores + c.spill_loads,
+            "stack": c.stack, "cubin": c.cubin.hex(),
+        })  # fmt: skip
+    return out
 
 
 def triton_rows(root: str) -> List[Row]:
-    """Rows for ``root``'s Triton kernels, measured in a fresh interpreter (the kernels are read at import)."""
+    """Rows for ``root``'s Triton kernels, compiled in a fresh interpreter (the kernels are read at import)."""
+    from zo_kernels.kernels.sass import count, disassemble
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--triton-worker"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
-    if out.returncode != 0:
-        raise RuntimeError(f"Triton compilation of {root} failed:\n{out.stderr[-4000:]}")
-    return [Row(**r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "compiled.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--compile-triton", path]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+        if out.returncode != 0:
+            raise RuntimeError(f"Triton compilation of {root} failed:\n{out.stderr[-4000:]}")
+        with open(path, encoding="utf-8") as fh:
+            compiled = json.load(fh)
+    rows = []
+    for c in compiled:
+        n = count(disassemble(bytes.fromhex(c.pop("cubin")))[c["kernel"]])
+        rows.append(Row("triton", per_iteration=n.per_iteration, barriers=n.barriers, **c))
+    return rows
 
 
 def measure(root: str) -> List[Row]:
@@ -499,6 +332,8 @@ def _worktree(rev: str) -> str:
 def _versions() -> Dict[str, str]:
     import triton
 
+    from zo_kernels.kernels.sass import tool
+
     nvcc = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     return {"triton": triton.__version__, "nvcc": nvcc[-1] if nvcc else "?"}
 
@@ -528,11 +363,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="git revisions to measure too, oldest first; the first is the 'before' column")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "sass.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "sass.json"))
-    parser.add_argument("--triton-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-triton", metavar="PATH", help=argparse.SUPPRESS)  # the worker of triton_rows
     args = parser.parse_args(argv)
-    if args.triton_worker:
-        print(json.dumps([dataclasses.asdict(r) for r in triton_rows_here()]))
+    if args.compile_triton:  # the zo_kernels on PYTHONPATH is the tree being measured
+        with open(args.compile_triton, "w", encoding="utf-8") as fh:
+            json.dump(triton_compiled_here(), fh)
         return
+    sys.path.insert(0, ROOT)  # this tree's zo_kernels counts the SASS of every tree
     rows = measure(ROOT)
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     meta = {

@@ -29,6 +29,7 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
+from .. import sass
 from . import ops
 from .philox import STREAM_IDS
 
@@ -262,48 +263,6 @@ def ptxas_info(ptx: str, kernel_name: str, arch: int = 90) -> Dict[str, int]:
 APPROX_PTX = re.compile(r"\b(sin|cos|lg2|ex2|sqrt|rsqrt)\.approx")
 #: Ops whose kernels loop over samples (or chunks): their loop must not synchronize the block.
 LOOP_OPS = ("reduce", "step", "reduce_partial", "reduce_finish", "step_finish")
-_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-
-
-def disassemble(cubin: bytes) -> str:
-    """The SASS of ``cubin``, from the ``cuobjdump`` bundled with Triton."""
-    from triton.backends import nvidia
-
-    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as fh:
-            fh.write(cubin)
-        return subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True, timeout=120).stdout
-
-
-def _branch_target(text: str) -> Optional[int]:
-    m = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
-    return int(m.group(1), 16) if m else None
-
-
-def hot_loop(sass: str) -> List[str]:
-    """The instructions one iteration of the kernel's outermost loop issues on its common path.
-
-    The loop is the widest backward branch of the first function. Left out are the regions a
-    conditional forward branch skips when they hold an inner loop or a call: the rare slow paths
-    of libdevice (the Payne-Hanek reduction of sin/cos for huge angles, the sqrt subroutine for
-    denormals), never taken for the angles and radii of Box-Muller.
-    """
-    instrs = [(int(a, 16), text.strip()) for a, text in _SASS.findall(sass)]
-    back = [(t, a) for a, text in instrs if (t := _branch_target(text)) is not None and t < a]
-    if not back:
-        return []
-    lo, hi = max(back, key=lambda r: r[1] - r[0])
-    loop = [(a, text) for a, text in instrs if lo <= a <= hi and not text.startswith("NOP")]
-    cold = set()
-    for a, text in loop:
-        target = _branch_target(text)
-        if text.startswith("@") and target is not None and target > a:
-            skipped = [(b, u) for b, u in loop if a < b < target]
-            if any("CALL" in u or ((t := _branch_target(u)) is not None and t < b) for b, u in skipped):
-                cold.update(b for b, _ in skipped)
-    return [text for a, text in loop if a not in cold]
 
 
 def _report_row(index: int) -> Dict[str, Any]:
@@ -318,11 +277,9 @@ def _report_row(index: int) -> Dict[str, Any]:
     row.update(registers=c.registers, spill_stores=c.spill_stores, spill_loads=c.spill_loads, stack=c.stack,
                approx=len(APPROX_PTX.findall(c.ptx)), error=None)  # fmt: skip
     if v.op in LOOP_OPS:
-        loop = hot_loop(disassemble(c.cubin))
-        row["loop_instructions"] = len(loop)
-        row["loop_barriers"] = sum(1 for t in loop if "BAR." in t)
-        row["loop_shared"] = sum(1 for t in loop if re.search(r"\b(STS|LDS)\b", t))
-        row["loop_local"] = sum(1 for t in loop if re.search(r"\b(STL|LDL)\b", t))
+        loop = sass.count(sass.disassemble(c.cubin)[c.kernel_name])
+        row.update(loop_instructions=loop.per_iteration, loop_barriers=loop.barriers, loop_shared=loop.shared,
+                   loop_local=loop.local)  # fmt: skip
     return row
 
 

@@ -1,4 +1,4 @@
-"""bench/sass_report.py's hot-loop count on hand-written SASS, and on the real CUDA kernels when nvcc is here."""
+"""zo_kernels.kernels.sass (the hot-loop count) on hand-written SASS; bench/sass_report.py on the real CUDA kernels."""
 
 import os
 import shutil
@@ -10,6 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import sass_report  # noqa: E402
+
+from zo_kernels.kernels import sass  # noqa: E402
 
 
 def _listing(lines):
@@ -39,16 +41,16 @@ LOOP = [
 
 
 def test_parse_finds_functions_guards_and_branch_targets():
-    code = sass_report.parse_sass(_listing(LOOP))["kern"]
+    code = sass.parse_sass(_listing(LOOP))["kern"]
     assert len(code) == len(LOOP)
     assert code[1].guard == "@!P0" and code[1].opcode == "BRA" and code[1].branch_target == 0xD0
     assert code[0].branch_target is None and code[0].unconditional
 
 
 def test_the_hot_loop_is_the_innermost_loop_with_philox_and_its_fast_path_is_counted():
-    code = sass_report.parse_sass(_listing(LOOP))["kern"]
-    assert sass_report.hot_region(code) == (2, 11, True)  # not the inner loop: it has no Philox multiply
-    c = sass_report.count(code)
+    code = sass.parse_sass(_listing(LOOP))["kern"]
+    assert sass.hot_region(code) == (2, 11, True)  # not the inner loop: it has no Philox multiply
+    c = sass.count(code)
     # head, FFMA, the branch over the slow path, FADD, the back edge (the NOP is not counted)
     assert (c.per_iteration, c.barriers, c.is_loop) == (5, 0, True)
 
@@ -62,13 +64,13 @@ def test_a_loop_that_writes_memory_is_counted_through_a_store():
         "@P2 BRA 0x0",  # 0x40  back edge
         "EXIT",
     ]
-    c = sass_report.count(sass_report.parse_sass(_listing(lines))["kern"])
+    c = sass.count(sass.parse_sass(_listing(lines))["kern"])
     assert c.per_iteration == 5  # through the store once, not the 3 of skipping it
 
 
 def test_a_kernel_without_a_loop_counts_from_entry_to_its_last_exit():
     lines = ["IMAD R1, R1, 0xcd9e8d57, RZ", "@P0 EXIT", "BAR.SYNC.DEFER_BLOCKING 0x0", "STG.E [R2], R1", "EXIT"]
-    c = sass_report.count(sass_report.parse_sass(_listing(lines))["kern"])
+    c = sass.count(sass.parse_sass(_listing(lines))["kern"])
     assert (c.per_iteration, c.barriers, c.is_loop) == (5, 1, False)
 
 
