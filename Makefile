@@ -38,9 +38,10 @@ bench: setup
 	$(PY) bench/run.py
 	$(PY) tools/readme_results.py
 
-# Offline SASS instruction counts of every GPU kernel (nvcc + Triton's compiler, no GPU), before and after the
-# revisions in SASS_BEFORE, into bench/results/sass.md and sass.json (not run by CI: a few minutes).
-SASS_BEFORE ?=
+# Offline SASS instruction counts of every GPU kernel (nvcc + Triton's compiler, no GPU) now and at the revisions
+# of SASS_BEFORE (the kernels before issue 11 and after each of its fixes), into bench/results/sass.md and
+# sass.json. Not run by CI: several minutes.
+SASS_BEFORE ?= 5c09d5e f8ecb02 78ff9ad 022eed2 ff8b5cb 6a029a7 2cc58bc
 sass: setup
 	$(PY) bench/sass_report.py $(if $(SASS_BEFORE),--before $(SASS_BEFORE))
 
