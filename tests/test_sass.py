@@ -74,6 +74,26 @@ def test_a_kernel_without_a_loop_counts_from_entry_to_its_last_exit():
     assert (c.per_iteration, c.barriers, c.is_loop) == (5, 1, False)
 
 
+def test_philox_outside_every_loop_counts_the_whole_kernel_not_a_slow_path_loop():
+    lines = [
+        "IMAD R1, R1, 0xcd9e8d57, RZ",  # 0x00  the tile's noise, no loop
+        "@!P0 BRA 0x40",  # 0x10  huge angle (never): a slow-path loop
+        "IADD3 R6, R6, 0x1, RZ",  # 0x20
+        "@P2 BRA 0x20",  # 0x30
+        "STG.E [R2], R1",  # 0x40
+        "EXIT",  # 0x50
+    ]
+    code = sass.parse_sass(_listing(lines))["kern"]
+    assert sass.hot_region(code) == (0, 5, False)
+    assert sass.count(code).per_iteration == 4  # over the slow path
+
+
+def test_a_kernel_without_philox_counts_its_widest_loop():
+    lines = ["MOV R0, RZ", "FADD R1, R1, R2", "@P0 BRA 0x10", "STG.E [R2], R1", "EXIT"]
+    code = sass.parse_sass(_listing(lines))["kern"]
+    assert sass.hot_region(code) == (1, 2, True)
+
+
 def test_the_bound_is_the_issue_rate_over_instructions_per_element():
     row = sass_report.Row("cuda", "reduce/step", "normal", "float32", "k", "", 280, 4, 0, 40, 0, 0)
     assert row.per_element == 70

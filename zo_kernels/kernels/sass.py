@@ -7,8 +7,8 @@ no GPU.
 
 - the hot region of a function is the innermost loop holding the Philox multiplies (an immediate
   operand 0xD2511F53 or 0xCD9E8D57): the per-sample loop of reduce / step, the grid-stride loop of
-  the CUDA perturb kernels; else its widest loop (the chunk loop of a finishing kernel); else entry
-  to its last EXIT (Triton perturb);
+  the CUDA perturb kernels; where those are in no loop (Triton perturb: one tile per program), entry
+  to its last EXIT; in a kernel without Philox (a finishing sum over chunks), its widest loop;
 - one iteration is the shortest path through that region from its head to its back edge (or exit)
   over the control-flow graph with inner back edges not taken: the rare slow paths (the Payne–Hanek
   reduction of sin/cos, out of range for these angles) stay off it, and every instruction on it is
@@ -90,14 +90,18 @@ def loops(code: Sequence[Instr]) -> List[Tuple[int, int]]:
 
 
 def hot_region(code: Sequence[Instr]) -> Tuple[int, int, bool]:
-    """(first, last, is_loop): the innermost loop with Philox multiplies, else the widest loop, else entry .. EXIT."""
+    """(first, last, is_loop) of the hot region.
+
+    The innermost loop holding Philox multiplies; where they are in no loop (one tile per
+    program), entry .. the last EXIT; in a kernel without Philox (a finishing sum), its widest loop.
+    """
     philox = [k for k, ins in enumerate(code) if _is_philox(ins)]
     every = loops(code)
     candidates = [(h, t) for h, t in every if any(h <= k <= t for k in philox)]
     if candidates:
         h, t = min(candidates, key=lambda ht: ht[1] - ht[0])
         return h, t, True
-    if every:
+    if every and not philox:
         h, t = max(every, key=lambda ht: ht[1] - ht[0])
         return h, t, True
     exits = [k for k, ins in enumerate(code) if ins.opcode == "EXIT"]
