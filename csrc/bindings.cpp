@@ -2,7 +2,7 @@
 //
 // Arguments are raw addresses (Python ints from Tensor.data_ptr()), element counts and dtype ids,
 // never libtorch types: the module links no PyTorch library, so one built wheel imports under any
-// PyTorch version. zo_kernels/backends.py validates every tensor before calling in.
+// PyTorch version. zo_kernels/kernels/checks.py validates every tensor before calling in.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
