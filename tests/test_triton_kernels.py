@@ -195,7 +195,7 @@ def _t(*shape, dtype=torch.float32, device=DEVICE):
         (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 2**32, 1.0, 0), "sample_id"),
         (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, "1.0", 0), "scale"),
         (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, 1.0, -1), "offset"),
-        (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, 1.0, 2**62 - 2), "offset"),
+        (lambda b: b.perturb(_t(4), _t(4), "normal", 0, 0, 1.0, 2**63 - 2), "offset"),
         (lambda b: b.perturb(_t(4), _t(4, dtype=torch.int32), "normal", 0, 0, 1.0, 0), "theta must be float32"),
         (lambda b: b.perturb(_t(4), _t(4, device="meta"), "normal", 0, 0, 1.0, 0), "theta must be on"),
         (lambda b: b.reduce(_t(4), torch.ones(3), torch.arange(2), "normal", 0, 0), "weights must have 2"),

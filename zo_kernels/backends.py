@@ -9,7 +9,8 @@ Every backend implements these operations on the stream of ``docs/noise.md``
 - ``reduce(grad, weights, sample_ids, stream, seed, offset)``: ``grad += sum_k w_k z_{i_k}``
 - ``step(theta, weights, sample_ids, stream, seed, lr, offset)``: ``theta -= lr * sum_k w_k z_{i_k}``
 - ``squared_norms(stream, seed, sample_ids, numel)``: ``|z_i|^2`` over the first ``numel`` elements
-- ``sample(stream, seed, sample_id, offset, numel, device)``: the noise itself, materialized
+- ``sample(stream, seed, sample_id, offset, numel, device=None)``: the noise itself, materialized
+- ``philox_words(seed, sample_id, block0, blocks, device=None)``: the raw Philox words (for tests)
 
 ``offset`` is the flat index of the tensor's first element in the concatenated parameter vector,
 so splitting parameters into tensors never changes the noise. The zero-order layer only talks to
@@ -19,12 +20,15 @@ this interface.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .kernels.base import Backend
+from .kernels.checks import check_philox_blocks
 from .reference import noise as _ref
+from .reference import philox as _philox
 
 #: Environment variable naming the backend to force when ``backend=`` is not given (see :func:`select`).
 ENV_VAR = "ZO_KERNELS_BACKEND"
@@ -50,9 +54,15 @@ class ReferenceBackend(Backend):
     def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
         return _ref.squared_norms(stream, seed, sample_ids, numel)
 
-    def sample(self, stream, seed, sample_id, offset, numel, device):  # noqa: D102
-        ids = torch.tensor([sample_id], dtype=torch.int64, device=device)
+    def sample(self, stream, seed, sample_id, offset, numel, device=None):  # noqa: D102
+        ids = torch.tensor([sample_id], dtype=torch.int64, device=device or "cpu")
         return _ref.noise(stream, seed, ids, offset, numel)[0]
+
+    def philox_words(self, seed, sample_id, block0, blocks, device=None):  # noqa: D102
+        check_philox_blocks(seed, sample_id, block0, blocks)
+        device = torch.device(device or "cpu")
+        blocks_ = torch.arange(block0, block0 + blocks, device=device)[None, :]
+        return _philox.random_words(seed, torch.tensor([[sample_id]], device=device), blocks_)[0]
 
 
 #: Preference order per device type; the first backend that is built and supports the tensors wins.
@@ -62,45 +72,58 @@ _BACKENDS: Dict[str, Backend] = {"reference": ReferenceBackend()}
 _UNAVAILABLE: Dict[str, str] = {}
 
 
-def _register_native() -> None:
-    from .kernels import native_cuda
-    from .kernels.native import NativeCpuBackend, load_extension
+def _probe_cpu() -> Tuple[Optional[Backend], str]:
+    from .kernels.native import load_backend
 
-    ext, why = load_extension()
-    if ext is None:
-        _UNAVAILABLE["cpu"] = why
-    else:
-        _BACKENDS["cpu"] = NativeCpuBackend(ext)
-    cuda, why = native_cuda.load_backend()
-    if cuda is None:
-        _UNAVAILABLE["cuda"] = why
-    else:
-        _BACKENDS["cuda"] = cuda
+    return load_backend("cpu")
 
 
-def _register_triton() -> None:
+def _probe_cuda() -> Tuple[Optional[Backend], str]:
+    from .kernels.native import load_backend
+
+    return load_backend("cuda")
+
+
+def _probe_triton() -> Tuple[Optional[Backend], str]:
     # Importing triton costs about half a second: only pay it where its kernels can run.
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        _UNAVAILABLE["triton"] = (
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        return None, (
             "no CUDA device (set TRITON_INTERPRET=1 before importing zo_kernels to run the Triton kernels "
             "on CPU tensors in Triton's interpreter)"
         )
-        return
     from .kernels.triton.backend import load_backend
 
-    backend, why = load_backend()
-    if backend is None:
-        _UNAVAILABLE["triton"] = why
-    else:
-        _BACKENDS["triton"] = backend
+    return load_backend()
 
 
-_register_native()
-_register_triton()
+#: How each compiled backend is found. Probed on first use, not at import: probing CUDA initializes
+#: the driver, which an ``import zo_kernels`` on a CPU-only job (or before a fork) must not do.
+_PROBES: Dict[str, Callable[[], Tuple[Optional[Backend], str]]] = {
+    "cpu": _probe_cpu,
+    "cuda": _probe_cuda,
+    "triton": _probe_triton,
+}
+_probe_lock = threading.Lock()
+
+
+def _ensure(name: str) -> None:
+    """Probe backend ``name`` once (thread-safe); a no-op for known or unknown names."""
+    if name not in _PROBES or name in _BACKENDS or name in _UNAVAILABLE:
+        return
+    with _probe_lock:
+        if name in _BACKENDS or name in _UNAVAILABLE:
+            return
+        backend, why = _PROBES[name]()
+        if backend is None:
+            _UNAVAILABLE[name] = why
+        else:
+            _BACKENDS[name] = backend
 
 
 def available() -> Dict[str, str]:
-    """Every known backend name mapped to ``'available'`` or the reason it cannot be used."""
+    """Every known backend name mapped to ``'available'`` or the reason it cannot be used (probes them all)."""
+    for name in _PROBES:
+        _ensure(name)
     status = {name: "available" for name in _BACKENDS}
     status.update({name: why for name, why in _UNAVAILABLE.items() if name not in _BACKENDS})
     return status
@@ -108,8 +131,11 @@ def available() -> Dict[str, str]:
 
 def get(name: str) -> Backend:
     """The backend called ``name``; ValueError naming the available ones otherwise."""
+    _ensure(name)
     if name in _BACKENDS:
         return _BACKENDS[name]
+    for other in _PROBES:  # the message lists every available backend
+        _ensure(other)
     names = ", ".join(sorted(_BACKENDS))
     if name in _UNAVAILABLE:
         raise ValueError(f"backend {name!r} is not available ({_UNAVAILABLE[name]}); available: {names}")
@@ -134,6 +160,7 @@ def select(device: torch.device, dtype: torch.dtype, requested: Optional[str] = 
             raise ValueError(f"backend {name!r}{source} does not support {dtype} tensors on {device}")
         return backend
     for candidate in PREFERENCE.get(device.type, ["reference"]):
+        _ensure(candidate)
         backend = _BACKENDS.get(candidate)
         if backend is not None and backend.supports(device, dtype):
             return backend

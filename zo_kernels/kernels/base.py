@@ -1,4 +1,8 @@
-"""The interface every backend implements (see ``zo_kernels.backends`` for the choice of one)."""
+"""The interface every backend implements (see ``zo_kernels.backends`` for the choice of one).
+
+Every backend takes the same arguments in the same order, with the same defaults, and runs the
+checks of :mod:`.checks` (which name the offending argument) before any kernel sees them.
+"""
 
 from __future__ import annotations
 
@@ -51,9 +55,29 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def sample(
-        self, stream: str, seed: int, sample_id: int, offset: int, numel: int, device: torch.device
+        self,
+        stream: str,
+        seed: int,
+        sample_id: int,
+        offset: int,
+        numel: int,
+        device: Optional[torch.device] = None,
     ) -> torch.Tensor:
-        """float32 ``z(seed, sample_id, offset + j)`` for ``j < numel`` on ``device`` (materialized noise)."""
+        """float32 ``z(seed, sample_id, offset + j)`` for ``j < numel`` on ``device`` (materialized noise).
+
+        ``device=None`` is the backend's default device: the current CUDA device for GPU-only
+        backends, else the CPU.
+        """
+
+    @abc.abstractmethod
+    def philox_words(
+        self, seed: int, sample_id: int, block0: int, blocks: int, device: Optional[torch.device] = None
+    ) -> torch.Tensor:
+        """The uint32 words of Philox blocks ``block0 .. block0 + blocks - 1``, as int64 ``(blocks, 4)``.
+
+        The raw generator under both streams (counter ``(block, sample_id, 0)``, key ``seed``), for
+        bit-exact tests against the reference; ``device`` defaults as in :meth:`sample`.
+        """
 
     def prepare_perturb(
         self,
@@ -71,11 +95,13 @@ class Backend(abc.ABC):
         also leaves the unscaled noise ``z`` there, for backends where keeping it beats
         regenerating it in ``reduce`` (see :meth:`prefers_kept_noise`).
         """
+        if keep is not None:
+            self._check_keep(keep, theta, 1)
 
         def perturb(sample_id: int, scale: float) -> None:
             self.perturb(out, theta, stream, seed, sample_id, scale, offset)
             if keep is not None:
-                keep.copy_(self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device))
+                keep.view(-1).copy_(self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device))
 
         return perturb
 
@@ -99,11 +125,26 @@ class Backend(abc.ABC):
         once for all its rows (the antithetic pair) in a single call.
         """
         signs = scales.shape[1]
+        if keep is not None:
+            self._check_keep(keep, theta, sample_ids.numel())
         for i, sample_id in enumerate(sample_ids.tolist()):
             for k, scale in enumerate(scales[i].tolist()):
                 self.perturb(out[i * signs + k], theta, stream, seed, sample_id, scale, offset)
             if keep is not None:
-                keep[i].copy_(self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device))
+                z = self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device)
+                keep.view(-1, theta.numel())[i].copy_(z)
+
+    @staticmethod
+    def _check_keep(keep: torch.Tensor, theta: torch.Tensor, rows: int) -> None:
+        """``keep`` holds ``rows`` float32 samples of ``theta``'s size, on its device."""
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"keep must be a tensor, got {type(keep).__name__}")
+        if keep.dtype != torch.float32 or keep.device != theta.device or not keep.is_contiguous():
+            raise ValueError(
+                f"keep must be a contiguous float32 tensor on {theta.device}, got {keep.dtype} on {keep.device}"
+            )
+        if keep.numel() != rows * theta.numel():
+            raise ValueError(f"keep must have {rows * theta.numel()} elements, got {keep.numel()}")
 
     def prefers_kept_noise(self, stream: str, numel: int, rows: int = 1) -> bool:
         """Whether keeping ``rows`` samples' noise (``numel`` floats each) and accumulating it beats ``reduce``.

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.dtypes import accumulation_dtype  # re-exported: callers import it from here
 from .philox import random_words
 
 NORMAL = "normal"
@@ -80,11 +81,6 @@ def noise(stream: str, seed: int, sample_ids: torch.Tensor, offset: int, numel: 
 def _element_chunks(numel: int, rows: int) -> Sequence[range]:
     step = max(1, CHUNK_ELEMENTS // max(rows, 1))
     return [range(lo, min(lo + step, numel)) for lo in range(0, numel, step)]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 parameters, float32 for every narrower floating dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def perturb(
