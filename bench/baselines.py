@@ -42,6 +42,15 @@ def torchopt_version(torchopt: Optional[ModuleType]) -> str:
     return f"torchopt {torchopt.__version__}" if torchopt is not None else TORCHOPT_MISSING
 
 
+def torchopt_zero_order(
+    torchopt: ModuleType, method: str, num_samples: int, sigma: float, device: torch.device, argnums: int = 0
+) -> Callable[[LossFn], LossFn]:
+    """TorchOpt's ``zero_order`` decorator with a standard Normal whose samples land on ``device``."""
+    zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
+    normal = torch.distributions.Normal(zero, one)
+    return torchopt.diff.zero_order(normal, method=method, argnums=argnums, num_samples=num_samples, sigma=sigma)
+
+
 def _views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
     """``flat`` split into tensors shaped like ``like`` (views, no copy)."""
     parts = flat.split([p.numel() for p in like])

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python bench/run.py                # full run: 2-5 minutes on 2 CPU cores (more on a busy machine)
-    python bench/run.py --quick        # smoke run: tiny sizes, 2 timed runs per point
+    python bench/run.py --quick        # smoke run: tiny sizes, a short time budget per point
     python bench/run.py --out-dir DIR  # where the report and plots go (default bench/results)
 
 On the CPU always, and on the GPU too when ``torch.cuda.is_available()``, it times one antithetic
@@ -21,59 +21,30 @@ and its ratios are left out; without matplotlib the report says the plots were n
 
 Two sweeps: the number of samples N at a fixed model, and the parameter count at a fixed N; the
 peak memory of one step at each parameter count, each (contender, size) in a fresh process
-(``bench/scale.py``'s method). Every time is the median of repeated runs after one warm-up
-(``bench/cpu_kernels.py``'s ``median_time``). It prints one table of ratios and writes
-``summary-<device>.md`` (that table, the data behind the plots, device, versions and date) and three
-PNG plots ``summary-<device>-{time-vs-samples,time-vs-params,memory-vs-params}.png``; ``--quick``
+(``harness.run_memory_jobs``). Times are ``harness.time_call``'s. It prints one table of ratios and
+writes ``summary-<device>.md`` (that table, the data behind the plots, device, versions and date) and
+three PNG plots ``summary-<device>-{time-vs-samples,time-vs-params,memory-vs-params}.png``; ``--quick``
 adds ``-quick`` to these names so that a smoke run never replaces a full one.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import re
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import harness
 import torch
+from baselines import TORCHOPT_MISSING, MeZO, import_torchopt, torch_matmul_step, torchopt_zero_order
+from harness import Problem, fmt_mem, fmt_ratio, fmt_time, mlp_loss, sync, table, wide_mlp_numel
 
 import zo_kernels
 from zo_kernels import backends, distributions
 from zo_kernels.optim import ZOSGD
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-from baselines import TORCHOPT_MISSING, MeZO, import_torchopt, torch_matmul_step, torchopt_version  # noqa: E402
-from cpu_kernels import (  # noqa: E402
-    THREADS,
-    choose_backend,
-    cpu_model,
-    fmt_ms,
-    fmt_ratio,
-    leaf_params,
-    load_note,
-    median_time,
-    mlp_loss,
-    omp_environment,
-)
-from scale import (  # noqa: E402
-    _reset_peak_rss,
-    _rss_kib,
-    fmt_mib,
-    run_workers,
-    start_monitor,
-    sync,
-    worker_env,
-)
 
 torchopt = import_torchopt()  # optional: without it the TorchOpt cells say TORCHOPT_MISSING
 
@@ -81,9 +52,9 @@ METHOD = "antithetic"
 SIGMA = 1e-3  # MeZO's eps; the same for every contender
 LR = 1e-7  # MeZO / ZOSGD learning rate: small, so repeated timing steps barely move the parameters
 BATCH = 64
-OUTPUTS = 10
 WORKER_TIMEOUT_S = 180
 PLOTS_MISSING = "Plots not drawn: matplotlib not installed."
+mlp_numel = wide_mlp_numel
 
 #: Contender id -> label. "inference" is only measured for memory: one forward under no_grad.
 CONTENDERS: Dict[str, str] = {
@@ -113,29 +84,23 @@ STYLES: Dict[str, Tuple[str, str]] = {  # contender -> (colour, marker) of the p
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# Configuration, devices, progress
-# --------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Config:
-    """Sizes and repeat counts of one run."""
+    """Sizes and the time budget of one run."""
 
     quick: bool
     widths: Tuple[int, ...]  # d of the MLP d -> d -> 10: the parameter-count sweep (time and memory)
     sweep_width: int  # d of the num_samples sweep
     sample_counts: Tuple[int, ...]  # N of the num_samples sweep
     param_samples: int  # N of the parameter-count sweep (and of the memory points)
-    repeats: int  # timed runs per point, after one warm-up
-    budget_s: float  # stop repeating once a point took this long (keeping >= min(3, repeats) runs)
+    budget_s: float  # CPU timing of one point stops after this many seconds (harness.time_call)
 
     @staticmethod
     def make(quick: bool) -> Config:
         """The full configuration, or the ``--quick`` smoke-run one."""
         if quick:
-            return Config(True, (32, 128), 128, (1, 4), 4, 2, 0.5)
-        return Config(False, (64, 256, 1024, 2048), 1024, (1, 4, 16, 64), 16, 7, 4.0)
+            return Config(True, (32, 128), 128, (1, 4), 4, 0.5)
+        return Config(False, (64, 256, 1024, 2048), 1024, (1, 4, 16, 64), 16, 4.0)
 
     def points(self) -> List[Tuple[int, int]]:
         """Every (width, N) whose step time is measured: both sweeps, without duplicates."""
@@ -156,144 +121,61 @@ def device_name(device: torch.device) -> str:
     """The device in words, for headers and plot titles."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    return f"{cpu_model()}, {THREADS} threads of {os.cpu_count()} CPUs"
+    return f"{harness.cpu_model()}, {harness.THREADS} threads of {os.cpu_count()} CPUs"
 
 
 def zo_backend(device: torch.device) -> Tuple[str, str]:
     """(backend name, note) that ``zero_order`` uses on ``device``: the best one available there."""
     if device.type == "cpu":
-        return choose_backend()
+        return harness.choose_backend()
     name = backends.select(device, torch.float32).name
     return name, f"{name} (best available for CUDA float32)"
 
 
-def versions() -> str:
-    """torch, zo_kernels, torchopt and python versions on one line."""
-    return (
-        f"torch {torch.__version__}, zo_kernels {zo_kernels.__version__}, {torchopt_version(torchopt)}, "
-        f"python {platform.python_version()}"
-    )
-
-
 def now() -> str:
-    """The local date and time, as in the other bench reports."""
-    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return harness.now()
 
 
-class Progress:
-    """A textual progress bar on stderr: ``[#####.....] 12/40  35 s  label``."""
-
-    def __init__(self, total: int, width: int = 30) -> None:
-        self.total, self.done, self.width = max(total, 1), 0, width
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def show(self, label: str) -> None:
-        """Print the bar with ``label`` as the task now running."""
-        filled = self.width * self.done // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.start:5.0f} s  {label}"
-        if self.tty:
-            sys.stderr.write("\r" + line[:150].ljust(150))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def advance(self) -> None:
-        """Count one task as done."""
-        self.done += 1
-
-    def close(self) -> None:
-        """Show the full bar and end the line."""
-        self.show("done")
-        if self.tty:
-            sys.stderr.write("\n")
+def versions() -> str:
+    return harness.versions(torchopt)
 
 
 # --------------------------------------------------------------------------------------------------
-# The problem and one step of each contender
+# The cases: one step of each contender
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Problem:
-    """The tanh MLP ``width -> width -> 10`` (``bench/cpu_kernels.py``'s ``mlp_loss``) with its data."""
-
-    width: int
-    params: Tuple[torch.Tensor, ...]  # leaves that require grad
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @property
-    def numel(self) -> int:
-        """Number of parameters."""
-        return sum(p.numel() for p in self.params)
-
-    def plain_params(self) -> List[torch.Tensor]:
-        """A copy of the parameters that does not require grad (for the in-place contenders)."""
-        return [p.detach().clone() for p in self.params]
-
-
-def make_problem(width: int, device: torch.device) -> Problem:
-    """The same MLP and batch for a given width on every run and device (seeded)."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(width)
-    params = leaf_params(torch.nn.Linear(width, width), torch.nn.Linear(width, OUTPUTS))
-    x, y = torch.randn(BATCH, width), torch.randn(BATCH, OUTPUTS)
-    torch.random.set_rng_state(gen_state)
-    params = tuple(p.detach().to(device).requires_grad_() for p in params)
-    return Problem(width, params, x.to(device), y.to(device))
-
-
-def mlp_numel(width: int) -> int:
-    """Parameters of the MLP of ``width`` (without building it)."""
-    return width * width + width + width * OUTPUTS + OUTPUTS
 
 
 def make_step(case: str, problem: Problem, num_samples: int, backend: str) -> Callable[[], None]:
     """A callable that runs one step of ``case`` on ``problem`` (and synchronizes the device)."""
     device = problem.x.device
     x, y = problem.x, problem.y
-    if case in ("zo", "torchopt", "torch"):
-        params = problem.params
-        if case == "zo":
-            fn = zo_kernels.zero_order(
-                distributions.Normal(), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA, backend=backend
-            )(mlp_loss)
-        elif case == "torchopt":
-            if torchopt is None:
-                raise RuntimeError(f"case 'torchopt': {TORCHOPT_MISSING}")
-            zero, one = torch.tensor(0.0, device=device), torch.tensor(1.0, device=device)
-            fn = torchopt.diff.zero_order(
-                torch.distributions.Normal(zero, one), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA
-            )(mlp_loss)
+    if case == "zo":
+        decorate = zo_kernels.zero_order(
+            distributions.Normal(), method=METHOD, argnums=0, num_samples=num_samples, sigma=SIGMA, backend=backend
+        )
+        return harness.grad_step(problem, decorate(mlp_loss))
+    if case == "torchopt":
+        if torchopt is None:
+            raise RuntimeError(f"case 'torchopt': {TORCHOPT_MISSING}")
+        return harness.grad_step(problem, torchopt_zero_order(torchopt, METHOD, num_samples, SIGMA, device)(mlp_loss))
+    if case == "torch":
 
-        def grad_step() -> None:
-            for p in params:
+        def torch_step() -> None:
+            for p in problem.params:
                 p.grad = None
-            if case == "torch":
-                torch_matmul_step(mlp_loss, params, x, y, num_samples=num_samples, sigma=SIGMA)
-            else:
-                fn(params, x, y).backward()
+            torch_matmul_step(mlp_loss, problem.params, x, y, num_samples=num_samples, sigma=SIGMA)
             sync(device)
 
-        return grad_step
+        return torch_step
     if case == "zo_mezo":
-        plain = problem.plain_params()
-        optimizer = ZOSGD(plain, lr=LR)
+        plain_params = problem.plain_params()
+        optimizer = ZOSGD(plain_params, lr=LR)
 
         def zo_mezo_step() -> None:
             sg = zo_kernels.estimate(
-                mlp_loss,
-                plain,
-                x,
-                y,
-                method=METHOD,
-                num_samples=num_samples,
-                sigma=SIGMA,
-                inplace=True,
+                mlp_loss, plain_params, x, y, method=METHOD, num_samples=num_samples, sigma=SIGMA, inplace=True,
                 backend=backend,
-            )
+            )  # fmt: skip
             optimizer.step(sg)
             sync(device)
 
@@ -307,23 +189,20 @@ def make_step(case: str, problem: Problem, num_samples: int, backend: str) -> Ca
 
         return mezo_step
     if case == "inference":
-        params = problem.params
 
         def inference() -> None:
             with torch.no_grad():
-                mlp_loss(params, x, y)
+                mlp_loss(problem.params, x, y)
             sync(device)
 
         return inference
     raise ValueError(f"unknown case {case!r}")
 
 
-def check_grads(case: str, problem: Problem) -> None:
-    """After a gradient step: every ``.grad`` exists and is finite (otherwise the timing means nothing)."""
-    if case in ("zo", "torchopt", "torch"):
-        for p in problem.params:
-            if p.grad is None or not bool(torch.isfinite(p.grad).all()):
-                raise RuntimeError(f"{case}: a step left a missing or non-finite gradient (width {problem.width})")
+def memory_case(case: str, width: int, num_samples: int, backend: str, device: torch.device) -> harness.Built:
+    """A memory job's ``build``: one step of ``case`` at ``width`` (run in a fresh process by harness.memory_worker)."""
+    problem = harness.wide_mlp(width, device, BATCH)
+    return make_step(case, problem, num_samples, backend), problem.params
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,119 +220,48 @@ class DeviceResults:
     memory: Dict[int, Dict[str, Dict[str, Any]]] = field(default_factory=dict)  # width -> case -> worker result
 
 
-def time_points(cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: Progress) -> None:
+def time_points(
+    cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: harness.Progress
+) -> None:
     """Median step time of every contender at every (width, N) point."""
     for width, num in cfg.points():
-        problem = make_problem(width, device)
+        problem = harness.wide_mlp(width, device, BATCH)
         res.times[(width, num)] = {}
         for case in RUNNABLE:
             progress.show(f"{device.type}: step time, {case}, d={width} ({problem.numel:,} params), N={num}")
-            step = make_step(case, problem, num, backend)
-            res.times[(width, num)][case] = median_time(step, cfg.repeats, cfg.budget_s)
-            check_grads(case, problem)
+            res.times[(width, num)][case] = harness.time_call(
+                make_step(case, problem, num, backend), device, cfg.budget_s
+            )
+            if case in ("zo", "torchopt", "torch"):
+                harness.check_grads(problem, case)
             progress.advance()
         del problem
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def memory_worker(case: str, device_name_: str, width: int, num_samples: int, backend: str, out: str) -> None:
-    """One memory point in this (fresh) process: a warm-up step, then the peak of one measured step.
+def memory_points(
+    cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: harness.Progress
+) -> None:
+    """Peak memory of one step of every case at every width, each in a fresh single-threaded process."""
+    points = [(width, case) for width in cfg.widths for case in RUNNABLE_MEMORY]
+    jobs = [
+        harness.MemoryJob(memory_case, dict(case=case, width=width, num_samples=cfg.param_samples, backend=backend),
+                          str(device), threads=1)
+        for width, case in points
+    ]  # fmt: skip
 
-    The method is ``bench/scale.py``'s: on a GPU ``torch.cuda.max_memory_allocated`` (parameters and
-    data included); on the CPU the parameters' bytes plus the growth of the resident set during the
-    step (peak RSS reset through ``/proc/self/clear_refs`` just before it).
-    """
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", THREADS)))
-    device = torch.device(device_name_)
-    problem = make_problem(width, device)
-    step = make_step(case, problem, num_samples, backend)
-    param_bytes = sum(p.numel() * p.element_size() for p in problem.params)
-    step()  # warm-up: lazy initialisations are not the step's memory
-    for p in problem.params:
-        p.grad = None
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        peak = torch.cuda.max_memory_allocated(device)
-        delta, method = peak - base, "cuda max_memory_allocated"
-    else:
-        exact = _reset_peak_rss()
-        base = _rss_kib("VmRSS" if exact else "VmHWM") * 1024
-        step()
-        delta = _rss_kib("VmHWM") * 1024 - base
-        peak = param_bytes + delta
-        method = "VmHWM reset" if exact else "VmHWM since start (could not reset)"
-    Path(out).write_text(json.dumps(dict(peak=peak, delta=delta, params=param_bytes, method=method)))
+    def label(indices: Sequence[int]) -> str:
+        return f"{device.type}: peak memory ({', '.join(f'{points[k][1]} d={points[k][0]}' for k in indices)})"
 
-
-def memory_parallelism() -> int:
-    """How many memory workers run side by side: one per CPU, at most 4."""
-    return max(1, min(os.cpu_count() or 1, 4))
-
-
-def memory_points(cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: Progress) -> None:
-    """Peak memory of one step of every case at every width, each in a fresh subprocess.
-
-    The workers run single-threaded, one per CPU at a time (at most 4): each measures its own
-    process, so running side by side changes the wall time, not the peaks.
-    """
-    jobs = [(width, case) for width in cfg.widths for case in RUNNABLE_MEMORY]
-    at_once = memory_parallelism()
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def command(width: int, case: str) -> List[str]:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", case, "--device", str(device)]
-            cmd += ["--width", str(width), "--samples", str(cfg.param_samples), "--backend", backend]
-            return cmd + ["--worker-out", str(Path(tmp) / f"{case}_{width}.json")]
-
-        def collect(width: int, case: str) -> Dict[str, Any]:
-            return json.loads((Path(tmp) / f"{case}_{width}.json").read_text())
-
-        for lo in range(0, len(jobs), at_once):
-            group = jobs[lo : lo + at_once]
-            names = ", ".join(f"{case} d={width}" for width, case in group)
-            progress.show(f"{device.type}: peak memory ({names})")
-            try:
-                run_workers([command(w, c) for w, c in group], worker_env(1), WORKER_TIMEOUT_S)
-                for width, case in group:
-                    res.memory.setdefault(width, {})[case] = collect(width, case)
-            except RuntimeError:  # find out which one failed, and why
-                for width, case in group:
-                    try:
-                        run_workers([command(width, case)], worker_env(1), WORKER_TIMEOUT_S)
-                        res.memory.setdefault(width, {})[case] = collect(width, case)
-                    except RuntimeError as exc:
-                        res.memory.setdefault(width, {})[case] = {"error": str(exc)[:200]}
-            for _ in group:
-                progress.advance()
+    results = harness.run_memory_jobs(jobs, harness.memory_parallelism(), WORKER_TIMEOUT_S, progress, label)
+    for (width, case), result in zip(points, results):
+        res.memory.setdefault(width, {})[case] = result
 
 
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
-
-
-def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    """A markdown table (empty cells as an en dash, pipes escaped)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join((c or "–").replace("|", "\\|") for c in row) + " |" for row in rows]
-    return lines
-
-
-def fmt_time(seconds: float) -> str:
-    """A step time with three significant digits (``cpu_kernels.fmt_ms`` rounds sub-ms steps to 0.1 ms)."""
-    if seconds >= 10:
-        return fmt_ms(seconds)
-    ms = seconds * 1e3
-    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
-
-
-def fmt_mem(nbytes: float) -> str:
-    """Bytes in MiB with three significant digits below 100 MiB (``scale.fmt_mib`` above)."""
-    return fmt_mib(nbytes) if nbytes >= 100 * 2**20 else f"{nbytes / 2**20:.3g} MiB"
 
 
 def peak_of(res: DeviceResults, width: int, case: str) -> Optional[float]:
@@ -538,37 +346,31 @@ def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
 
 def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> List[str]:
     """The lines above the summary table."""
-    lines = [
-        "# zo_kernels benchmark summary (`make bench`, `bench/run.py`)",
-        "",
-        f"- date: {now()}",
+    fields = [("date", now())]
+    fields += [
+        (f"device [{device_tag(r.device)}]", f"{device_name(r.device)}; backend: {r.backend_note}") for r in results
     ]
-    for res in results:
-        lines.append(f"- device [{device_tag(res.device)}]: {device_name(res.device)}; backend: {res.backend_note}")
-    lines += [
-        f"- versions: {versions()}",
-        f"- threads: {THREADS} (torch.set_num_threads); {omp_environment()}",
-        f"- {load}",
-        f"- mode: {'quick (smoke run: tiny sizes, numbers not meaningful)' if cfg.quick else 'full'}",
-        f"- problem: tanh MLP d→d→10 (`bench/cpu_kernels.py`'s `mlp_loss`), batch {BATCH}, MSE, float32; "
-        f"{METHOD}, Normal noise, sigma = {SIGMA:g}; N sweep at d = {cfg.sweep_width}, parameter sweep at "
-        f"N = {cfg.param_samples}",
-        "- one step: `zero_order`, TorchOpt and plain PyTorch return f(θ) and write every `.grad` "
-        f"(2N+1 evaluations); `estimate(inplace=True)` + `ZOSGD(lr={LR:g})` evaluates 2N+1 times and updates "
-        "the parameters; MeZO evaluates 2N times and updates them (`bench/baselines.py`)",
-        f"- timing: median of up to {cfg.repeats} runs after 1 warm-up (fewer, but at least "
-        f"{min(3, cfg.repeats)}, once a point took {cfg.budget_s:g} s), `time.perf_counter`, device synchronized "
-        "in each run",
-        "- speed-up = baseline time / zo_kernels time; memory ratio = baseline peak / zo_kernels peak "
-        "(> 1: zo_kernels is faster / smaller)",
-        "- peak memory: each (case, size) in a fresh single-threaded process after one warm-up step "
-        f"(`bench/scale.py`'s method, {memory_parallelism()} processes at a time); "
-        "GPU: `torch.cuda.max_memory_allocated`; CPU: parameter bytes + growth of the resident set during the "
-        "step (`VmHWM` reset through `/proc/self/clear_refs`, glibc `MALLOC_MMAP_THRESHOLD_=65536`), which "
-        "leaves out the Python/torch runtime",
-        "",
-    ]
-    return lines
+    fields += [
+        ("versions", versions()),
+        ("threads", f"{harness.THREADS} (torch.set_num_threads); {harness.omp_environment()}"),
+        ("", load),
+        ("mode", "quick (smoke run: tiny sizes, numbers not meaningful)" if cfg.quick else "full"),
+        ("problem", f"tanh MLP d→d→10 (`bench/harness.py`'s `mlp_loss`), batch {BATCH}, MSE, float32; "
+                    f"{METHOD}, Normal noise, sigma = {SIGMA:g}; N sweep at d = {cfg.sweep_width}, parameter sweep "
+                    f"at N = {cfg.param_samples}"),
+        ("one step", "`zero_order`, TorchOpt and plain PyTorch return f(θ) and write every `.grad` "
+                     f"(2N+1 evaluations); `estimate(inplace=True)` + `ZOSGD(lr={LR:g})` evaluates 2N+1 times and "
+                     "updates the parameters; MeZO evaluates 2N times and updates them (`bench/baselines.py`)"),
+        ("timing", harness.timing_note(cfg.budget_s)),
+        ("", "speed-up = baseline time / zo_kernels time; memory ratio = baseline peak / zo_kernels peak "
+             "(> 1: zo_kernels is faster / smaller)"),
+        ("peak memory", "each (case, size) in a fresh single-threaded process after one warm-up step "
+                        f"(`harness.memory_worker`, {harness.memory_parallelism()} processes at a time); "
+                        "GPU: `torch.cuda.max_memory_allocated`; CPU: parameter bytes + growth of the resident set "
+                        "during the step (`VmHWM` reset through `/proc/self/clear_refs`, glibc "
+                        "`MALLOC_MMAP_THRESHOLD_=65536`), which leaves out the Python/torch runtime"),
+    ]  # fmt: skip
+    return harness.header("zo_kernels benchmark summary (`make bench`, `bench/run.py`)", fields)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -581,7 +383,7 @@ def footnote(cfg: Config, results: Sequence[DeviceResults]) -> str:
     devices = "; ".join(f"[{device_tag(r.device)}] {device_name(r.device)}, backend {r.backend_note}" for r in results)
     mode = "QUICK SMOKE RUN, " if cfg.quick else ""
     return (
-        f"{devices}\n{versions()}; {now()}\n{mode}median of up to {cfg.repeats} runs after 1 warm-up; "
+        f"{devices}\n{versions()}; {now()}\n{mode}median time per call (harness.time_call, <= {cfg.budget_s:g} s); "
         f"MLP d→d→10, batch {BATCH}, {METHOD}, sigma={SIGMA:g}; bench/run.py"
     )
 
@@ -699,38 +501,22 @@ def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, pr
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Command-line options (the worker ones are internal)."""
-    parser = argparse.ArgumentParser(description="Every zo_kernels benchmark of this machine (see bench/README.md).")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 timed runs per point")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results", help="report and plots go here")
-    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    parser.add_argument("--width", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--samples", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--backend", default="cpu", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run every benchmark of this machine, print the summary table, write the report and the plots."""
-    args = parse_args(argv)
-    if args.memory_worker is not None:
-        memory_worker(args.memory_worker, args.device, args.width, args.samples, args.backend, args.worker_out)
-        return 0
+    parser = argparse.ArgumentParser(description="Every zo_kernels benchmark of this machine (see bench/README.md).")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a short time budget per point")
+    parser.add_argument(
+        "--out-dir", type=Path, default=harness.ROOT / "bench" / "results", help="report and plots go here"
+    )
+    args = parser.parse_args(argv)
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(harness.THREADS)
     cfg = Config.make(args.quick)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = harness.devices()
     prefix = f"summary-{device_tag(devices[-1])}" + ("-quick" if cfg.quick else "")
     per_device = len(cfg.points()) * len(RUNNABLE) + len(cfg.widths) * len(RUNNABLE_MEMORY)
-    progress = Progress(per_device * len(devices))
-    before = start_monitor()
-    time.sleep(1.0)
-    load = load_note("in the second before the run", before)
-    during = start_monitor()
-    started = time.perf_counter()
+    progress = harness.Progress(per_device * len(devices))
+    run = harness.Run()
     results: List[DeviceResults] = []
     for device in devices:
         backend, note = zo_backend(device)
@@ -743,15 +529,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = table(SUMMARY_COLUMNS, summary_rows(cfg, results))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(cfg, results, args.out_dir, prefix)
-    elapsed = time.perf_counter() - started
-    footer = [f"Measured in {elapsed:.1f} s. {load_note('during the run', during)}."]
-    report = header_lines(cfg, results, load) + ["## Summary: ratios against the baselines", ""] + summary
-    report += ["", "## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or [PLOTS_MISSING])
-    report += ["", "## Data behind the plots"] + data_tables(cfg, results) + ["", *footer]
+    footer = run.footer()
+    head = header_lines(cfg, results, run.before) + ["## Summary: ratios against the baselines", ""] + summary
+    report = head + ["", "## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or [PLOTS_MISSING])
+    report += ["", "## Data behind the plots"] + data_tables(cfg, results) + ["", footer]
     md = args.out_dir / f"{prefix}.md"
     md.write_text("\n".join(report) + "\n")
-    print("\n".join(header_lines(cfg, results, load) + ["## Summary: ratios against the baselines", ""] + summary))
-    print("\n" + footer[0])
+    print("\n".join(head))
+    print("\n" + footer)
     print(f"\nWrote {md} and {', '.join(p.name for p in plots) or 'no plots (' + PLOTS_MISSING + ')'}")
     return 0
 
