@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -45,17 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import harness
 import torch
-import torch.nn.functional as F
+from baselines import TORCHOPT_MISSING, import_torchopt, torch_matmul_step, torchopt_zero_order
+from harness import CpuMeter, Meter, fmt_bytes, table
 
 import zo_kernels
 from zo_kernels import backends, distributions
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import TORCHOPT_MISSING, import_torchopt, torch_matmul_step, torchopt_version  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SASS = ROOT / "bench" / "results" / "sass.json"
+DEFAULT_SASS = harness.ROOT / "bench" / "results" / "sass.json"
 SIGMA = 0.01
 SEED = 7
 METHODS = ("naive", "forward", "antithetic")
@@ -164,27 +160,9 @@ def sass_bound(
 # --------------------------------------------------------------------------------------------------
 
 
-def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    """A markdown table (empty cells as an en dash, pipes escaped)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join((c or "–").replace("|", "\\|") for c in row) + " |" for row in rows]
-    return lines
-
-
 def fmt_ms(ms: Optional[float]) -> str:
-    """Milliseconds with three significant digits."""
-    if ms is None:
-        return ""
-    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
-
-
-def fmt_bytes(nbytes: Optional[float]) -> str:
-    """Bytes as MiB (or KiB / B when small)."""
-    if nbytes is None:
-        return ""
-    if nbytes >= 2**20:
-        return f"{nbytes / 2**20:,.1f} MiB"
-    return f"{nbytes / 2**10:.1f} KiB" if nbytes >= 2**10 else f"{int(nbytes)} B"
+    """Milliseconds with three significant digits (``harness.fmt_time``); empty for None."""
+    return "" if ms is None else harness.fmt_time(ms * 1e-3)
 
 
 def fmt_rate(per_s: float) -> str:
@@ -198,7 +176,7 @@ def fmt_n(n: int) -> str:
     return text if float(text) == n else f"{n:,}"
 
 
-def verdict(name: str, ok: Optional[bool], value: str, why: str = "") -> str:
+def target_cell(name: str, ok: Optional[bool], value: str, why: str = "") -> str:
     """One target's cell text: ``name: met (value)``, ``NOT met``, or ``not checked (why)``."""
     if ok is None:
         return f"{name}: not checked ({why})"
@@ -277,15 +255,13 @@ def reduce_report(results: ReduceResults, sass: Optional[Dict[str, Any]]) -> Tup
                          f"{speed:.2f}x" if speed is not None else "", base.note or "baseline not measured")
                     )  # fmt: skip
                 if t.peak_bytes is not None:
-                    checks.append(
-                        ("O(n) memory (≤ 4n bytes)", t.peak_bytes <= 4 * case.n, fmt_bytes(t.peak_bytes), "")
-                    )
+                    checks.append(("O(n) memory (≤ 4n bytes)", t.peak_bytes <= 4 * case.n, fmt_bytes(t.peak_bytes), ""))
                 if name == "triton":
                     checks.append(
                         (f"≤ {TRITON_VS_CUDA:g}x cuda time", None if vs_cuda is None else vs_cuda <= TRITON_VS_CUDA,
                          f"{vs_cuda:.2f}x" if vs_cuda is not None else "", "cuda not measured")
                     )  # fmt: skip
-            cells = [verdict(*check) for check in checks]
+            cells = [target_cell(*check) for check in checks]
             targets += [Target(label, cell, check[1]) for cell, check in zip(cells, checks)]
             rows.append(
                 row
@@ -360,43 +336,6 @@ def results_json(reduce: ReduceResults, steps: Sequence[StepResult]) -> Dict[str
 # --------------------------------------------------------------------------------------------------
 
 
-class Meter:
-    """Median milliseconds (``triton.testing.do_bench``) and peak extra bytes of a call on a CUDA device."""
-
-    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int) -> None:
-        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
-
-    def ms(self, fn: Callable[[], Any]) -> float:
-        """Median milliseconds of ``fn``."""
-        try:
-            import triton.testing
-        except ImportError:  # CUDA events without triton: median of repeated runs
-            return self._events(fn)
-        return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
-
-    def _events(self, fn: Callable[[], Any]) -> float:
-        fn()
-        times = []
-        deadline = time.perf_counter() + self.rep_ms * 1e-3
-        while len(times) < 3 or time.perf_counter() < deadline:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-    def peak(self, fn: Callable[[], Any]) -> int:
-        """Bytes allocated at the peak of one call of ``fn`` above what was allocated before it."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        fn()
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - base
-
-
 def gpu_backends() -> List[str]:
     """The GPU backends built and usable here, fastest first."""
     status = backends.available()
@@ -408,9 +347,7 @@ def chunk_rows(num: int, n: int) -> int:
     return max(1, min(num, CHUNK_BYTES // (4 * n)))
 
 
-def baseline_candidates(
-    stream: str, grad: torch.Tensor, weights: torch.Tensor
-) -> List[Tuple[str, Callable[[], None]]]:
+def baseline_candidates(stream: str, grad: torch.Tensor, weights: torch.Tensor) -> List[Tuple[str, Callable[[], None]]]:
     """Plain-PyTorch ways to ``grad += sum_i w_i z_i``: noise in chunks of <= 1 GiB, then ``addmv_``."""
     n, num = grad.numel(), weights.numel()
     chunk = chunk_rows(num, n)
@@ -501,24 +438,6 @@ def timed(label: str, fn: Callable[[], Any], meter: Any, peak: bool = True) -> T
         return Timing(label, note=f"FAILED: {type(exc).__name__}: {str(exc)[:120]}")
 
 
-def mlp(sizes: Sequence[int], device: torch.device) -> Tuple[Tuple[torch.Tensor, ...], Callable[..., torch.Tensor]]:
-    """Leaf parameters of a tanh MLP with the given layer sizes, and its MSE loss."""
-    params: List[torch.Tensor] = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layer = torch.nn.Linear(fan_in, fan_out, device=device)
-        params += [layer.weight.detach().requires_grad_(), layer.bias.detach().requires_grad_()]
-
-    def loss(p: Tuple[torch.Tensor, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = x
-        for k in range(0, len(p), 2):
-            h = F.linear(h, p[k], p[k + 1])
-            if k + 2 < len(p):
-                h = torch.tanh(h)
-        return F.mse_loss(h, y)
-
-    return tuple(params), loss
-
-
 def measure_steps(
     models: Dict[str, Tuple[Sequence[int], int]],
     sample_counts: Sequence[int],
@@ -543,7 +462,7 @@ def measure_step(
 ) -> StepResult:
     """One point of section 2 on a freshly seeded MLP."""
     torch.manual_seed(0)
-    params, loss = mlp(sizes, device)
+    params, loss = harness.mlp(sizes, device)
     x = torch.randn(batch, sizes[0], device=device)
     y = torch.randn(batch, sizes[-1], device=device)
 
@@ -561,8 +480,7 @@ def measure_step(
     if torchopt is None:
         t_opt = Timing("TorchOpt", note=TORCHOPT_MISSING)
     else:
-        normal = torch.distributions.Normal(torch.tensor(0.0, device=device), torch.tensor(1.0, device=device))
-        theirs = torchopt.diff.zero_order(normal, method=method, num_samples=num, sigma=SIGMA)(loss)
+        theirs = torchopt_zero_order(torchopt, method, num, SIGMA, device)(loss)
         t_opt = timed("TorchOpt", step(theirs), meter)
     if method == "antithetic":
 
@@ -607,26 +525,6 @@ def write(path: Optional[str], lines: Sequence[str]) -> None:
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-class CpuMeter:
-    """``--cpu-dry-run``'s meter: the median of 3 ``perf_counter`` runs, no memory statistics (0 bytes)."""
-
-    warmup_ms, rep_ms = 0, 0
-
-    def ms(self, fn: Callable[[], Any]) -> float:
-        """Median milliseconds of 3 runs."""
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    def peak(self, fn: Callable[[], Any]) -> int:
-        """Runs ``fn``; CPU tensors have no allocator statistics."""
-        fn()
-        return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run both sections, print the report and write it (and its JSON) to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -642,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         names = [name for name in ("reference", "cpu") if backends.available().get(name) == "available"]
         cases = [Case(8, 5000, dtype, stream) for dtype in DTYPES for stream in STREAMS]
         models, sample_counts, rate_numel = {"MLP 64-16-10": ((64, 16, 10), 32)}, (4,), 1 << 16
-        device_line, timing = "CPU: DRY RUN of the script, the numbers mean nothing", "3 perf_counter runs"
+        device_line, timing = "CPU: DRY RUN of the script, the numbers mean nothing", "harness.cpu_time (0.05 s)"
     else:
         if not torch.cuda.is_available():
             sys.exit("bench/gpu_kernels.py needs a CUDA GPU")
@@ -657,6 +555,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         props = torch.cuda.get_device_properties(device)
         device_line = f"{props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB"
         timing = f"triton.testing.do_bench (warmup {meter.warmup_ms} ms, rep {meter.rep_ms} ms, L2 flushed)"
+    torchopt = import_torchopt()
     mode = "dry run" if args.cpu_dry_run else "quick" if args.quick else "full"
     started = time.perf_counter()
 
@@ -670,17 +569,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    report = [
-        "# zo_kernels GPU benchmark",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- device: {device_line}",
-        f"- versions: torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton_version}, "
-        f"zo_kernels {zo_kernels.__version__}, {torchopt_version(import_torchopt())}, python {sys.version.split()[0]}",
-        f"- backends: {', '.join(names)}; mode: {mode}; times are medians of {timing}; "
-        "peak mem = torch.cuda.max_memory_allocated during one call minus what was allocated before it",
-        f"- {sass_line}; elements/s = N·n / time, the unit of bound_per_s",
-        "",
+    fields = [
+        ("date", harness.now(utc=True)),
+        ("device", device_line),
+        ("versions", harness.versions(torchopt, f" (CUDA {torch.version.cuda})", f"triton {triton_version}, ")),
+        ("backends", f"{', '.join(names)}; mode: {mode}; times are medians of {timing}; "
+                     "peak mem = torch.cuda.max_memory_allocated during one call minus what was allocated before it"),
+        ("", f"{sass_line}; elements/s = N·n / time, the unit of bound_per_s"),
+    ]  # fmt: skip
+    report = harness.header("zo_kernels GPU benchmark", fields) + [
         "## 1. reduce: grad += Σ_i w_i z_i",
         "",
         "Targets (issue 11) at N = 1024, n = 1e7: the fused reduce ≥ 85% of its SASS bound (both streams, both "
