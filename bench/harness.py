@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 import torch.nn.functional as F
+from baselines import torchopt_version
 
 import zo_kernels
 from zo_kernels import backends
@@ -92,8 +93,6 @@ def threads_line() -> str:
 
 def versions(torchopt: Optional[ModuleType], torch_extra: str = "", extra: str = "") -> str:
     """``torch X, zo_kernels Y, torchopt Z, python W`` (``torch_extra`` after torch's, ``extra`` before torchopt)."""
-    from baselines import torchopt_version
-
     return (
         f"torch {torch.__version__}{torch_extra}, {extra}zo_kernels {zo_kernels.__version__}, "
         f"{torchopt_version(torchopt)}, python {platform.python_version()}"
@@ -566,7 +565,7 @@ def spawn(fn: Callable[..., None], args: Tuple[Any, ...], nprocs: int, threads: 
         while not ctx.join(timeout=max(min(deadline - time.monotonic(), 1.0), 0.05)):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker timed out after {timeout_s:.0f} s: {fn.__name__}")
-    except mp.ProcessException as exc:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         raise RuntimeError(f"{type(exc).__name__}: {lines[-1] if lines else exc}") from None
     finally:
