@@ -1,8 +1,8 @@
 """zo_kernels: fast, lean zero-order (evolution-strategy) gradient estimation for PyTorch."""
 
 from . import backends, diff, distributions, nn, optim
-from ._estimator import NonFiniteLossError
 from .api import zero_order
+from .estimator import NonFiniteLossError
 from .nn import ZeroOrderGradientModule
 from .seed_gradient import SeedGradient, estimate
 

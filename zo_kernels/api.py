@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import _validate as v
-from ._estimator import Settings, estimate_gradients
-from .backends import get as _get_backend
-from .distributed import check_process_group
-from .distributions import as_fused
+from .estimator import EvaluatorState, Settings, estimate_gradients, make_settings
+from .estimator.settings import check_argnums
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -65,9 +62,11 @@ class _ZeroOrderFunction(torch.autograd.Function):
     """Forward: f(theta). Backward: the ES estimate, scaled by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx: Any, settings: Settings, site: _CallSite, *leaves: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, settings: Settings, state: EvaluatorState, site: _CallSite, *leaves: torch.Tensor
+    ) -> torch.Tensor:
         output = v.check_output(site(leaves), "the function")
-        ctx.settings, ctx.site = settings, site
+        ctx.settings, ctx.state, ctx.site = settings, state, site
         ctx.f0 = output.detach()
         ctx.save_for_backward(*leaves)
         return output
@@ -75,9 +74,9 @@ class _ZeroOrderFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
         leaves = ctx.saved_tensors
-        grads = estimate_gradients(ctx.site, leaves, ctx.f0, grad_out, ctx.settings)
-        needed = ctx.needs_input_grad[2:]
-        return (None, None, *(g if need else None for g, need in zip(grads, needed)))
+        grads = estimate_gradients(ctx.site, leaves, ctx.f0, grad_out, ctx.settings, ctx.state)
+        needed = ctx.needs_input_grad[3:]
+        return (None, None, None, *(g if need else None for g, need in zip(grads, needed)))
 
 
 def zero_order(
@@ -167,68 +166,24 @@ def zero_order(
     settings = make_settings(
         distribution, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size
     )
-    argnums_t = v.check_argnums(argnums)
+    return decorate(settings, check_argnums(argnums))
+
+
+def decorate(settings: Settings, argnums: Tuple[int, ...]) -> Callable[[LossFn], LossFn]:
+    """The ``zero_order`` decorator for checked ``settings`` and ``argnums``."""
 
     def decorator(fn: LossFn) -> LossFn:
         if not callable(fn):
             raise TypeError(f"zero_order decorates a function, got {type(fn).__name__}")
+        state = EvaluatorState()  # this function's: whether vmap could run it
 
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
-            site = _CallSite(fn, args, kwargs, v.resolve_argnums(argnums_t, len(args)))
+            site = _CallSite(fn, args, kwargs, v.resolve_argnums(argnums, len(args)))
             if settings.inplace:
                 v.check_disjoint(site.leaves, "inplace=True perturbs each differentiated tensor's own storage")
-            return _ZeroOrderFunction.apply(settings, site, *site.leaves)
+            return _ZeroOrderFunction.apply(settings, state, site, *site.leaves)
 
         return wrapped
 
     return decorator
-
-
-def make_settings(
-    distribution: Any,
-    method: str,
-    num_samples: int,
-    sigma: float,
-    seed: Union[None, int, torch.Generator],
-    backend: Optional[str],
-    inplace: bool,
-    process_group: Any,
-    batch_size: Optional[int],
-) -> Settings:
-    """Validate every estimator argument (each error names it) into the settings of one estimator."""
-    fused = as_fused(distribution)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if fused is None:
-        for name, given in (("inplace=True", inplace), ("batch_size", batch_size), ("process_group", process_group)):
-            if given is not None and given is not False:
-                raise ValueError(
-                    f"{name} needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher() or "
-                    "Sphere()): it relies on regenerating the noise from its seed"
-                )
-    if batch_size is not None:
-        v.check_num_samples(batch_size, "batch_size")
-        if inplace:
-            raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
-    return Settings(
-        method=v.check_method(method),
-        num_samples=v.check_num_samples(num_samples, maximum=v.MAX_NUM_SAMPLES),
-        sigma=v.check_sigma(sigma),
-        seed=v.check_seed(seed),
-        backend=_check_backend(backend),
-        fused=fused,
-        sampler=None if fused is not None else v.as_sampler(distribution),
-        inplace=inplace,
-        group_ref=None if process_group is None else weakref.ref(check_process_group(process_group)),
-        batch_size=batch_size,
-    )
-
-
-def _check_backend(backend: Optional[str]) -> Optional[str]:
-    if backend is None:
-        return None
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a backend name (str) or None, got {type(backend).__name__}")
-    _get_backend(backend)
-    return backend

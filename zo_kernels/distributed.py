@@ -8,9 +8,11 @@ one bit for bit on one backend.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def check_process_group(group: Any) -> Any:
@@ -70,3 +72,57 @@ def gather_losses(
     counts = [num_samples // world + (1 if r < num_samples % world else 0) for r in range(world)]
     losses = torch.cat([part[:, :count] for part, count in zip(parts, counts)], dim=1)
     return losses, [r for r, flag in enumerate(flags) if flag != 0.0]
+
+
+class RankShare:
+    """A rank's share of an estimate's samples, and the one place where ranks exchange losses and failures.
+
+    Without a process group the share is every sample and nothing is exchanged.
+    """
+
+    def __init__(self, group: Any, num_samples: int, first: int, count: int) -> None:
+        self.group, self.num_samples, self.first, self.count = group, num_samples, first, count
+
+    @classmethod
+    def of(
+        cls, group: Any, seed: Optional[int], num_samples: int, device: torch.device
+    ) -> Tuple[Optional[int], RankShare]:
+        """The seed every rank uses (rank 0's) and this rank's share of ``num_samples``."""
+        if group is None:
+            return seed, cls(None, num_samples, 0, num_samples)
+        assert seed is not None
+        seed = shared_seed(seed, group, device)
+        return seed, cls(group, num_samples, *share(num_samples, group))
+
+    def attempt(self, evaluate: Callable[[], T]) -> Tuple[Optional[T], Optional[BaseException]]:
+        """``evaluate()``; across ranks, its exception is returned (to be raised after the exchange), not raised."""
+        try:
+            return evaluate(), None
+        except Exception as exc:
+            if self.group is None:
+                raise
+            # Still take part in the gather, flagged, so that the other ranks raise instead of waiting.
+            return None, exc
+
+    def gather(
+        self, blocks: Optional[List[torch.Tensor]], failure: Optional[BaseException], signs: int, device: torch.device
+    ) -> torch.Tensor:
+        """The ``(signs, num_samples)`` losses of every rank from this rank's loss blocks.
+
+        Raises this rank's ``failure``, or a RuntimeError naming the ranks whose function raised.
+        """
+        if blocks:
+            losses = torch.cat(blocks, dim=1)
+        else:  # a rank with no share of the samples (or one whose function raised)
+            losses = torch.zeros((signs, 0), dtype=torch.float64, device=device)
+        if self.group is None:
+            return losses
+        losses, failed_ranks = gather_losses(losses, self.num_samples, self.group, failure is not None)
+        if failure is not None:
+            raise failure
+        if failed_ranks:
+            raise RuntimeError(
+                f"zo_kernels: the function raised on rank(s) {failed_ranks} while evaluating their share of the "
+                "samples (their tracebacks say which sample); no gradient was formed on any rank"
+            )
+        return losses

@@ -17,9 +17,10 @@ from torch.utils import _pytree as pytree
 
 from . import _validate as v
 from . import backends as _backends
-from ._estimator import fused_pass, raise_if_estimate_not_finite
-from .api import make_settings
-from .distributions import FusedDistribution, Normal, as_fused
+from .distributions import FusedDistribution, Normal
+from .estimator import EvaluatorState, estimate_weights, make_settings, raise_if_estimate_not_finite
+from .estimator.families import stream_family
+from .estimator.settings import check_real, check_regenerable, check_sigma
 from .reference.noise import STREAMS, accumulation_dtype
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
@@ -83,12 +84,12 @@ class SeedGradient:
             where = torch.device(device) if device is not None else torch.device("cpu")
         except (RuntimeError, TypeError, ValueError) as exc:
             raise TypeError(f"device must be a torch.device, a device string or None, got {device!r}") from exc
-        grads, offset = [], 0
+        grads, offset, family = [], 0, stream_family(self.stream)
         for shape, dtype in zip(self.shapes, self.dtypes):
             g = torch.zeros(shape, dtype=dtype, device=where)
             w = self.weights.to(device=where, dtype=accumulation_dtype(dtype))
             backend = _backends.select(where, dtype)
-            backend.reduce(g.view(-1), w, self.sample_ids.to(where), self.stream, self.seed, offset)
+            family.reduce(backend, g.view(-1), w, self.sample_ids.to(where), self.seed, offset)
             grads.append(g)
             offset += g.numel()
         return grads
@@ -100,7 +101,7 @@ class SeedGradient:
         ``params`` is the pytree (or list) the estimate was made for; its tensors must be contiguous.
         ``lr`` is a finite real number. Every check runs before the first parameter is updated.
         """
-        lr = v.check_real(lr, "lr")
+        lr = check_real(lr, "lr")
         leaves = pytree.tree_leaves(params)
         self._check_layout(leaves)
         for k, p in enumerate(leaves):
@@ -108,11 +109,11 @@ class SeedGradient:
                 raise ValueError(
                     f"apply_ updates parameters in place: every parameter must be contiguous, but leaf {k} is not"
                 )
-        offset = 0
+        offset, family = 0, stream_family(self.stream)
         for p in leaves:
             w = self.weights.to(device=p.device, dtype=accumulation_dtype(p.dtype))
             backend = _backends.select(p.device, p.dtype)
-            backend.step(p.data.view(-1), w, self.sample_ids.to(p.device), self.stream, self.seed, float(lr), offset)
+            family.step(backend, p.data.view(-1), w, self.sample_ids.to(p.device), self.seed, float(lr), offset)
             offset += p.numel()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -162,7 +163,7 @@ class SeedGradient:
         if not bool(torch.isfinite(weights_t).all()):
             raise ValueError("state['weights'] must be finite, got NaN or inf")
         try:
-            sigma = v.check_sigma(state["sigma"])
+            sigma = check_sigma(state["sigma"])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"state['sigma']: {exc}") from None
         stream = state["stream"]
@@ -239,18 +240,8 @@ def estimate(
     """
     if not callable(fn):
         raise TypeError(f"fn must be a function (the loss), got {type(fn).__name__}")
-    fused = as_fused(distribution if distribution is not None else Normal())
-    if fused is None:
-        given = (
-            f"the class {distribution.__name__} (pass an instance)"
-            if isinstance(distribution, type)
-            else type(distribution).__name__
-        )
-        raise TypeError(
-            "distribution must be zo_kernels.distributions.Normal(), Rademacher() or Sphere() "
-            f"(a seed-compressed gradient needs the counter-based stream), got {given}"
-        )
-    settings = make_settings(fused, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size)
+    noise = check_regenerable(distribution if distribution is not None else Normal())
+    settings = make_settings(noise, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size)
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
         v.check_leaf(leaf, f"leaf {k} of params")
@@ -261,9 +252,8 @@ def estimate(
         return fn(pytree.tree_unflatten(list(tensors), spec), *args, **kwargs)
 
     f0 = v.check_output(evaluate([p.detach() for p in leaves]), "fn").detach()
-    one = torch.ones((), dtype=torch.float64)
-    done = fused_pass(evaluate, leaves, f0, one, settings, accumulate=False)
-    weights = done.weights(f0, one, settings).cpu()
+    done, weights = estimate_weights(evaluate, leaves, f0, settings, EvaluatorState())
+    weights = weights.cpu()
     # The weights are float64; the parameters' accumulation dtype must hold them too.
     dtypes = {accumulation_dtype(p.dtype) for p in leaves}
     raise_if_estimate_not_finite([weights.to(dtype) for dtype in dtypes], settings.sigma)
@@ -272,7 +262,7 @@ def estimate(
         sample_ids=done.sample_ids.cpu(),
         weights=weights,
         sigma=settings.sigma,
-        stream=fused.stream,
+        stream=settings.family.stream,
         shapes=[p.shape for p in leaves],
         dtypes=[p.dtype for p in leaves],
         loss=float(f0),

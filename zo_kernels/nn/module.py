@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..api import zero_order
+from ..api import decorate
+from ..estimator.families import family_of
+from ..estimator.settings import make_settings
 
 _ENABLED_FLAG = "__zero_order_gradients_enabled__"
 
@@ -59,8 +62,8 @@ def enable_zero_order_gradients(cls: type, method: str = "naive", num_samples: i
     """
     if getattr(cls, _ENABLED_FLAG, False):
         raise TypeError("Zero-order gradient estimation is already enabled for the `forward` method.")
-    # Validate the keywords at class-creation time, not at the first forward.
-    zero_order(lambda shape: shape, method=method, num_samples=num_samples, sigma=sigma)
+    # Validate the keywords once, at class-creation time; each forward only names its distribution (the module).
+    settings = make_settings(lambda shape: shape, method, num_samples, sigma, None, None, False, None, None)
     original_forward = cls.forward
 
     @functools.wraps(original_forward)
@@ -78,7 +81,7 @@ def enable_zero_order_gradients(cls: type, method: str = "naive", num_samples: i
             if p.device.type == "meta":
                 raise ValueError(f"parameter {name!r} of {type(sub).__name__} is on the meta device: it has no values")
 
-        @zero_order(self, method=method, argnums=0, num_samples=num_samples, sigma=sigma)
+        @decorate(dataclasses.replace(settings, family=family_of(self).validated()), (0,))
         def loss(flat_params: Tuple[torch.Tensor, ...], *inner_args: Any, **inner_kwargs: Any) -> torch.Tensor:
             with _swapped(slots, flat_params):
                 return original_forward(self, *inner_args, **inner_kwargs)

@@ -1,0 +1,226 @@
+"""Evaluators: the perturbed losses of this rank's share of the samples, as ``(signs, k)`` blocks.
+
+Three ways to evaluate, each reading the plan and writing only its own buffers (and the plan's
+kept-noise sums it is given): :func:`loop_blocks` (one call of the function per evaluation, into a
+scratch copy), :func:`inplace_blocks` (MeZO: the parameters' own storage, restored after every
+sample) and :func:`batched_blocks` (``batch_size`` evaluations per ``torch.func.vmap`` call).
+:func:`evaluate_share` picks them; a vmap failure is recorded on the decorated function's
+:class:`EvaluatorState`, once, and the rest of the samples are evaluated by the loop.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .._validate import check_output
+from .plan import Plan, samples_per_call
+
+Evaluate = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+#: ``weigh(block, scales)``: the weights ``w_i`` of a ``(signs, k)`` block of losses whose noise has ``scales``.
+Weigh = Callable[[torch.Tensor, Union[float, torch.Tensor]], torch.Tensor]
+Sums = List[Optional[torch.Tensor]]
+
+
+class EvaluatorState:
+    """Shared by every call of one decorated function: why batched evaluation failed, once it has."""
+
+    __slots__ = ("vmap_failure",)
+
+    def __init__(self) -> None:
+        self.vmap_failure: Optional[str] = None
+
+
+def evaluate_sample(
+    evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str
+) -> torch.Tensor:
+    """One perturbed loss, as a detached 0-dim tensor; errors say which sample raised."""
+    where = f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
+    try:
+        out = evaluate(params)
+    except Exception as exc:
+        if hasattr(exc, "add_note"):  # Python >= 3.11
+            exc.add_note(f"zo_kernels: raised while evaluating {where}")
+        raise
+    return check_output(out, where).detach()
+
+
+def stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The per-sample losses as one float64 vector (one conversion, not one per sample)."""
+    if all(loss.dtype == losses[0].dtype and loss.device == losses[0].device for loss in losses):
+        return torch.stack(list(losses)).to(torch.float64)
+    return torch.stack([loss.to(device=losses[0].device, dtype=torch.float64) for loss in losses])
+
+
+def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: Iterable[int]) -> List[torch.Tensor]:
+    """One evaluation per call of the function, into the scratch copy: the ``(signs, 1)`` blocks of ``ids``.
+
+    Where ``sums[k]`` is a tensor, each sample's noise is kept while perturbing (the antithetic twin
+    is formed from it) and ``w_i z_i`` accumulated into it at once, in sample order.
+    """
+    family, sigma = plan.family, plan.settings.sigma
+    kept = [None if acc is None else family.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
+    perturbers = [family.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
+    blocks = []
+    for i in ids:
+        sample_losses = []
+        for k, sign in enumerate(plan.signs):
+            scale = sign * sigma * plan.scales[i]
+            for perturb, seg, z in zip(perturbers, plan.segments, kept):
+                if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z
+                    family.twin(seg, z, scale)
+                else:
+                    perturb(i, scale)
+            sample_losses.append(evaluate_sample(evaluate, plan.scratch, i, sign, plan.seed_text))
+        blocks.append(stack_losses(sample_losses)[:, None])
+        if any(z is not None for z in kept):
+            w = weigh(blocks[-1], plan.scales[i])[0]
+            for acc, z in zip(sums, kept):
+                if acc is not None and z is not None:
+                    family.accumulate(acc, z, w)
+    return blocks
+
+
+def inplace_blocks(plan: Plan, evaluate: Evaluate, ids: Iterable[int]) -> List[torch.Tensor]:
+    """MeZO: perturb the parameters' own storage (``+sigma z``; antithetic ``+, -2, +``) and restore it.
+
+    Restoration happens after every sample, also when the function raises.
+    """
+    sigma = plan.settings.sigma
+    perturbers = [plan.family.perturber(seg, plan.seed, None) for seg in plan.segments]
+    blocks = []
+    for i in ids:
+        sample_losses = []
+        applied = 0.0  # the multiple of z_i currently added to the parameters
+        try:
+            for sign in plan.signs:
+                scale = sign * sigma * plan.scales[i]
+                for perturb in perturbers:
+                    perturb(i, scale - applied)
+                applied = scale
+                sample_losses.append(evaluate_sample(evaluate, plan.scratch, i, sign, plan.seed_text))
+        finally:
+            if applied != 0.0:  # restore, also when the function raised
+                for perturb in perturbers:
+                    perturb(i, -applied)
+        blocks.append(stack_losses(sample_losses)[:, None])
+    return blocks
+
+
+class _Batch:
+    """The buffers of batched evaluation: ``width`` samples' rows per segment (and their kept noise)."""
+
+    def __init__(self, plan: Plan, sums: Sums, width: int) -> None:
+        signs = len(plan.signs)
+        self.plan, self.width = plan, width
+        self.buffers = [
+            torch.empty((width * signs, seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device)
+            for seg in plan.segments
+        ]
+        self.kept = [
+            None if acc is None else plan.family.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)
+        ]
+        self.scales = torch.tensor(plan.scales, dtype=torch.float64)
+        self.sign_scales = torch.tensor([sign * plan.settings.sigma for sign in plan.signs], dtype=torch.float64)
+
+    def perturb(self, lo: int, hi: int) -> List[torch.Tensor]:
+        """Rows of samples ``lo..hi-1`` (one ``perturb_rows`` per segment), as the function's leaves."""
+        ids = torch.arange(lo, hi, dtype=torch.int64)
+        row_scales = self.scales[lo:hi, None] * self.sign_scales
+        rows = (hi - lo) * len(self.plan.signs)
+        for seg, buf, z in zip(self.plan.segments, self.buffers, self.kept):
+            keep = None if z is None else z[: hi - lo]
+            self.plan.family.perturb_rows(seg, buf[:rows], self.plan.seed, ids, row_scales, keep)
+        return [
+            buf[:rows, a:b].view(rows, *shape)
+            for seg, buf in zip(self.plan.segments, self.buffers)
+            for a, b, shape in seg.parts
+        ]
+
+    def accumulate(self, sums: Sums, weigh: Weigh, block: torch.Tensor, lo: int, hi: int) -> None:
+        """``sums += sum_i w_i z_i`` over the block's kept noise (one matrix-vector product per segment)."""
+        if all(z is None for z in self.kept):
+            return
+        w = weigh(block, self.scales[lo:hi].to(block.device))
+        for acc, z in zip(sums, self.kept):
+            if acc is not None and z is not None:
+                self.plan.family.accumulate_rows(acc, z[: hi - lo], w)
+
+
+def _check_batched_output(out: object, rows: int, lo: int, hi: int) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.shape != (rows,) or not out.dtype.is_floating_point:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(
+            f"the function must return a floating-point scalar tensor for every sample, but under vmap it "
+            f"returned {got} for samples {lo}..{hi - 1} (expected shape ({rows},) over the batch)"
+        )
+    return out
+
+
+def _record_vmap_failure(state: EvaluatorState, exc: BaseException, batch_size: Optional[int]) -> None:
+    state.vmap_failure = f"{type(exc).__name__}: {exc}".split("\n")[0]
+    warnings.warn(
+        f"zo_kernels: batch_size={batch_size} is ignored from now on for this function: torch.func.vmap "
+        f"cannot run it ({state.vmap_failure}); its samples are evaluated one by one",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def batched_blocks(
+    plan: Plan, evaluate: Evaluate, weigh: Weigh, state: EvaluatorState, sums: Sums
+) -> List[torch.Tensor]:
+    """Losses of this rank's samples as ``(signs, k)`` blocks, one vmapped call per block.
+
+    A block holds ``batch_size // signs`` samples (an antithetic pair is never split, so at least
+    one). Where ``sums[k]`` is a tensor, the block's noise is kept and ``sum_i w_i z_i`` accumulated
+    into it. Stops early (returning the blocks done so far) the first time ``torch.func.vmap``
+    cannot run the function; that is recorded on ``state`` and warned about once.
+    """
+    first, count, signs = plan.share.first, plan.share.count, len(plan.signs)
+    batch = _Batch(plan, sums, samples_per_call(plan.settings, count))
+    batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
+    blocks: List[torch.Tensor] = []
+    for lo in range(first, first + count, batch.width):
+        hi = min(lo + batch.width, first + count)
+        leaves = batch.perturb(lo, hi)
+        try:
+            out = batched(*leaves)
+        except (RuntimeError, NotImplementedError) as exc:  # what torch raises for what vmap cannot run
+            _record_vmap_failure(state, exc, plan.settings.batch_size)
+            break
+        except Exception as exc:  # the function's own error (ValueError, KeyError, ...): not vmap's doing
+            if hasattr(exc, "add_note"):  # Python >= 3.11
+                exc.add_note(
+                    f"zo_kernels: raised while evaluating samples {lo}..{hi - 1} together under torch.func.vmap "
+                    f"(batch_size={plan.settings.batch_size}, seed={plan.seed})"
+                )
+            raise
+        out = _check_batched_output(out, (hi - lo) * signs, lo, hi)
+        block = out.detach().to(torch.float64).view(hi - lo, signs).t()
+        blocks.append(block)
+        batch.accumulate(sums, weigh, block, lo, hi)
+    return blocks
+
+
+def evaluate_share(
+    plan: Plan, evaluate: Evaluate, weigh: Weigh, state: EvaluatorState
+) -> Tuple[List[torch.Tensor], Sums]:
+    """The loss blocks of this rank's share, and the kept-noise sums that cover every sample (None where not kept).
+
+    Batched evaluation that stops part-way leaves its sums incomplete: they are dropped (the
+    reducer regenerates every sample's noise) and the loop evaluates the rest without keeping any.
+    """
+    first, count = plan.share.first, plan.share.count
+    if plan.settings.inplace:
+        return inplace_blocks(plan, evaluate, range(first, first + count)), plan.sums
+    if not plan.batching:
+        return loop_blocks(plan, evaluate, weigh, plan.sums, range(first, first + count)), plan.sums
+    blocks = batched_blocks(plan, evaluate, weigh, state, plan.sums)
+    done = sum(block.shape[1] for block in blocks)
+    if done == count:
+        return blocks, plan.sums
+    rest = loop_blocks(plan, evaluate, weigh, [None] * len(plan.segments), range(first + done, first + count))
+    return blocks + rest, [None] * len(plan.segments)

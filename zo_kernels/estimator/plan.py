@@ -1,0 +1,175 @@
+"""The plan of one estimate: seed, sample ids, parameter layout, backends, noise family, kept noise.
+
+The plan holds the seed, this rank's sample ids, the parameter layout in segments, a backend per
+segment, the noise family, and which segments keep their noise.
+
+Nothing is evaluated here; the evaluators (``evaluate.py``) and the reducer (``reduce.py``) read
+the plan and never change it, except the kept-noise sums an evaluator accumulates into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import torch
+
+from .._validate import check_inplace_leaves
+from ..distributed import RankShare
+from ..reference.noise import accumulation_dtype
+from .families import NoiseFamily
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from ..kernels.base import Backend
+
+#: Leaves are concatenated into one segment (one kernel call per sample) while the segment stays
+#: below this many elements; the concatenation is a copy, so large tensors get their own segment
+#: and are read in place: then the only parameter-sized allocation is the scratch buffer.
+CONCAT_MAX_NUMEL = 1 << 20
+
+
+@dataclass
+class Segment:
+    """A contiguous range of the flat parameter vector that one kernel call perturbs or reduces."""
+
+    backend: Optional[Backend]
+    theta: torch.Tensor  # flat, contiguous, detached
+    out: torch.Tensor  # flat scratch buffer of the same size (in place: theta itself)
+    offset: int
+    parts: List[Tuple[int, int, torch.Size]]  # (start, stop, shape) of each leaf inside the segment
+
+
+@dataclass
+class Plan:
+    """What one estimate evaluates and reduces; see the module docstring."""
+
+    settings: Settings
+    family: NoiseFamily
+    seed: Optional[int]
+    share: RankShare
+    sample_ids: torch.Tensor  # int64, CPU: all N ids (every rank reduces all of them)
+    scales: List[float]  # per-sample noise scale (Sphere: sqrt(n)/|g_i|), indexed by sample id
+    segments: List[Segment]
+    scratch: List[torch.Tensor]  # what the function is called with: views of the segments' ``out``
+    sums: List[Optional[torch.Tensor]]  # per segment: sum_i w_i z_i accumulated while evaluating, or None
+    batching: bool  # evaluate vmapped batches (batch_size given, and vmap has not failed on the function)
+
+    @property
+    def seed_text(self) -> str:
+        """How error messages name the noise."""
+        return self.family.seed_text(self.seed)
+
+    @property
+    def signs(self) -> Tuple[float, ...]:
+        """The signs of the evaluations of one sample."""
+        return self.settings.signs
+
+
+def _groups(leaves: Sequence[torch.Tensor], chosen: Sequence[Optional[Backend]], join: bool) -> List[List[int]]:
+    """Runs of consecutive leaves that share a device, dtype and backend and stay small together."""
+    groups: List[List[int]] = []
+    size = 0
+    for k, p in enumerate(leaves):
+        prev = leaves[groups[-1][0]] if groups else None
+        joinable = (
+            join
+            and prev is not None
+            and (prev.device, prev.dtype) == (p.device, p.dtype)
+            and chosen[k] is chosen[groups[-1][0]]
+            and size + p.numel() <= CONCAT_MAX_NUMEL
+        )
+        if joinable:
+            groups[-1].append(k)
+            size += p.numel()
+        else:
+            groups.append([k])
+            size = p.numel()
+    return groups
+
+
+def scratch_segments(
+    leaves: Sequence[torch.Tensor], offsets: Sequence[int], chosen: Sequence[Optional[Backend]], join: bool = True
+) -> Tuple[List[Segment], List[torch.Tensor]]:
+    """Group leaves into few kernel calls, and the perturbed views the function sees.
+
+    Consecutive small leaves that share a device, dtype and backend are concatenated into one flat
+    buffer (their flat offsets are consecutive by construction), so a model with hundreds of small
+    tensors costs one perturb call per sample instead of hundreds.
+    """
+    segments: List[Segment] = []
+    scratch: List[torch.Tensor] = []
+    for group in _groups(leaves, chosen, join):
+        base = offsets[group[0]]
+        if len(group) == 1 and leaves[group[0]].is_contiguous():
+            theta = leaves[group[0]].detach().view(-1)  # no copy
+        else:
+            theta = torch.cat([leaves[k].detach().reshape(-1) for k in group])
+        out = torch.empty_like(theta)
+        parts = [(offsets[k] - base, offsets[k + 1] - base, leaves[k].shape) for k in group]
+        segments.append(Segment(chosen[group[0]], theta, out, base, parts))
+        scratch.extend(out[lo:hi].view(shape) for lo, hi, shape in parts)
+    return segments, scratch
+
+
+def inplace_segments(
+    leaves: Sequence[torch.Tensor], offsets: Sequence[int], chosen: Sequence[Optional[Backend]]
+) -> Tuple[List[Segment], List[torch.Tensor]]:
+    """One segment per leaf over the parameters' own storage: no second copy exists.
+
+    ``.data`` keeps autograd's version counters out of it (the values are restored before returning).
+    """
+    check_inplace_leaves(leaves)
+    segments = [
+        Segment(b, p.data.view(-1), p.data.view(-1), off, [(0, p.numel(), p.shape)])
+        for b, p, off in zip(chosen, leaves, offsets)
+    ]
+    return segments, [p.data for p in leaves]
+
+
+def samples_per_call(settings: Settings, count: int) -> int:
+    """Samples per vmapped call: ``batch_size`` evaluations, an antithetic pair never split."""
+    return max(1, min(count, (settings.batch_size or 1) // len(settings.signs)))
+
+
+def _kept_sums(
+    s: Settings, family: NoiseFamily, segments: Sequence[Segment], rows: int, accumulate: bool, distributed: bool
+) -> List[Optional[torch.Tensor]]:
+    """Keep each sample's noise and accumulate it at once where that beats regenerating it in ``reduce``.
+
+    Never in place, nor across ranks (every rank rebuilds all N samples: nothing to keep).
+    """
+    keep = accumulate and not s.inplace and not distributed
+    return [
+        torch.zeros(seg.theta.shape, dtype=accumulation_dtype(seg.theta.dtype), device=seg.theta.device)
+        if keep and family.keeps_noise(seg, rows)
+        else None
+        for seg in segments
+    ]
+
+
+def make_plan(
+    s: Settings, leaves: Sequence[torch.Tensor], seed: Optional[int], vmap_failed: bool, accumulate: bool
+) -> Plan:
+    """The plan of one estimate of ``leaves`` with ``seed`` (from the family's session).
+
+    ``vmap_failed``: batched evaluation already failed on this function; ``accumulate``: keep noise
+    where a backend prefers that (False when only the weights are wanted).
+    """
+    family = s.family
+    device = leaves[0].device if leaves else torch.device("cpu")
+    seed, share = RankShare.of(s.process_group, seed, s.num_samples, device)
+    chosen = [family.backend(p.device, p.dtype, s.backend) for p in leaves]
+    offsets = [0]
+    for p in leaves:
+        offsets.append(offsets[-1] + p.numel())
+    ids = torch.arange(s.num_samples, dtype=torch.int64)
+    scales = family.sample_scales(chosen[0] if leaves else None, seed, ids, offsets[-1], device)
+    if s.inplace:
+        segments, scratch = inplace_segments(leaves, offsets, chosen)
+    else:
+        segments, scratch = scratch_segments(leaves, offsets, chosen, family.joins_leaves)
+    batching = s.batch_size is not None and not vmap_failed
+    rows = samples_per_call(s, share.count) if batching else 1  # samples whose noise one accumulation reads
+    sums = _kept_sums(s, family, segments, rows, accumulate, share.group is not None)
+    return Plan(s, family, seed, share, ids, scales, segments, scratch, sums, batching)

@@ -1,0 +1,227 @@
+"""The settings of one estimator and their validation: every check of an estimator argument lives here.
+
+``zero_order``, ``estimate``, the module API and the optimizers validate their arguments with these
+functions; each error names the argument and what was expected. :func:`make_settings` checks them
+all, in a fixed order, before anything is evaluated, and :class:`Settings` is the frozen result.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..backends import get as _get_backend
+from ..distributed import check_process_group
+from ..distributions import draw_seed
+from .families import NoiseFamily, family_of
+
+METHODS = ("naive", "forward", "antithetic")
+
+#: Sample ids are the 32-bit word of the noise counter (docs/noise.md), so an estimate has at most
+#: 2**32 samples; anything larger is refused before any allocation or evaluation is attempted.
+MAX_NUM_SAMPLES = 2**32
+
+Seed = Union[None, int, torch.Generator]
+
+
+def check_method(method: object) -> str:
+    """Return ``method`` if it is one of :data:`METHODS`; ValueError listing them otherwise."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(repr(m) for m in METHODS)}; got {method!r}")
+    return method
+
+
+def check_num_samples(num_samples: object, name: str = "num_samples", maximum: Optional[int] = None) -> int:
+    """Return ``num_samples`` (or the count called ``name``) as an int >= 1 (and <= ``maximum`` when given)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(num_samples).__name__} {num_samples!r}")
+    if num_samples < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {num_samples}")
+    if maximum is not None and num_samples > maximum:
+        raise ValueError(
+            f"{name} must be an int in [1, {maximum}] (sample ids are 32-bit counters of the noise stream), "
+            f"got {num_samples}"
+        )
+    return int(num_samples)
+
+
+def check_sigma(sigma: object) -> float:
+    """Return ``sigma`` as a positive finite float (Python number or one-element tensor).
+
+    ``1 / sigma`` must be finite too: the estimate divides by sigma, and a subnormal sigma would
+    silently turn every gradient into inf or NaN.
+    """
+    if isinstance(sigma, torch.Tensor) and sigma.device.type == "meta":
+        raise TypeError("sigma must be a positive finite real number, got a meta tensor (it has no value)")
+    if isinstance(sigma, torch.Tensor) and sigma.numel() == 1 and not sigma.dtype.is_complex:
+        sigma = sigma.item()
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+        raise TypeError(f"sigma must be a positive finite real number, got {type(sigma).__name__} {sigma!r}")
+    value = float(sigma)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"sigma must be a positive finite real number, got {sigma!r}")
+    if not math.isfinite(1.0 / value):
+        raise ValueError(f"sigma must be a positive finite real number whose inverse is finite, got {sigma!r}")
+    return value
+
+
+def check_real(value: object, name: str, lo: Optional[float] = None, hi: Optional[float] = None) -> float:
+    """Return ``value`` as a finite float (in ``[lo, hi)`` where given): a real number, not a bool.
+
+    A one-element real tensor is read as its value.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type != "meta":
+        if not (value.dtype.is_complex or value.dtype == torch.bool):
+            value = value.item()
+    expected = "a finite real number" + (
+        f" in [{lo}, {hi})" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+    )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result) or (lo is not None and result < lo) or (hi is not None and result >= hi):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return result
+
+
+def check_argnums(argnums: object) -> Tuple[int, ...]:
+    """Return ``argnums`` as a non-empty tuple of distinct ints (an int means a 1-tuple)."""
+    items: Sequence[object] = (argnums,) if isinstance(argnums, numbers.Integral) else argnums  # type: ignore[assignment]
+    if not isinstance(items, (tuple, list)) or len(items) == 0:
+        raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
+    result = tuple(int(a) for a in items)
+    if len(set(result)) != len(result):
+        raise ValueError(f"argnums must not repeat an argument, got {argnums!r}")
+    return result
+
+
+def check_seed(seed: object) -> Seed:
+    """Return ``seed`` if it is None, an int in [0, 2**64) or a ``torch.Generator``."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None, an int in [0, 2**64) or a torch.Generator, got {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def resolve_seed(seed: Seed) -> int:
+    """The 64-bit seed of one estimate (``seed`` checked by :func:`check_seed`): itself, or one draw."""
+    if isinstance(seed, int):
+        return seed
+    return draw_seed(seed)
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    """Return ``backend`` if it is None or the name of an available backend."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend name (str) or None, got {type(backend).__name__}")
+    _get_backend(backend)
+    return backend
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything about an estimate that is fixed when the decorator is applied."""
+
+    method: str
+    num_samples: int
+    sigma: float
+    seed: Seed
+    backend: Optional[str]
+    family: NoiseFamily
+    inplace: bool = False
+    #: A weak reference to the ``torch.distributed`` group: holding the group itself would keep a
+    #: destroyed group's transport alive until interpreter exit, where gloo can abort the process.
+    group_ref: Optional[Callable[[], Any]] = None
+    batch_size: Optional[int] = None
+
+    @property
+    def process_group(self) -> Any:
+        """The process group the samples are spread over, or None."""
+        if self.group_ref is None:
+            return None
+        group = self.group_ref()
+        if group is None:
+            raise RuntimeError(
+                "process_group: the torch.distributed group given to the decorator no longer exists "
+                "(destroy_process_group() was called); decorate the function again for a new group"
+            )
+        return group
+
+    @property
+    def signs(self) -> Tuple[float, ...]:
+        """The signs of the evaluations per sample: ``(+1, -1)`` for 'antithetic', else ``(+1,)``."""
+        return (1.0, -1.0) if self.method == "antithetic" else (1.0,)
+
+
+def check_regenerable(distribution: Any) -> Any:
+    """Return ``distribution`` if its noise can be regenerated from a seed (what a seed-compressed gradient needs)."""
+    if not family_of(distribution).regenerable:
+        given = (
+            f"the class {distribution.__name__} (pass an instance)"
+            if isinstance(distribution, type)
+            else type(distribution).__name__
+        )
+        raise TypeError(
+            "distribution must be zo_kernels.distributions.Normal(), Rademacher() or Sphere() "
+            f"(a seed-compressed gradient needs the counter-based stream), got {given}"
+        )
+    return distribution
+
+
+def _check_regenerable_options(
+    family: NoiseFamily, inplace: bool, process_group: Any, batch_size: Optional[int]
+) -> None:
+    """The options that regenerate the noise from its seed need a family that can."""
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not family.regenerable:
+        for name, given in (("inplace=True", inplace), ("batch_size", batch_size), ("process_group", process_group)):
+            if given is not None and given is not False:
+                raise ValueError(
+                    f"{name} needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher() or "
+                    "Sphere()): it relies on regenerating the noise from its seed"
+                )
+    if batch_size is not None:
+        check_num_samples(batch_size, "batch_size")
+        if inplace:
+            raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
+
+
+def make_settings(
+    distribution: Any,
+    method: str,
+    num_samples: int,
+    sigma: float,
+    seed: Seed,
+    backend: Optional[str],
+    inplace: bool,
+    process_group: Any,
+    batch_size: Optional[int],
+) -> Settings:
+    """Validate every estimator argument (each error names it) into the settings of one estimator."""
+    family = family_of(distribution)
+    _check_regenerable_options(family, inplace, process_group, batch_size)
+    return Settings(
+        method=check_method(method),
+        num_samples=check_num_samples(num_samples, maximum=MAX_NUM_SAMPLES),
+        sigma=check_sigma(sigma),
+        seed=check_seed(seed),
+        backend=check_backend(backend),
+        family=family.validated(),
+        inplace=inplace,
+        group_ref=None if process_group is None else weakref.ref(check_process_group(process_group)),
+        batch_size=batch_size,
+    )
