@@ -248,13 +248,6 @@ def accumulate_candidates(cfg: Config, label: str, fill: Fill) -> List[Tuple[str
 # --------------------------------------------------------------------------------------------------
 
 
-def step_time(problem: Problem, decorated: LossFn, cfg: Config) -> float:
-    """Seconds for one full step: the decorated loss's forward and backward, filling every ``.grad``."""
-    seconds = cpu_time(harness.grad_step(problem, decorated), cfg.budget_s)
-    harness.check_grads(problem, "step")
-    return seconds
-
-
 def ours(problem: Problem, dist: distributions.FusedDistribution, method: str, cfg: Config, backend: str) -> LossFn:
     """The loss decorated by ``zo_kernels.zero_order`` on ``backend``."""
     decorate = zo_kernels.zero_order(
@@ -271,9 +264,11 @@ def torchopt_fn(problem: Problem, method: str, cfg: Config) -> LossFn:
 def step_row(problem: Problem, targets_of: Targets, method: str, cfg: Config, backend: str) -> Row:
     """Times of ours (Normal, Rademacher), TorchOpt and the bare evaluations for one method."""
     evals = (2 if method == "antithetic" else 1) * cfg.step_samples + 1
-    t_n = step_time(problem, ours(problem, distributions.Normal(), method, cfg, backend), cfg)
-    t_r = step_time(problem, ours(problem, distributions.Rademacher(), method, cfg, backend), cfg)
-    t_opt = step_time(problem, torchopt_fn(problem, method, cfg), cfg) if torchopt is not None else None
+    t_n = harness.step_time(problem, ours(problem, distributions.Normal(), method, cfg, backend), cfg.budget_s)
+    t_r = harness.step_time(problem, ours(problem, distributions.Rademacher(), method, cfg, backend), cfg.budget_s)
+    t_opt = (
+        harness.step_time(problem, torchopt_fn(problem, method, cfg), cfg.budget_s) if torchopt is not None else None
+    )
     t_bare = cpu_time(harness.bare_evals(problem, evals), cfg.budget_s)
     min_speedup, max_ovh_n, max_ovh_r = targets_of
     targets = [f"speed-up ≥ {min_speedup:g}x"]

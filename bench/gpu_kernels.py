@@ -160,12 +160,12 @@ def sass_bound(
 # --------------------------------------------------------------------------------------------------
 
 
-def fmt_ms(ms: Optional[float]) -> str:
+def fmt_kernel_ms(ms: Optional[float]) -> str:
     """Milliseconds with three significant digits (``harness.fmt_time``); empty for None."""
     return "" if ms is None else harness.fmt_time(ms * 1e-3)
 
 
-def fmt_rate(per_s: float) -> str:
+def fmt_gps(per_s: float) -> str:
     """Elements per second in G/s, three significant digits."""
     return f"{per_s / 1e9:.3g} G/s"
 
@@ -266,11 +266,11 @@ def reduce_report(results: ReduceResults, sass: Optional[Dict[str, Any]]) -> Tup
             rows.append(
                 row
                 + [
-                    fmt_ms(t.ms),
-                    fmt_rate(rate),
+                    fmt_kernel_ms(t.ms),
+                    fmt_gps(rate),
                     pct_cell,
                     base.label or base.note,
-                    fmt_ms(base.ms) if base.ms is not None else base.note,
+                    fmt_kernel_ms(base.ms) if base.ms is not None else base.note,
                     f"{speed:.2f}x" if speed is not None else "",
                     fmt_bytes(t.peak_bytes),
                     fmt_bytes(base.peak_bytes),
@@ -311,10 +311,10 @@ def step_report(results: Sequence[StepResult]) -> List[str]:
     rows = []
     for r in results:
         row = [r.model, f"{r.params:,}", str(r.num), r.method]
-        row += [fmt_ms(r.ours.ms) or r.ours.note, fmt_bytes(r.ours.peak_bytes)]
+        row += [fmt_kernel_ms(r.ours.ms) or r.ours.note, fmt_bytes(r.ours.peak_bytes)]
         for other in (r.torchopt, r.plain):
             ratio = f"{other.ms / r.ours.ms:.2f}x" if other.ms is not None and r.ours.ms else ""
-            row += [fmt_ms(other.ms) if other.ms is not None else other.note, fmt_bytes(other.peak_bytes), ratio]
+            row += [fmt_kernel_ms(other.ms) if other.ms is not None else other.note, fmt_bytes(other.peak_bytes), ratio]
         rows.append(row)
     return table(columns, rows)
 
@@ -513,7 +513,7 @@ def measured_rates(device: torch.device, meter: Any, name: str, numel: int = 1 <
         b = torch.empty_like(a)
         bandwidth = 2 * a.numel() / (meter.ms(lambda: b.copy_(a)) * 1e-3)
         return (f"Measured alongside: `{name}` normal generation alone (`sample` of {numel:,} floats, written to "
-                f"memory) {fmt_rate(gen)}; device copy {bandwidth / 1e9:.3g} GB/s (read + write).")  # fmt: skip
+                f"memory) {fmt_gps(gen)}; device copy {bandwidth / 1e9:.3g} GB/s (read + write).")  # fmt: skip
     except Exception as exc:  # noqa: BLE001
         return f"Generation rate / copy bandwidth not measured: {type(exc).__name__}: {exc}"
 

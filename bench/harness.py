@@ -508,6 +508,13 @@ def check_grads(problem: Problem, what: str) -> None:
         raise RuntimeError(f"{what}: a step left a missing or non-finite gradient ({problem.name})")
 
 
+def step_time(problem: Problem, decorated: LossFn, budget_s: float) -> float:
+    """Median seconds of :func:`grad_step` (:func:`time_call`), its gradients checked afterwards."""
+    seconds = time_call(grad_step(problem, decorated), problem.x.device, budget_s)
+    check_grads(problem, "step")
+    return seconds
+
+
 def bare_evals(problem: Problem, evals: int) -> Callable[[], None]:
     """``evals`` plain calls of the undecorated loss under ``torch.no_grad()``: the cost of the evaluations alone."""
 

@@ -132,14 +132,6 @@ def zo_backend(device: torch.device) -> Tuple[str, str]:
     return name, f"{name} (best available for CUDA float32)"
 
 
-def now() -> str:
-    return harness.now()
-
-
-def versions() -> str:
-    return harness.versions(torchopt)
-
-
 # --------------------------------------------------------------------------------------------------
 # The cases: one step of each contender
 # --------------------------------------------------------------------------------------------------
@@ -346,12 +338,12 @@ def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
 
 def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> List[str]:
     """The lines above the summary table."""
-    fields = [("date", now())]
+    fields = [("date", harness.now())]
     fields += [
         (f"device [{device_tag(r.device)}]", f"{device_name(r.device)}; backend: {r.backend_note}") for r in results
     ]
     fields += [
-        ("versions", versions()),
+        ("versions", harness.versions(torchopt)),
         ("threads", f"{harness.THREADS} (torch.set_num_threads); {harness.omp_environment()}"),
         ("", load),
         ("mode", "quick (smoke run: tiny sizes, numbers not meaningful)" if cfg.quick else "full"),
@@ -383,7 +375,8 @@ def footnote(cfg: Config, results: Sequence[DeviceResults]) -> str:
     devices = "; ".join(f"[{device_tag(r.device)}] {device_name(r.device)}, backend {r.backend_note}" for r in results)
     mode = "QUICK SMOKE RUN, " if cfg.quick else ""
     return (
-        f"{devices}\n{versions()}; {now()}\n{mode}median time per call (harness.time_call, <= {cfg.budget_s:g} s); "
+        f"{devices}\n{harness.versions(torchopt)}; {harness.now()}\n"
+        f"{mode}median time per call (harness.time_call, <= {cfg.budget_s:g} s); "
         f"MLP d→d→10, batch {BATCH}, {METHOD}, sigma={SIGMA:g}; bench/run.py"
     )
 
@@ -468,7 +461,7 @@ def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, pr
     sweep_numel = f"{mlp_numel(cfg.sweep_width):,}"
     plot(
         paths[0],
-        f"Time per gradient step vs num_samples N (MLP d={cfg.sweep_width}, {sweep_numel} params)\n{now()}",
+        f"Time per gradient step vs num_samples N (MLP d={cfg.sweep_width}, {sweep_numel} params)\n{harness.now()}",
         "num_samples N",
         "seconds per step (median)",
         vs_samples,
@@ -477,7 +470,7 @@ def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, pr
     )
     plot(
         paths[1],
-        f"Time per gradient step vs parameter count (N={cfg.param_samples})\n{now()}",
+        f"Time per gradient step vs parameter count (N={cfg.param_samples})\n{harness.now()}",
         "parameters",
         "seconds per step (median)",
         vs_params,
@@ -486,7 +479,7 @@ def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, pr
     )
     plot(
         paths[2],
-        f"Peak memory of one step vs parameter count (N={cfg.param_samples})\n{now()}",
+        f"Peak memory of one step vs parameter count (N={cfg.param_samples})\n{harness.now()}",
         "parameters",
         "peak memory (MiB)",
         memory,

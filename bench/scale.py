@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import harness
 import torch
 from baselines import TORCHOPT_MISSING, import_torchopt, torchopt_zero_order
-from harness import Problem, fmt_bytes, fmt_mib, fmt_ms, fmt_ratio, verdict
+from harness import fmt_bytes, fmt_mib, fmt_ms, fmt_ratio, verdict
 
 import zo_kernels
 from zo_kernels import distributions
@@ -101,13 +101,6 @@ class Row:
 # --------------------------------------------------------------------------------------------------
 
 
-def step_time(problem: Problem, decorated: Callable[..., torch.Tensor], cfg: Config) -> float:
-    """Seconds for one step: the decorated loss and its backward, until every ``.grad`` is written."""
-    seconds = harness.time_call(harness.grad_step(problem, decorated), problem.x.device, cfg.budget_s)
-    harness.check_grads(problem, "step")
-    return seconds
-
-
 def ours(cfg: Config, **extra: Any) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """``zo_kernels.zero_order`` with Normal noise, antithetic, N samples (plus ``extra`` options)."""
     return zo_kernels.zero_order(
@@ -126,10 +119,9 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
         evals = 2 * cfg.num_samples + 1
         t_opt = None
         if torchopt is not None:
-            t_opt = step_time(
-                problem, torchopt_zero_order(torchopt, METHOD, cfg.num_samples, SIGMA, device)(problem.loss), cfg
-            )
-        t_loop = step_time(problem, ours(cfg)(problem.loss), cfg)
+            decorated = torchopt_zero_order(torchopt, METHOD, cfg.num_samples, SIGMA, device)(problem.loss)
+            t_opt = harness.step_time(problem, decorated, cfg.budget_s)
+        t_loop = harness.step_time(problem, ours(cfg)(problem.loss), cfg.budget_s)
         t_bare = harness.time_call(harness.bare_evals(problem, evals), device, cfg.budget_s)
         baseline = f"TorchOpt {fmt_ms(t_opt)}" if t_opt is not None else ""
 
@@ -159,7 +151,7 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
         for b in cfg.batch_sizes:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                t_b = step_time(problem, ours(cfg, batch_size=b)(problem.loss), cfg)
+                t_b = harness.step_time(problem, ours(cfg, batch_size=b)(problem.loss), cfg.budget_s)
             fallback = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
             if t_opt is not None:
                 met = verdict([("speed-up", t_opt / t_b >= min_speedup), ("vmap", not fallback)])
