@@ -1,9 +1,11 @@
 // pybind11 bindings of the CPU kernels as zo_kernels._C.
 //
-// Arguments are raw addresses (Python ints from Tensor.data_ptr()), element counts and dtype ids,
-// never libtorch types: the module links no PyTorch library, so one built wheel imports under any
-// PyTorch version. zo_kernels/kernels/checks.py validates every tensor before calling in.
-#include <pybind11/pybind11.h>
+// The operations and their Python signatures are csrc/bindings.h's, shared with zo_kernels._C_cuda;
+// this file maps them onto the OpenMP kernels of csrc/cpu/kernels.h. Arguments are raw addresses,
+// element counts and dtype ids, never libtorch types: the module links no PyTorch library, so one
+// built wheel imports under any PyTorch version. zo_kernels/kernels/checks.py validates every tensor
+// before calling in.
+#include "bindings.h"
 
 #include <cstdint>
 
@@ -18,16 +20,51 @@ namespace py = pybind11;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using zo::bind::require_null;
+
+// The CPU's launch tuple is (threads,); philox_words runs on one thread and may omit it.
+struct CpuOps {
+  using Launch = int;
+  static Launch launch(const py::tuple& t) { return t.size() ? zo::bind::launch_arg<int>(t, 0, "(threads,)") : 1; }
+
+  static void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
+                      double scale, int64_t offset, float* keep, Launch threads) {
+    zo::cpu::perturb(out, theta, n, dtype, stream, seed, sample, scale, offset, keep, threads);
+  }
+  static void perturb_rows(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed,
+                           const int64_t* ids, int64_t num, const double* scales, int signs, int64_t offset,
+                           float* keep, Launch threads) {
+    zo::cpu::perturb_rows(out, theta, n, dtype, stream, seed, ids, num, scales, signs, offset, keep, threads);
+  }
+  // The CPU kernels take float64 weights and need no workspace (each thread owns its elements).
+  static void reduce(void* grad, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num,
+                     int stream, uint64_t seed, int64_t offset, void* workspace, Launch threads) {
+    require_null(workspace, "workspace", "CPU");
+    zo::cpu::reduce(grad, n, dtype, static_cast<const double*>(weights), ids, num, stream, seed, offset, threads);
+  }
+  static void step(void* theta, int64_t n, int dtype, const void* weights, const int64_t* ids, int64_t num,
+                   int stream, uint64_t seed, double lr, int64_t offset, void* workspace, Launch threads) {
+    require_null(workspace, "workspace", "CPU");
+    zo::cpu::step(theta, n, dtype, static_cast<const double*>(weights), ids, num, stream, seed, lr, offset, threads);
+  }
+  static void squared_norms(double* out, const int64_t* ids, int64_t num, int64_t n, int stream, uint64_t seed,
+                            double* workspace, Launch threads) {
+    require_null(workspace, "workspace", "CPU");
+    zo::cpu::squared_norms(out, ids, num, n, stream, seed, threads);
+  }
+  static void fill(float* out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset,
+                   Launch threads) {
+    zo::cpu::fill(out, n, stream, seed, sample, offset, threads);
+  }
+  static void philox_words(uint32_t* out, int64_t blocks, uint64_t seed, uint32_t sample, uint64_t block0, Launch) {
+    zo::cpu::philox_words(out, blocks, seed, sample, block0);
+  }
+};
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "zo_kernels fused CPU kernels (C++17, OpenMP) over the Philox4x32-10 noise stream";
-  m.attr("ABI_VERSION") = 2;  // zo_kernels/kernels/native.py checks it
 #if defined(_OPENMP)
   m.attr("OPENMP") = true;
   m.def("max_threads", []() { return omp_get_max_threads(); });
@@ -35,71 +72,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("OPENMP") = false;
   m.def("max_threads", []() { return 1; });
 #endif
-
-  m.def(
-      "perturb",
-      [](uintptr_t out, uintptr_t theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
-         double scale, int64_t offset, int threads, uintptr_t keep) {
-        py::gil_scoped_release release;
-        zo::cpu::perturb(ptr<void>(out), ptr<const void>(theta), n, dtype, stream, seed, sample, scale, offset,
-                         ptr<float>(keep), threads);
-      },
-      py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
-      py::arg("sample"), py::arg("scale"), py::arg("offset"), py::arg("threads"), py::arg("keep") = 0,
-      "out = theta + scale * z; keep (a float32 buffer's address, 0 for none) also receives z.");
-
-  m.def(
-      "perturb_rows",
-      [](uintptr_t out, uintptr_t theta, int64_t n, int dtype, int stream, uint64_t seed, uintptr_t ids, int64_t num,
-         uintptr_t scales, int signs, int64_t offset, uintptr_t keep, int threads) {
-        py::gil_scoped_release release;
-        zo::cpu::perturb_rows(ptr<void>(out), ptr<const void>(theta), n, dtype, stream, seed, ptr<const int64_t>(ids),
-                              num, ptr<const double>(scales), signs, offset, ptr<float>(keep), threads);
-      },
-      py::arg("out"), py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("stream"), py::arg("seed"),
-      py::arg("ids"), py::arg("num"), py::arg("scales"), py::arg("signs"), py::arg("offset"), py::arg("keep"),
-      py::arg("threads"),
-      "Rows i * signs + k of out = theta + scales[i * signs + k] * z_{ids[i]}; keep (0 for none) row i = z_{ids[i]}.");
-
-  m.def(
-      "reduce",
-      [](uintptr_t grad, int64_t n, int dtype, uintptr_t weights, uintptr_t ids, int64_t num, int stream,
-         uint64_t seed, int64_t offset, int threads) {
-        py::gil_scoped_release release;
-        zo::cpu::reduce(ptr<void>(grad), n, dtype, ptr<const double>(weights), ptr<const int64_t>(ids), num, stream,
-                        seed, offset, threads);
-      },
-      py::arg("grad"), py::arg("n"), py::arg("dtype"), py::arg("weights"), py::arg("ids"), py::arg("num"),
-      py::arg("stream"), py::arg("seed"), py::arg("offset"), py::arg("threads"));
-
-  m.def(
-      "step",
-      [](uintptr_t theta, int64_t n, int dtype, uintptr_t weights, uintptr_t ids, int64_t num, int stream,
-         uint64_t seed, double lr, int64_t offset, int threads) {
-        py::gil_scoped_release release;
-        zo::cpu::step(ptr<void>(theta), n, dtype, ptr<const double>(weights), ptr<const int64_t>(ids), num, stream,
-                      seed, lr, offset, threads);
-      },
-      py::arg("theta"), py::arg("n"), py::arg("dtype"), py::arg("weights"), py::arg("ids"), py::arg("num"),
-      py::arg("stream"), py::arg("seed"), py::arg("lr"), py::arg("offset"), py::arg("threads"));
-
-  m.def(
-      "squared_norms",
-      [](uintptr_t out, uintptr_t ids, int64_t num, int64_t n, int stream, uint64_t seed, int threads) {
-        py::gil_scoped_release release;
-        zo::cpu::squared_norms(ptr<double>(out), ptr<const int64_t>(ids), num, n, stream, seed, threads);
-      },
-      py::arg("out"), py::arg("ids"), py::arg("num"), py::arg("n"), py::arg("stream"), py::arg("seed"),
-      py::arg("threads"));
-
-  m.def(
-      "fill",
-      [](uintptr_t out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset, int threads) {
-        py::gil_scoped_release release;
-        zo::cpu::fill(ptr<float>(out), n, stream, seed, sample, offset, threads);
-      },
-      py::arg("out"), py::arg("n"), py::arg("stream"), py::arg("seed"), py::arg("sample"), py::arg("offset"),
-      py::arg("threads"));
+  zo::bind::def_ops<CpuOps>(m);
 
   m.def(
       "philox4x32_10",
@@ -108,11 +81,4 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(w.x[0], w.x[1], w.x[2], w.x[3]);
       },
       "Raw Philox4x32-10 of one counter and key (for known-answer tests).");
-
-  m.def(
-      "philox_words",
-      [](uintptr_t out, int64_t blocks, uint64_t seed, uint32_t sample, uint64_t block0) {
-        zo::cpu::philox_words(ptr<uint32_t>(out), blocks, seed, sample, block0);
-      },
-      py::arg("out"), py::arg("blocks"), py::arg("seed"), py::arg("sample"), py::arg("block0"));
 }

@@ -29,3 +29,13 @@ def counting(fn):
 
     wrapped.calls = calls
     return wrapped
+
+
+def straddling_offset(n: int, aligned: bool = False) -> int:
+    """A random offset at which an ``n``-element tensor crosses a tile boundary (a multiple of 8, or odd).
+
+    ``2**13`` is a multiple of every tile size the Triton kernels use, so the middle of the tensor
+    lies on a tile boundary. ``aligned`` offsets (multiples of 8) let the kernels move 16-byte vectors.
+    """
+    base = int(torch.randint(1, 2**21, ()).item()) * 2**13 - (n // 2)
+    return base - base % 8 if aligned else base - 1 + base % 2

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import torch
 
+from zo_kernels.kernels.abi import ABI_VERSION
 from zo_kernels.kernels.checks import DTYPE_IDS, STREAM_IDS
 from zo_kernels.kernels.native_cuda import NativeCudaBackend, load_backend, load_extension
 from zo_kernels.reference import noise
@@ -45,7 +46,7 @@ def test_the_built_extension_imports_without_a_gpu_and_explains_availability():
         assert why.startswith(("not built", "stale build")) and backend is None and reason == why
         pytest.skip(why)
     # The CUDA runtime is linked statically: importing needs no libcudart and no driver.
-    assert ext.ABI_VERSION == 3 and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
+    assert ext.ABI_VERSION == ABI_VERSION and ext.MIN_ARCH >= 750 and ext.CUDART_VERSION >= 11000
     assert ext.squared_norms_workspace(3, 65537) == 3 * 2
     assert ext.sample_splits(1000, 256, 0) == 62 and ext.reduce_workspace(1000, 256, 0) == 62 * 256
     assert ext.sample_splits(0, 256, 0) == 0 and ext.reduce_workspace(1000, 2**22, 0) == 0

@@ -132,7 +132,7 @@ class Backend(abc.ABC):
                 self.perturb(out[i * signs + k], theta, stream, seed, sample_id, scale, offset)
             if keep is not None:
                 z = self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device)
-                keep.view(-1, theta.numel())[i].copy_(z)
+                keep.view(sample_ids.numel(), theta.numel())[i].copy_(z)
 
     @staticmethod
     def _check_keep(keep: torch.Tensor, theta: torch.Tensor, rows: int) -> None:

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .abi import ABI_VERSION
 from .base import Backend
 from .checks import (
     DTYPE_IDS,
@@ -49,13 +50,11 @@ class Extension:
     build: str
 
 
-#: The ``ABI_VERSION`` each module must report; bumped whenever its bindings change.
+#: Both modules bind csrc/bindings.h, so both report the one ABI_VERSION of :mod:`.abi`.
 EXTENSIONS: Dict[str, Extension] = {
-    "cpu": Extension("_C", 2, "reinstall with a C++17 compiler (`pip install .`)"),
-    "cuda": Extension("_C_cuda", 3, "reinstall with nvcc on PATH (`ZO_KERNELS_BUILD_CUDA=1 pip install .`)"),
+    "cpu": Extension("_C", ABI_VERSION, "reinstall with a C++17 compiler (`pip install .`)"),
+    "cuda": Extension("_C_cuda", ABI_VERSION, "reinstall with nvcc on PATH (`ZO_KERNELS_BUILD_CUDA=1 pip install .`)"),
 }
-#: Kept for callers of the CPU module's version.
-ABI_VERSION = EXTENSIONS["cpu"].abi
 
 PLACEMENTS: Dict[str, Placement] = {
     "cpu": Placement("cpu", ("cpu",), "on the CPU", host_ids=True),
@@ -143,7 +142,7 @@ class NativeBackend(Backend):
         return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
     def _launch(self, device: torch.device) -> Tuple[int, ...]:
-        """The trailing launch arguments: the thread count, or the device index and current stream."""
+        """The ``launch`` tuple of every binding: ``(threads,)``, or ``(device index, current stream)``."""
         if self._cuda:
             return device.index, _stream_handle(device)
         return (max(1, torch.get_num_threads()),)
@@ -163,7 +162,7 @@ class NativeBackend(Backend):
         s = check_stream_args(stream, seed, offset, theta.numel())
         self._C.perturb(
             out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
-            check_float(scale, "scale"), offset, *self._launch(theta.device),
+            check_float(scale, "scale"), offset, 0, self._launch(theta.device),
         )  # fmt: skip
 
     def prepare_perturb(self, out, theta, stream, seed, offset, keep=None) -> Callable[[int, float], None]:  # noqa: D102
@@ -174,14 +173,14 @@ class NativeBackend(Backend):
             self._check(keep, "keep", torch.float32, theta.numel())
         s = check_stream_args(stream, seed, offset, theta.numel())
         args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
-        keep_ptr = () if keep is None else (keep.data_ptr(),)
+        keep_ptr = 0 if keep is None else keep.data_ptr()
         kernel, device, launch = self._C.perturb, theta.device, self._launch
 
         def perturb(sample_id: int, scale: float) -> None:
             sample_id = check_sample_id(sample_id)
             # The buffers were validated above and belong to the caller for the whole loop; the
             # CUDA stream is looked up per call, so each launch goes to the stream current then.
-            kernel(*args, sample_id, check_float(scale, "scale"), offset, *launch(device), *keep_ptr)
+            kernel(*args, sample_id, check_float(scale, "scale"), offset, keep_ptr, launch(device))
 
         return perturb
 
@@ -198,10 +197,9 @@ class NativeBackend(Backend):
         s = check_stream_args(stream, seed, offset, theta.numel())
         # A few hundred bytes, copied on the current stream.
         row_scales = scales.to(device=device, non_blocking=True).contiguous()
-        keep_ptr = () if self._cuda else (0 if keep is None else keep.data_ptr(),)
         self._C.perturb_rows(
             out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, ids.data_ptr(), num,
-            row_scales.data_ptr(), signs, offset, *keep_ptr, *self._launch(device),
+            row_scales.data_ptr(), signs, offset, 0 if keep is None else keep.data_ptr(), self._launch(device),
         )  # fmt: skip
 
     #: Below this many elements, regenerating the noise in one ``reduce`` costs less than the
@@ -229,10 +227,9 @@ class NativeBackend(Backend):
         acc = accumulation_dtype(data.dtype) if self._cuda else torch.float64
         w = check_weights(weights, ids.numel(), device, acc, host_ok)
         scratch = self._workspace(ids.numel(), data.numel(), s, acc, device)
-        work = (0 if scratch is None else scratch.data_ptr(),) if self._cuda else ()
         fn(
             data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], w.data_ptr(), ids.data_ptr(), ids.numel(), s, seed,
-            *extra, offset, *work, *self._launch(device),
+            *extra, offset, 0 if scratch is None else scratch.data_ptr(), self._launch(device),
         )  # fmt: skip
 
     def _workspace(
@@ -263,12 +260,10 @@ class NativeBackend(Backend):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 2**32):
             raise ValueError("sample_ids must be in [0, 2**32)")
         out = torch.empty(ids.numel(), dtype=torch.float64, device=device)
-        work = ()
-        if self._cuda:
-            size = self._C.squared_norms_workspace(ids.numel(), numel)
-            scratch = torch.empty(size, dtype=torch.float64, device=device)
-            work = (scratch.data_ptr(),)
-        self._C.squared_norms(out.data_ptr(), *work, ids.data_ptr(), ids.numel(), numel, s, seed, *self._launch(device))
+        size = self._C.squared_norms_workspace(ids.numel(), numel) if self._cuda else 0
+        scratch = torch.empty(size, dtype=torch.float64, device=device) if size else None
+        work = 0 if scratch is None else scratch.data_ptr()
+        self._C.squared_norms(out.data_ptr(), ids.data_ptr(), ids.numel(), numel, s, seed, work, self._launch(device))
         return out.to(sample_ids.device)
 
     def sample(self, stream, seed, sample_id, offset, numel, device=None):  # noqa: D102
@@ -277,15 +272,14 @@ class NativeBackend(Backend):
         numel = check_numel(numel)
         s = check_stream_args(stream, seed, offset, numel)
         out = torch.empty(numel, dtype=torch.float32, device=dev)
-        self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, *self._launch(dev))
+        self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, self._launch(dev))
         return out
 
     def philox_words(self, seed, sample_id, block0, blocks, device=None):  # noqa: D102
         check_philox_blocks(seed, sample_id, block0, blocks)
         dev = self._device(device)
         out = torch.empty((blocks, 4), dtype=torch.int32, device=dev)
-        launch = self._launch(dev) if self._cuda else ()  # the CPU binding runs on one thread
-        self._C.philox_words(out.data_ptr(), blocks, seed, sample_id, block0, *launch)
+        self._C.philox_words(out.data_ptr(), blocks, seed, sample_id, block0, self._launch(dev))
         return out.to(torch.int64) & 0xFFFFFFFF
 
 

@@ -15,7 +15,7 @@ from .native import load_extension as _load_extension
 
 __all__ = ["ABI_VERSION", "NativeCudaBackend", "load_backend", "load_extension"]
 
-#: The ``zo_kernels._C_cuda`` entry points the adapter calls; bumped whenever the CUDA bindings change.
+#: The ABI version ``zo_kernels._C_cuda`` must report (the one of :mod:`.abi`, shared with ``_C``).
 ABI_VERSION = EXTENSIONS["cuda"].abi
 
 
