@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
@@ -43,6 +43,36 @@ def _state_list(value: Any, label: str) -> list:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{label} must be a list, got {type(value).__name__}")
     return list(value)
+
+
+def _state_weights(value: Any, count: int) -> torch.Tensor:
+    """``state['weights']`` as float64: ``count`` finite real numbers."""
+    weights = _state_list(value, "state['weights']")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"state['weights'] must hold real numbers, got {type(w).__name__} {w!r}")
+    if len(weights) != count:
+        raise ValueError(f"state['weights'] must have one weight per sample id ({count}), got {len(weights)}")
+    weights_t = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+    if not bool(torch.isfinite(weights_t).all()):
+        raise ValueError("state['weights'] must be finite, got NaN or inf")
+    return weights_t
+
+
+def _state_layout(shapes_value: Any, dtypes_value: Any) -> Tuple[List[torch.Size], List[torch.dtype]]:
+    """``state['shapes']`` and ``state['dtypes']``: sizes >= 0 and one known dtype per shape."""
+    shapes = []
+    for shape in _state_list(shapes_value, "state['shapes']"):
+        dims = _state_list(shape, "state['shapes'] entries")
+        shapes.append(torch.Size([_state_int(d, "state['shapes'] sizes", 0, 2**63) for d in dims]))
+    dtypes = []
+    for d in _state_list(dtypes_value, "state['dtypes']"):
+        if not isinstance(d, str) or d not in _DTYPES:
+            raise ValueError(f"state['dtypes'] entries must be one of {sorted(_DTYPES)}, got {d!r}")
+        dtypes.append(_DTYPES[d])
+    if len(dtypes) != len(shapes):
+        raise ValueError(f"state['dtypes'] must have one dtype per shape ({len(shapes)}), got {len(dtypes)}")
+    return shapes, dtypes
 
 
 @dataclasses.dataclass
@@ -89,7 +119,9 @@ class SeedGradient:
             g = torch.zeros(shape, dtype=dtype, device=where)
             w = self.weights.to(device=where, dtype=accumulation_dtype(dtype))
             backend = _backends.select(where, dtype)
-            family.reduce(backend, g.view(-1), w, self.sample_ids.to(where), self.seed, offset)
+            family.reduce(
+                backend, g.view(-1), w, self.sample_ids.to(where), self.seed, offset, [(0, g.numel(), g.shape)]
+            )
             grads.append(g)
             offset += g.numel()
         return grads
@@ -113,7 +145,8 @@ class SeedGradient:
         for p in leaves:
             w = self.weights.to(device=p.device, dtype=accumulation_dtype(p.dtype))
             backend = _backends.select(p.device, p.dtype)
-            family.step(backend, p.data.view(-1), w, self.sample_ids.to(p.device), self.seed, float(lr), offset)
+            ids, parts = self.sample_ids.to(p.device), [(0, p.numel(), p.shape)]
+            family.step(backend, p.data.view(-1), w, ids, self.seed, float(lr), offset, parts)
             offset += p.numel()
 
     def state_dict(self) -> Dict[str, Any]:
@@ -153,15 +186,7 @@ class SeedGradient:
             _state_int(i, "state['sample_ids'] entries", 0, 2**32)
             for i in _state_list(state["sample_ids"], "state['sample_ids']")
         ]
-        weights = _state_list(state["weights"], "state['weights']")
-        for w in weights:
-            if isinstance(w, bool) or not isinstance(w, numbers.Real):
-                raise TypeError(f"state['weights'] must hold real numbers, got {type(w).__name__} {w!r}")
-        if len(weights) != len(ids):
-            raise ValueError(f"state['weights'] must have one weight per sample id ({len(ids)}), got {len(weights)}")
-        weights_t = torch.tensor([float(w) for w in weights], dtype=torch.float64)
-        if not bool(torch.isfinite(weights_t).all()):
-            raise ValueError("state['weights'] must be finite, got NaN or inf")
+        weights_t = _state_weights(state["weights"], len(ids))
         try:
             sigma = check_sigma(state["sigma"])
         except (TypeError, ValueError) as exc:
@@ -169,17 +194,7 @@ class SeedGradient:
         stream = state["stream"]
         if not isinstance(stream, str) or stream not in STREAMS:
             raise ValueError(f"state['stream'] must be one of {STREAMS}, got {stream!r}")
-        shapes = []
-        for shape in _state_list(state["shapes"], "state['shapes']"):
-            dims = _state_list(shape, "state['shapes'] entries")
-            shapes.append(torch.Size([_state_int(d, "state['shapes'] sizes", 0, 2**63) for d in dims]))
-        dtypes = []
-        for d in _state_list(state["dtypes"], "state['dtypes']"):
-            if not isinstance(d, str) or d not in _DTYPES:
-                raise ValueError(f"state['dtypes'] entries must be one of {sorted(_DTYPES)}, got {d!r}")
-            dtypes.append(_DTYPES[d])
-        if len(dtypes) != len(shapes):
-            raise ValueError(f"state['dtypes'] must have one dtype per shape ({len(shapes)}), got {len(dtypes)}")
+        shapes, dtypes = _state_layout(state["shapes"], state["dtypes"])
         loss = state.get("loss")
         if loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
             raise TypeError(f"state['loss'] must be a real number or None, got {type(loss).__name__} {loss!r}")

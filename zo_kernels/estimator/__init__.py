@@ -19,7 +19,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .evaluate import Evaluate, EvaluatorState, evaluate_share
+from .evaluate import Evaluate, EvaluatorState, Sums, evaluate_share
 from .plan import Plan, make_plan
 from .reduce import (
     NonFiniteLossError,
@@ -42,10 +42,16 @@ __all__ = [
 ]
 
 
-def _evaluate(plan: Plan, evaluate: Evaluate, weigh: Weigher, state: EvaluatorState, f0: torch.Tensor):
-    """Every rank's losses ``(signs, N)`` (checked finite) and this rank's complete kept sums."""
+def _evaluate(
+    plan: Plan, evaluate: Evaluate, weigh: Weigher, state: EvaluatorState, f0: torch.Tensor
+) -> Tuple[torch.Tensor, Sums]:
+    """Every rank's losses ``(signs, N)`` (checked finite) and this rank's complete kept sums.
+
+    A rank whose function raised still takes part in the exchange (``RankShare.attempt``), which
+    then raises on every rank; so past ``gather`` the evaluation succeeded everywhere.
+    """
     done, failure = plan.share.attempt(lambda: evaluate_share(plan, evaluate, weigh, state))
-    blocks, sums = done if done is not None else (None, None)
+    blocks, sums = done if done is not None else (None, [])
     losses = plan.share.gather(blocks, failure, len(plan.signs), f0.device)
     raise_if_not_finite(losses, f0, plan.settings.method, plan.seed_text)
     return losses, sums

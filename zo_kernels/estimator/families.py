@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 Sampler = Callable[[torch.Size], Any]
 Perturb = Callable[[int, float], None]
+#: ``(start, stop, shape)`` of each leaf inside a flat buffer.
+Parts = Sequence[Tuple[int, int, torch.Size]]
 
 
 def resolve_seed(seed: Any) -> int:
@@ -122,9 +124,20 @@ class NoiseFamily(abc.ABC):
 
     @abc.abstractmethod
     def reduce(
-        self, backend: Backend, grad: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, seed: int, offset: int
+        self,
+        backend: Backend,
+        grad: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        seed: int,
+        offset: int,
+        parts: Parts,
     ) -> None:
-        """``grad += sum_k weights[k] * z_{ids[k]}`` over the elements from ``offset``."""
+        """``grad += sum_k weights[k] * z_{ids[k]}`` over the flat elements from ``offset``.
+
+        ``parts``: the ``(start, stop, shape)`` of each leaf inside ``grad`` (for families whose
+        noise depends on a leaf's shape).
+        """
 
     @abc.abstractmethod
     def step(
@@ -136,8 +149,9 @@ class NoiseFamily(abc.ABC):
         seed: int,
         lr: float,
         offset: int,
+        parts: Parts,
     ) -> None:
-        """``theta -= lr * sum_k weights[k] * z_{ids[k]}`` without writing the sum."""
+        """``theta -= lr * sum_k weights[k] * z_{ids[k]}`` without writing the sum (``parts`` as for reduce)."""
 
 
 class StreamFamily(NoiseFamily):
@@ -186,9 +200,20 @@ class StreamFamily(NoiseFamily):
         acc.addmv_(keep.t().to(acc.dtype), weights.to(acc.dtype))
 
     def reduce(
-        self, backend: Backend, grad: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, seed: int, offset: int
+        self,
+        backend: Backend,
+        grad: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        seed: int,
+        offset: int,
+        parts: Parts,
     ) -> None:
-        """``grad += sum_k weights[k] * z_{ids[k]}`` over the elements from ``offset``."""
+        """``grad += sum_k weights[k] * z_{ids[k]}`` over the flat elements from ``offset``.
+
+        ``parts``: the ``(start, stop, shape)`` of each leaf inside ``grad`` (for families whose
+        noise depends on a leaf's shape).
+        """
         backend.reduce(grad, weights, ids, self.stream, seed, offset)
 
     def step(
@@ -200,8 +225,9 @@ class StreamFamily(NoiseFamily):
         seed: int,
         lr: float,
         offset: int,
+        parts: Parts,
     ) -> None:
-        """``theta -= lr * sum_k weights[k] * z_{ids[k]}`` without writing the sum."""
+        """``theta -= lr * sum_k weights[k] * z_{ids[k]}`` without writing the sum (``parts`` as for reduce)."""
         backend.step(theta, weights, ids, self.stream, seed, lr, offset)
 
 

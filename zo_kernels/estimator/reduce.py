@@ -79,7 +79,7 @@ def gradients(
         else:
             g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
             w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
-            plan.family.reduce(seg.backend, g, w, plan.sample_ids.to(g.device), plan.seed, seg.offset)
+            plan.family.reduce(seg.backend, g, w, plan.sample_ids.to(g.device), plan.seed, seg.offset, seg.parts)
         grads.extend(g[lo:hi].view(shape) for lo, hi, shape in seg.parts)
     return grads
 
