@@ -57,8 +57,10 @@ def stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
 def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: Iterable[int]) -> List[torch.Tensor]:
     """One evaluation per call of the function, into the scratch copy: the ``(signs, 1)`` blocks of ``ids``.
 
-    Where ``sums[k]`` is a tensor, each sample's noise is kept while perturbing (the antithetic twin
-    is formed from it) and ``w_i z_i`` accumulated into it at once, in sample order.
+    A family's perturbation writes a segment's scratch ``views`` (returning None), or returns new
+    tensors for the segment's leaves. Where ``sums[k]`` is a tensor, each sample's noise is kept
+    while perturbing (the antithetic twin is formed from it) and ``w_i z_i`` accumulated into it at
+    once, in sample order.
     """
     family, sigma = plan.family, plan.settings.sigma
     kept = [None if acc is None else family.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
@@ -68,12 +70,12 @@ def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: I
         sample_losses = []
         for k, sign in enumerate(plan.signs):
             scale = sign * sigma * plan.scales[i]
+            inputs: List[torch.Tensor] = []
             for perturb, seg, z in zip(perturbers, plan.segments, kept):
-                if k > 0 and z is not None:  # antithetic twin: theta - sigma z from the kept z
-                    family.twin(seg, z, scale)
-                else:
-                    perturb(i, scale)
-            sample_losses.append(evaluate_sample(evaluate, plan.scratch, i, sign, plan.seed_text))
+                # the antithetic twin, theta - sigma z, from the kept z
+                made = family.twin(seg, z, scale) if k > 0 and z is not None else perturb(i, scale)
+                inputs.extend(seg.views if made is None else made)
+            sample_losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
         blocks.append(stack_losses(sample_losses)[:, None])
         if any(z is not None for z in kept):
             w = weigh(blocks[-1], plan.scales[i])[0]

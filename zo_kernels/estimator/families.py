@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .plan import Segment
 
 Sampler = Callable[[torch.Size], Any]
-Perturb = Callable[[int, float], None]
+#: ``perturb(i, scale)``: writes ``theta + scale * z_i`` into the segment's scratch (None), or returns
+#: it as new tensors, one per leaf of the segment.
+Perturb = Callable[[int, float], Optional[List[torch.Tensor]]]
 #: ``(start, stop, shape)`` of each leaf inside a flat buffer.
 Parts = Sequence[Tuple[int, int, torch.Size]]
 
@@ -87,20 +89,21 @@ class NoiseFamily(abc.ABC):
         """Whether to keep each sample's noise of ``segment`` and accumulate it at once (``rows`` per call)."""
 
     @abc.abstractmethod
-    def keep_buffer(self, segment: Segment, rows: Optional[int] = None) -> torch.Tensor:
-        """A buffer for the kept noise of one sample (``rows=None``) or of ``rows`` samples."""
+    def keep_buffer(self, segment: Segment, rows: Optional[int] = None) -> Any:
+        """Where the kept noise of one sample (``rows=None``) or of ``rows`` samples goes (opaque to the evaluators)."""
 
     @abc.abstractmethod
-    def perturber(self, segment: Segment, seed: Optional[int], keep: Optional[torch.Tensor]) -> Perturb:
-        """``(i, scale) -> None``: ``segment.out = theta + scale * z_i`` (also ``keep = z_i`` when given).
+    def perturber(self, segment: Segment, seed: Optional[int], keep: Any) -> Perturb:
+        """A :data:`Perturb` for ``segment``: ``theta + scale * z_i``, also keeping ``z_i`` in ``keep`` when given.
 
-        ``segment.out`` is a scratch buffer, or (in place) ``theta`` itself: then ``scale`` is the
-        change from the current perturbation, and the call must add exactly ``scale * z_i``.
+        It writes ``segment.out`` (a scratch buffer, or in place ``theta`` itself: then ``scale`` is
+        the change from the current perturbation, and the call must add exactly ``scale * z_i``),
+        or returns new tensors, one per leaf of the segment.
         """
 
     @abc.abstractmethod
-    def twin(self, segment: Segment, keep: torch.Tensor, scale: float) -> None:
-        """``segment.out = theta + scale * z`` from the kept ``z`` (the antithetic ``-sigma z`` row)."""
+    def twin(self, segment: Segment, keep: Any, scale: float) -> Optional[List[torch.Tensor]]:
+        """``theta + scale * z`` from the kept ``z`` (the antithetic ``-sigma z`` row), as :data:`Perturb` does."""
 
     @abc.abstractmethod
     def perturb_rows(
@@ -115,7 +118,7 @@ class NoiseFamily(abc.ABC):
         """Row ``i * signs + k`` of ``out`` gets ``theta + scales[i, k] * z_{ids[i]}`` (``keep[i] = z``)."""
 
     @abc.abstractmethod
-    def accumulate(self, acc: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> None:
+    def accumulate(self, acc: torch.Tensor, keep: Any, weight: torch.Tensor) -> None:
         """``acc += weight * z`` for one sample's kept noise."""
 
     @abc.abstractmethod
@@ -262,6 +265,15 @@ def as_sampler(distribution: object) -> Sampler:
     )
 
 
+class _Kept:
+    """One sample's noise from a user distribution (the tensor itself: it cannot be regenerated)."""
+
+    __slots__ = ("z",)
+
+    def __init__(self) -> None:
+        self.z: Optional[torch.Tensor] = None
+
+
 class SampledFamily(NoiseFamily):
     """Any user distribution, sampled per sample and per tensor (TorchOpt's contract); its noise is kept."""
 
@@ -300,30 +312,29 @@ class SampledFamily(NoiseFamily):
         """Always: the noise cannot be regenerated."""
         return True
 
-    def keep_buffer(self, segment: Segment, rows: Optional[int] = None) -> torch.Tensor:
-        """One sample's noise in the leaf's dtype."""
-        return torch.empty_like(segment.theta)
+    def keep_buffer(self, segment: Segment, rows: Optional[int] = None) -> Any:
+        """A holder for one sample's noise, as the distribution returned it (cast like the leaf)."""
+        return _Kept()
 
-    def perturber(self, segment: Segment, seed: Optional[int], keep: Optional[torch.Tensor]) -> Perturb:
-        """Draw ``z_i`` for the segment's one leaf, keep it, and write ``theta + scale * z_i``."""
+    def perturber(self, segment: Segment, seed: Optional[int], keep: Any) -> Perturb:
+        """Draw ``z_i`` for the segment's one leaf, keep it, and return ``theta + scale * z_i``."""
         assert keep is not None and self.sampler is not None
-        sampler, (_, _, shape) = self.sampler, segment.parts[0]
-        like = segment.theta.view(shape)
+        sampler, leaf = self.sampler, segment.leaves[0]
 
-        def perturb(i: int, scale: float) -> None:
-            z = check_sample(sampler(shape), like, f"sample {i} of the distribution for a {tuple(shape)} tensor")
-            keep.view(shape).copy_(z)
-            self.twin(segment, keep, scale)
+        def perturb(i: int, scale: float) -> List[torch.Tensor]:
+            where = f"sample {i} of the distribution for a {tuple(leaf.shape)} tensor"
+            keep.z = check_sample(sampler(leaf.shape), leaf, where)
+            return self.twin(segment, keep, scale)
 
         return perturb
 
-    def twin(self, segment: Segment, keep: torch.Tensor, scale: float) -> None:
-        """``theta + scale * z``, rounded as TorchOpt does (the product first)."""
-        torch.add(segment.theta, scale * keep, out=segment.out)
+    def twin(self, segment: Segment, keep: Any, scale: float) -> List[torch.Tensor]:
+        """A new tensor ``theta + scale * z`` (the product rounded first), per sample as TorchOpt does."""
+        return [segment.leaves[0] + scale * keep.z]
 
-    def accumulate(self, acc: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> None:
+    def accumulate(self, acc: torch.Tensor, keep: Any, weight: torch.Tensor) -> None:
         """``acc += z * weight`` in the accumulation dtype."""
-        acc.add_(keep.to(acc.dtype) * weight.to(acc.dtype))
+        acc.view(keep.z.shape).add_(keep.z.to(acc.dtype) * weight.to(acc.dtype))
 
     def _not_regenerable(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(f"a {self.name} distribution's noise cannot be regenerated from a seed")

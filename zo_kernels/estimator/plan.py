@@ -38,6 +38,8 @@ class Segment:
     out: torch.Tensor  # flat scratch buffer of the same size (in place: theta itself)
     offset: int
     parts: List[Tuple[int, int, torch.Size]]  # (start, stop, shape) of each leaf inside the segment
+    views: List[torch.Tensor]  # what the function sees of these leaves: views of ``out``, shaped like them
+    leaves: List[torch.Tensor]  # the leaves themselves, detached
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Plan:
     sample_ids: torch.Tensor  # int64, CPU: all N ids (every rank reduces all of them)
     scales: List[float]  # per-sample noise scale (Sphere: sqrt(n)/|g_i|), indexed by sample id
     segments: List[Segment]
-    scratch: List[torch.Tensor]  # what the function is called with: views of the segments' ``out``
+    scratch: List[torch.Tensor]  # every segment's ``views``, in leaf order
     sums: List[Optional[torch.Tensor]]  # per segment: sum_i w_i z_i accumulated while evaluating, or None
     batching: bool  # evaluate vmapped batches (batch_size given, and vmap has not failed on the function)
 
@@ -107,8 +109,9 @@ def scratch_segments(
             theta = torch.cat([leaves[k].detach().reshape(-1) for k in group])
         out = torch.empty_like(theta)
         parts = [(offsets[k] - base, offsets[k + 1] - base, leaves[k].shape) for k in group]
-        segments.append(Segment(chosen[group[0]], theta, out, base, parts))
-        scratch.extend(out[lo:hi].view(shape) for lo, hi, shape in parts)
+        views = [out[lo:hi].view(shape) for lo, hi, shape in parts]
+        segments.append(Segment(chosen[group[0]], theta, out, base, parts, views, [leaves[k].detach() for k in group]))
+        scratch.extend(views)
     return segments, scratch
 
 
@@ -121,7 +124,7 @@ def inplace_segments(
     """
     check_inplace_leaves(leaves)
     segments = [
-        Segment(b, p.data.view(-1), p.data.view(-1), off, [(0, p.numel(), p.shape)])
+        Segment(b, p.data.view(-1), p.data.view(-1), off, [(0, p.numel(), p.shape)], [p.data], [p.data])
         for b, p, off in zip(chosen, leaves, offsets)
     ]
     return segments, [p.data for p in leaves]
