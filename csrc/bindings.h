@@ -14,6 +14,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 namespace zo {
 namespace bind {
@@ -36,12 +37,11 @@ T* ptr(uintptr_t address) {
   py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("weights"), py::arg("ids"), py::arg("num"),          \
       py::arg("stream"), py::arg("seed")
 
-// Binds perturb, perturb_rows, reduce, step, squared_norms, fill and philox_words of `Ops` into m.
-// Ops: `Launch` (parsed from the launch tuple by `Ops::launch`) and one static function per operation.
+// perturb and perturb_rows of `Ops`. Ops: `Launch` (parsed from the launch tuple by `Ops::launch`)
+// and one static function per operation.
 template <typename Ops>
-void def_ops(py::module_& m) {
+void def_perturb_ops(py::module_& m) {
   using L = typename Ops::Launch;
-  m.attr("ABI_VERSION") = ZO_ABI_VERSION;  // zo_kernels/kernels/native.py checks it at load
   m.def(
       "perturb",
       [](uintptr_t out, uintptr_t theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,
@@ -64,6 +64,12 @@ void def_ops(py::module_& m) {
       },
       ZO_ARGS_PERTURB_ROWS, py::arg("launch"),
       "Rows i * signs + k of out = theta + scales[i * signs + k] * z_{ids[i]}; keep (0 for none) row i = z_{ids[i]}.");
+}
+
+// reduce, step and squared_norms of `Ops`: the sums over samples.
+template <typename Ops>
+void def_sum_ops(py::module_& m) {
+  using L = typename Ops::Launch;
   m.def(
       "reduce",
       [](uintptr_t grad, int64_t n, int dtype, uintptr_t weights, uintptr_t ids, int64_t num, int stream,
@@ -96,6 +102,12 @@ void def_ops(py::module_& m) {
       },
       py::arg("out"), py::arg("ids"), py::arg("num"), py::arg("n"), py::arg("stream"), py::arg("seed"),
       py::arg("workspace"), py::arg("launch"), "out[k] = |z_{ids[k]}|^2 over the first n elements, in double.");
+}
+
+// fill and philox_words of `Ops`: the noise and the raw generator, materialized (for tests).
+template <typename Ops>
+void def_noise_ops(py::module_& m) {
+  using L = typename Ops::Launch;
   m.def(
       "fill",
       [](uintptr_t out, int64_t n, int stream, uint64_t seed, uint32_t sample, int64_t offset, py::tuple launch) {
@@ -114,6 +126,15 @@ void def_ops(py::module_& m) {
       },
       py::arg("out"), py::arg("blocks"), py::arg("seed"), py::arg("sample"), py::arg("block0"),
       py::arg("launch") = py::tuple(), "The 4 uint32 words of each of `blocks` Philox blocks from block0 (tests).");
+}
+
+// Every kernel operation of `Ops`, and the ABI version they make up, into m.
+template <typename Ops>
+void def_ops(py::module_& m) {
+  m.attr("ABI_VERSION") = ZO_ABI_VERSION;  // zo_kernels/kernels/native.py checks it at load
+  def_perturb_ops<Ops>(m);
+  def_sum_ops<Ops>(m);
+  def_noise_ops<Ops>(m);
 }
 
 // A launch tuple's element `i` as T; ValueError (not a crash) on a short tuple.
