@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zo_kernels.kernels.abi import ABI_VERSION
-from zo_kernels.kernels.checks import DTYPE_IDS, STREAM_IDS
+from zo_kernels.kernels.checks import DTYPE_IDS, STREAM_IDS, Placement
 from zo_kernels.kernels.native_cuda import NativeCudaBackend, load_backend, load_extension
 from zo_kernels.reference import noise
 
@@ -81,6 +81,36 @@ def test_python_layer_refuses_cpu_tensors_before_any_call():
         backend.step(x, torch.ones(1), torch.zeros(1, dtype=torch.int64), "normal", 0, 0.1, 0)
     with pytest.raises(ValueError, match="CUDA device"):
         backend.sample("normal", 0, 0, 0, 4, "cpu")
+
+
+def test_the_adapters_calls_fit_the_cuda_bindings():
+    """Every call the adapter makes reaches _C_cuda's CUDA runtime (no pybind11 TypeError): the argument
+    lists of kernels/native.py fit csrc/bindings.h. Without a driver the runtime refuses; with a GPU the
+    host pointers used here would be launched, so the test only runs without one."""
+    ext, why = load_extension()
+    if ext is None:
+        pytest.skip(why)
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, tests/test_cuda_kernels.py runs these calls for real")
+    backend = NativeCudaBackend(ext)
+    backend._placement = Placement("cuda", ("cpu",), "on the CPU (this test)")  # host tensors pass the checks
+    backend._launch = lambda device: (0, 0)
+    backend._device = lambda device=None: torch.device("cpu")
+    t, ids, w, f64 = torch.zeros(4), torch.arange(2), torch.ones(2), torch.float64
+    calls = [
+        lambda b: b.perturb(t, t, "normal", 0, 0, 1.0, 0),
+        lambda b: b.prepare_perturb(t, t, "normal", 0, 0)(1, 1.0),
+        lambda b: b.perturb_rows(torch.zeros(4, 4), t, "normal", 0, ids, torch.ones(2, 2, dtype=f64), 0),
+        lambda b: b.reduce(t, w, ids, "normal", 0, 0),
+        lambda b: b.step(t, w, ids, "normal", 0, 0.1, 0),
+        lambda b: b.reduce(torch.zeros(256), torch.ones(1000), torch.arange(1000), "normal", 0, 0),  # split
+        lambda b: b.squared_norms("normal", 0, ids, 10),
+        lambda b: b.sample("normal", 0, 0, 0, 10),
+        lambda b: b.philox_words(0, 0, 0, 2),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="zo_kernels._C_cuda: cuda"):
+            call(backend)
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=os.path.basename)
