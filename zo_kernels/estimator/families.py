@@ -53,12 +53,15 @@ class NoiseFamily(abc.ABC):
             being kept: what ``inplace=True``, ``batch_size``, ``process_group`` and seed-compressed
             gradients need.
         joins_leaves: consecutive small leaves may be concatenated into one segment.
+        uses_scratch: perturbations are written into a scratch buffer per segment (False: they
+            are new tensors, and no scratch buffer is allocated).
         stream: the counter-based stream the backends generate (regenerable families).
     """
 
     name = "noise"
     regenerable = True
     joins_leaves = True
+    uses_scratch = True
     stream = ""
 
     def validated(self) -> NoiseFamily:
@@ -280,6 +283,7 @@ class SampledFamily(NoiseFamily):
     name = "sampled"
     regenerable = False
     joins_leaves = False
+    uses_scratch = False
 
     def __init__(self, distribution: Any, sampler: Optional[Sampler] = None) -> None:
         self.distribution, self.sampler = distribution, sampler

@@ -91,7 +91,11 @@ def _groups(leaves: Sequence[torch.Tensor], chosen: Sequence[Optional[Backend]],
 
 
 def scratch_segments(
-    leaves: Sequence[torch.Tensor], offsets: Sequence[int], chosen: Sequence[Optional[Backend]], join: bool = True
+    leaves: Sequence[torch.Tensor],
+    offsets: Sequence[int],
+    chosen: Sequence[Optional[Backend]],
+    join: bool = True,
+    scratch_buffers: bool = True,
 ) -> Tuple[List[Segment], List[torch.Tensor]]:
     """Group leaves into few kernel calls, and the perturbed views the function sees.
 
@@ -107,7 +111,7 @@ def scratch_segments(
             theta = leaves[group[0]].detach().view(-1)  # no copy
         else:
             theta = torch.cat([leaves[k].detach().reshape(-1) for k in group])
-        out = torch.empty_like(theta)
+        out = torch.empty_like(theta) if scratch_buffers else theta  # without: views that are never written
         parts = [(offsets[k] - base, offsets[k + 1] - base, leaves[k].shape) for k in group]
         views = [out[lo:hi].view(shape) for lo, hi, shape in parts]
         segments.append(Segment(chosen[group[0]], theta, out, base, parts, views, [leaves[k].detach() for k in group]))
@@ -171,7 +175,7 @@ def make_plan(
     if s.inplace:
         segments, scratch = inplace_segments(leaves, offsets, chosen)
     else:
-        segments, scratch = scratch_segments(leaves, offsets, chosen, family.joins_leaves)
+        segments, scratch = scratch_segments(leaves, offsets, chosen, family.joins_leaves, family.uses_scratch)
     batching = s.batch_size is not None and not vmap_failed
     rows = samples_per_call(s, share.count) if batching else 1  # samples whose noise one accumulation reads
     sums = _kept_sums(s, family, segments, rows, accumulate, share.group is not None)
