@@ -205,18 +205,21 @@ else
 fi
 
 # --- 3. memcheck over the CUDA kernel tests ----------------------------------------------------------
-memcheck_args=(tests/test_cuda_kernels.py -m "not slow")
+# The cuda cases of the shared kernel suite and the CUDA-only tests (-k cuda matches both).
+memcheck_args=(tests/test_cuda_kernels.py tests/test_kernels.py -m "not slow")
 if [[ $QUICK -eq 1 ]]; then
-  memcheck_args+=(-k "not (dtype1 or dtype2 or dtype3 or float64 or float16 or bfloat16)")
+  memcheck_args+=(-k "cuda and not (dtype1 or dtype2 or dtype3 or float64 or float16 or bfloat16)")
+else
+  memcheck_args+=(-k cuda)
 fi
 sanitize "memcheck: tests/test_cuda_kernels.py$([[ $QUICK -eq 1 ]] && echo ' (quick subset)')" memcheck \
   "$OUT/gpu-sanitizer-memcheck.log" "${memcheck_args[@]}"
 
 # --- 4. racecheck and synccheck over the kernels with shared memory ----------------------------------
 sanitize "racecheck: -k '$RACECHECK_K'" racecheck "$OUT/gpu-sanitizer-racecheck.log" \
-  tests/test_cuda_kernels.py -m "not slow" -k "$RACECHECK_K"
+  tests/test_cuda_kernels.py tests/test_kernels.py -m "not slow" -k "cuda and ($RACECHECK_K)"
 sanitize "synccheck: -k '$RACECHECK_K'" synccheck "$OUT/gpu-sanitizer-synccheck.log" \
-  tests/test_cuda_kernels.py -m "not slow" -k "$RACECHECK_K"
+  tests/test_cuda_kernels.py tests/test_kernels.py -m "not slow" -k "cuda and ($RACECHECK_K)"
 
 write_report
 echo "compute_sanitizer.sh: $([[ $STATUS -eq 0 ]] && echo PASS || echo FAIL); report: $REPORT"

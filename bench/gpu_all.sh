@@ -11,8 +11,9 @@
 #   03 backends      15  json of zo_kernels.backends.available(); fails unless cpu, cuda and triton are available
 #   04 sass          25  python bench/sass_report.py --out $OUT/sass.md --json $OUT/sass.json: the SASS bounds
 #                        of the kernels as this machine's nvcc and Triton compile them (no GPU needed)
-#   05 tests-cuda    40  tests/test_cuda_kernels.py
-#   06 tests-triton  60  tests/test_triton_kernels.py (+ tests/test_triton_compile.py when present),
+#   05 tests-cuda    40  the cuda cases of tests/test_kernels.py, tests/test_cuda_kernels.py
+#   06 tests-triton  60  the triton cases of tests/test_kernels.py, tests/test_triton_kernels.py
+#                        (+ tests/test_triton_compile.py when present),
 #                        compiled for the GPU, split over parallel pytest processes (bench/pytest_shard.py)
 #   07 tests-gpu     35  pytest -m gpu over every other test file that marks GPU tests
 #   08 bench-gpu     70  python bench/gpu_kernels.py --quick --out $OUT/gpu.md (and gpu.json), with the
@@ -210,11 +211,11 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -rs --durations=15)
 GPU_FILES=()
 for file in tests/test_*.py; do
   case $file in
-    tests/test_cuda_kernels.py | tests/test_triton_kernels.py | tests/test_triton_compile.py) continue ;;
+    tests/test_kernels.py | tests/test_cuda_kernels.py | tests/test_triton_kernels.py | tests/test_triton_compile.py) continue ;;
   esac
   grep -qE 'mark\.gpu' "$file" && GPU_FILES+=("$file")
 done
-TRITON_FILES=(tests/test_triton_kernels.py)
+TRITON_FILES=(tests/test_kernels.py tests/test_triton_kernels.py)
 [[ -f tests/test_triton_compile.py ]] && TRITON_FILES+=(tests/test_triton_compile.py)
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -239,10 +240,11 @@ fi
 gpu_stage build 60 build
 stage backends 15 backends_json
 gpu_stage sass 25 "$PY" bench/sass_report.py --out "$OUT/sass.md" --json "$OUT/sass.json"
-gpu_stage tests-cuda 40 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_cuda_kernels.py
+# The shared kernel suite's cuda / triton cases (-k also keeps every test of the backend's own files).
+gpu_stage tests-cuda 40 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_kernels.py tests/test_cuda_kernels.py -k cuda
 export STAGE_LOG_STEM
 STAGE_LOG_STEM=$(printf '%02d' $((STAGE_NO + 1)))-tests-triton
-gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 "${TRITON_FILES[@]}"
+gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 -k triton "${TRITON_FILES[@]}"
 gpu_stage tests-gpu 35 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
 gpu_stage bench-gpu 70 gpu_bench
 gpu_stage run-quick 40 "$PY" bench/run.py --quick --out-dir "$OUT/run"

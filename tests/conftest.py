@@ -21,21 +21,6 @@ def _fresh_rng():
     torch.random.set_rng_state(state)
 
 
-def pytest_configure(config):
-    """Under tools/sanitize_cpu.sh (its ``sanitize_check`` plugin), the shared suite's cpu cases join the run.
-
-    That script runs ``tests/test_cpu_kernels.py -k cpu`` (among others) under ASan to cover the CPU
-    kernels; their tests now live in test_kernels.py, parametrized over the backends, whose ``-k cpu``
-    cases are exactly the cpu backend's.
-    """
-    if not config.pluginmanager.has_plugin("sanitize_check"):
-        return
-    if any(str(arg).endswith("test_cpu_kernels.py") for arg in config.args):
-        shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_kernels.py")
-        if shared not in config.args:
-            config.args.append(shared)
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -12,7 +12,8 @@
 #      (heap-buffer-overflow) and a signed overflow in a one-line library built with _C's flags, so
 #      a silently uninstrumented build or a missing runtime cannot pass;
 #    - the kernels on inputs large enough to run the OpenMP team (tools/sanitize_check.py openmp);
-#    - pytest on the tests that reach _C (default: tests/test_cpu_kernels.py, and the cpu-backend
+#    - pytest on the tests that reach _C (default: the cpu cases of tests/test_kernels.py,
+#      tests/test_cpu_kernels.py, and the cpu-backend
 #      cases (-k cpu) of test_batched, test_zero_order, test_inplace, test_seed_gradient and
 #      test_errors), with a plugin that refuses to run unless the process imports the staged,
 #      sanitized _C. Extra arguments replace the default pytest arguments.
@@ -144,7 +145,7 @@ say "openmp: PASS"
 
 # The tests.
 if [[ $# -eq 0 ]]; then
-  set -- "$ROOT"/tests/test_{cpu_kernels,batched,zero_order,inplace,seed_gradient,errors}.py -k cpu
+  set -- "$ROOT"/tests/test_{kernels,cpu_kernels,batched,zero_order,inplace,seed_gradient,errors}.py -k cpu
 fi
 start=$SECONDS
 sanitized "$PY" -m pytest -p sanitize_check -p no:cacheprovider -q -rs --rootdir="$ROOT" "$@" \

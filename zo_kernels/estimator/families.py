@@ -178,8 +178,7 @@ class StreamFamily(NoiseFamily):
 
     def perturber(self, segment: Segment, seed: int, keep: Optional[torch.Tensor]) -> Perturb:
         """``(i, scale) -> None``: ``segment.out = theta + scale * z_i`` (also ``keep = z_i`` when given)."""
-        extra = {} if keep is None else {"keep": keep}
-        return segment.backend.prepare_perturb(segment.out, segment.theta, self.stream, seed, segment.offset, **extra)
+        return segment.backend.prepare_perturb(segment.out, segment.theta, self.stream, seed, segment.offset, keep=keep)
 
     def twin(self, segment: Segment, keep: torch.Tensor, scale: float) -> None:
         """``segment.out = theta + scale * z`` from the kept ``z`` (the antithetic ``-sigma z`` row)."""
