@@ -12,7 +12,7 @@ import torch
 
 from zo_kernels.kernels.abi import ABI_VERSION
 from zo_kernels.kernels.checks import DTYPE_IDS, STREAM_IDS, Placement
-from zo_kernels.kernels.native_cuda import NativeCudaBackend, load_backend, load_extension
+from zo_kernels.kernels.native import NativeCudaBackend, load_backend, load_extension
 from zo_kernels.reference import noise
 
 from helpers import assert_close
@@ -41,8 +41,8 @@ def test_there_are_cuda_sources():
 
 
 def test_the_built_extension_imports_without_a_gpu_and_explains_availability():
-    ext, why = load_extension()
-    backend, reason = load_backend()
+    ext, why = load_extension("cuda")
+    backend, reason = load_backend("cuda")
     if ext is None:  # not built, or built from older sources (a reinstall is due): said so either way
         assert why.startswith(("not built", "stale build")) and backend is None and reason == why
         pytest.skip(why)
@@ -87,7 +87,7 @@ def test_the_adapters_calls_fit_the_cuda_bindings():
     """Every call the adapter makes reaches _C_cuda's CUDA runtime (no pybind11 TypeError): the argument
     lists of kernels/native.py fit csrc/bindings.h. Without a driver the runtime refuses; with a GPU the
     host pointers used here would be launched, so the test only runs without one."""
-    ext, why = load_extension()
+    ext, why = load_extension("cuda")
     if ext is None:
         pytest.skip(why)
     if torch.cuda.is_available():

@@ -12,12 +12,12 @@ import torch
 
 from zo_kernels import backends
 from zo_kernels.kernels.checks import STREAM_IDS
-from zo_kernels.kernels.native_cuda import load_backend
+from zo_kernels.kernels.native import load_backend
 from zo_kernels.reference import noise
 
 from helpers import assert_close
 
-_BACKEND, _WHY = load_backend()
+_BACKEND, _WHY = load_backend("cuda")
 _REQUIRED = os.environ.get("ZO_KERNELS_REQUIRE_NATIVE") == "1"
 
 pytestmark = [
