@@ -6,7 +6,7 @@
 // one built wheel imports under any PyTorch version), then `launch`, a tuple of the device's launch
 // arguments: (threads,) on the CPU, (device index, cudaStream_t) on CUDA. A device's `Ops` struct maps
 // each operation onto its kernels; an argument a device has no use for (the CPU's workspaces, CUDA's
-// kept noise) must be 0 there. zo_kernels/kernels/checks.py validates every argument before calling in;
+// kept noise) must be 0 there. zo_kernels/kernels/operations.py validates every argument before calling in;
 // the GIL is released while a kernel runs. Changing an operation here changes both modules: bump
 // ABI_VERSION in zo_kernels/kernels/abi.py, which CMakeLists.txt passes to both as ZO_ABI_VERSION.
 #pragma once

@@ -885,13 +885,13 @@ if backends.available()["cpu"] == "available":
         def call(data, weights=w, sample_ids=ids):
             getattr(cpu, op)(data, weights, sample_ids, "normal", 1, offset=0, **extra)
 
-        zeros = torch.zeros(6)
+        zeros, data = torch.zeros(6), "grad" if op == "reduce" else "theta"
         expect(op + " weights", ValueError, "weights must have 2 elements", lambda: call(zeros, w[:1]))
         expect(op + " ids range", ValueError, RANGE, lambda: call(zeros, sample_ids=torch.tensor([0, 2**40])))
         expect(op + " ids negative", ValueError, RANGE, lambda: call(zeros, sample_ids=torch.tensor([-1, 0])))
-        expect(op + " data expanded", ValueError, "data must be contiguous", lambda: call(torch.zeros(1).expand(6)))
-        expect(op + " data strided", ValueError, "data must be contiguous", lambda: call(torch.zeros(12)[::2]))
-        expect(op + " data int", TypeError, "data must be float32", lambda: call(zeros.long()))
+        expect(op + " data expanded", ValueError, f"{data} must be contiguous", lambda: call(torch.zeros(1).expand(6)))
+        expect(op + " data strided", ValueError, f"{data} must be contiguous", lambda: call(torch.zeros(12)[::2]))
+        expect(op + " data int", TypeError, f"{data} must be float32", lambda: call(zeros.long()))
     for seed, exc in ((1.5, TypeError), (True, TypeError), (-1, ValueError), (2**64, ValueError)):
         sample = lambda: distributions.Normal().sample(3, seed=seed)
         expect(f"Normal().sample(seed={seed!r})", exc, "seed must be", sample)

@@ -1,6 +1,7 @@
 """Every CUDA source compiles with nvcc for sm_90, cleanly, and keeps the accurate math (no GPU needed)."""
 
 import ctypes
+import dataclasses
 import glob
 import os
 import re
@@ -79,7 +80,7 @@ def test_python_layer_refuses_cpu_tensors_before_any_call():
         backend.reduce(x, torch.ones(1), torch.zeros(1, dtype=torch.int64), "normal", 0, 0)
     with pytest.raises(ValueError, match="CUDA tensor"):
         backend.step(x, torch.ones(1), torch.zeros(1, dtype=torch.int64), "normal", 0, 0.1, 0)
-    with pytest.raises(ValueError, match="CUDA device"):
+    with pytest.raises(ValueError, match="device must be a cuda device"):
         backend.sample("normal", 0, 0, 0, 4, "cpu")
 
 
@@ -93,9 +94,11 @@ def test_the_adapters_calls_fit_the_cuda_bindings():
     if torch.cuda.is_available():
         pytest.skip("with a GPU, tests/test_cuda_kernels.py runs these calls for real")
     backend = NativeCudaBackend(ext)
-    backend._placement = Placement("cuda", ("cpu",), "on the CPU (this test)")  # host tensors pass the checks
+    # host tensors pass the checks, and reach the bindings with a launch tuple
+    placement = Placement("cuda", ("cpu",), "on the CPU (this test)")
+    on_cpu = dict(placement=placement, default_device=lambda: torch.device("cpu"))
+    backend.traits = dataclasses.replace(backend.traits, **on_cpu)
     backend._launch = lambda device: (0, 0)
-    backend._device = lambda device=None: torch.device("cpu")
     t, ids, w, f64 = torch.zeros(4), torch.arange(2), torch.ones(2), torch.float64
     calls = [
         lambda b: b.perturb(t, t, "normal", 0, 0, 1.0, 0),

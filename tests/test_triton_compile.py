@@ -66,8 +66,11 @@ def test_every_variant_compiles_without_spills(report):
     failed = {r["name"]: r["error"] for r in report if r["error"]}
     assert not failed, failed
     allowed = {r["name"]: SMALL_SPILL if r["align"] == 1 else 0 for r in report}
-    spilling = {r["name"]: (r["spill_stores"], r["spill_loads"], r["stack"]) for r in report
-                if max(r["spill_stores"], r["spill_loads"]) > allowed[r["name"]]}
+    spilling = {
+        r["name"]: (r["spill_stores"], r["spill_loads"], r["stack"])
+        for r in report
+        if max(r["spill_stores"], r["spill_loads"]) > allowed[r["name"]]
+    }
     assert not spilling, spilling
     assert not {r["name"]: r["loop_local"] for r in report if r.get("loop_local")}, "local memory in a hot loop"
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import List
 
+from tabulate import tabulate
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "bench" / "results"
@@ -35,15 +37,10 @@ def block_for(summary: Path) -> str:
     rel = summary.relative_to(ROOT).as_posix()
     lines = [f"From [`{rel}`]({rel}) (`make bench`; its header has the method):", ""]
     lines += [f"  {line}" for line in header]
-    lines += [
-        "",
-        "| baseline | model | N | baseline | zo_kernels | speed-up | peak memory ratio |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in picked:
-        names = ("MLP d→d→10", "N", "baseline time", "zo_kernels time", "speed-up", "memory ratio")
-        cells = [f"{r[col['baseline']]} vs {r[col['zo_kernels']]}"] + [r[col[name]] for name in names]
-        lines.append("| " + " | ".join(cells) + " |")
+    names = ("MLP d→d→10", "N", "baseline time", "zo_kernels time", "speed-up", "memory ratio")
+    table = [[f"{r[col['baseline']]} vs {r[col['zo_kernels']]}"] + [r[col[name]] for name in names] for r in picked]
+    headers = ["baseline", "model", "N", "baseline", "zo_kernels", "speed-up", "peak memory ratio"]
+    lines += ["", tabulate(table, headers, tablefmt="github", disable_numparse=True)]
     stem = summary.stem
     plots = sorted(p.name for p in RESULTS.glob(f"{stem}-*.png"))
     lines += ["", "Plots: " + ", ".join(f"[{p}](bench/results/{p})" for p in plots) + "."]

@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .kernels.base import Backend
-from .kernels.checks import check_philox_blocks
+from .kernels.checks import Placement
+from .kernels.operations import Traits
 from .reference import noise as _ref
 from .reference import philox as _philox
 
@@ -38,31 +39,35 @@ class ReferenceBackend(Backend):
     """Pure PyTorch, any device and floating dtype: the specification and the test oracle."""
 
     name = "reference"
+    traits = Traits(
+        Placement("reference", None, "any tensor", host_ids=True, dtypes=None),
+        lambda: torch.device("cpu"),
+        lambda data, given: given,  # the reference converts to the accumulation dtype itself
+        max_signs=None,
+    )
 
-    def supports(self, device: torch.device, dtype: torch.dtype) -> bool:  # noqa: D102
-        return dtype.is_floating_point
+    def run_perturb(self, op):  # noqa: D102
+        def perturb(sample_id: int, scale: float) -> None:
+            _ref.perturb(op.out, op.theta, op.stream, op.seed, sample_id, scale, op.offset)
 
-    def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
-        _ref.perturb(out, theta, stream, seed, sample_id, scale, offset)
+        return perturb
 
-    def reduce(self, grad, weights, sample_ids, stream, seed, offset):  # noqa: D102
-        _ref.reduce(grad, weights, sample_ids, stream, seed, offset)
+    def run_accumulate(self, op):  # noqa: D102
+        if op.lr is None:
+            _ref.reduce(op.data, op.weights, op.ids, op.stream, op.seed, op.offset)
+        else:
+            _ref.step(op.data, op.weights, op.ids, op.stream, op.seed, op.lr, op.offset)
 
-    def step(self, theta, weights, sample_ids, stream, seed, lr, offset):  # noqa: D102
-        _ref.step(theta, weights, sample_ids, stream, seed, lr, offset)
+    def run_squared_norms(self, op):  # noqa: D102
+        return _ref.squared_norms(op.stream, op.seed, op.ids, op.numel)
 
-    def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
-        return _ref.squared_norms(stream, seed, sample_ids, numel)
+    def run_sample(self, op):  # noqa: D102
+        ids = torch.tensor([op.sample_id], dtype=torch.int64, device=op.device)
+        return _ref.noise(op.stream, op.seed, ids, op.offset, op.numel)[0]
 
-    def sample(self, stream, seed, sample_id, offset, numel, device=None):  # noqa: D102
-        ids = torch.tensor([sample_id], dtype=torch.int64, device=device or "cpu")
-        return _ref.noise(stream, seed, ids, offset, numel)[0]
-
-    def philox_words(self, seed, sample_id, block0, blocks, device=None):  # noqa: D102
-        check_philox_blocks(seed, sample_id, block0, blocks)
-        device = torch.device(device or "cpu")
-        blocks_ = torch.arange(block0, block0 + blocks, device=device)[None, :]
-        return _philox.random_words(seed, torch.tensor([[sample_id]], device=device), blocks_)[0]
+    def run_philox_words(self, op):  # noqa: D102
+        blocks = torch.arange(op.block0, op.block0 + op.blocks, device=op.device)[None, :]
+        return _philox.random_words(op.seed, torch.tensor([[op.sample_id]], device=op.device), blocks)[0]
 
 
 #: Preference order per device type; the first backend that is built and supports the tensors wins.

@@ -1,83 +1,51 @@
 """The interface every backend implements (see ``zo_kernels.backends`` for the choice of one).
 
-Every backend takes the same arguments in the same order, with the same defaults, and runs the
-checks of :mod:`.checks` (which name the offending argument) before any kernel sees them.
+The public methods are defined here once, with one signature and one set of defaults for every
+backend: each validates its arguments through its declaration in :mod:`.operations` (errors name
+the argument) and hands the validated arguments to the backend's ``run_<operation>``, the only
+methods a backend implements (with :attr:`Backend.traits`, where its tensors may live).
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Callable, Optional
 
 import torch
+
+from .checks import check_float
+from .operations import Accumulate, Perturb, PerturbRows, PhiloxWords, Sample, SquaredNorms, Traits
+
+#: What :meth:`Backend.run_perturb` returns: ``(sample_id, scale) -> None``, arguments already checked.
+PerturbLaunch = Callable[[int, float], None]
 
 
 class Backend(abc.ABC):
     """One implementation of the fused noise operations on the stream of ``docs/noise.md``."""
 
     name: str = ""
+    #: Where the backend's tensors may live and what the checks convert to (set by each backend).
+    traits: Traits
+    #: Whether ``run_perturb``/``run_perturb_rows`` fill ``keep`` themselves; otherwise the generic
+    #: path perturbs, then writes :meth:`sample` into ``keep``.
+    keeps_noise: bool = False
 
-    @abc.abstractmethod
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this backend can run on tensors of ``device`` and ``dtype``."""
-
-    @abc.abstractmethod
-    def perturb(
-        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, sample_id: int, scale: float, offset: int
-    ) -> None:
-        """Write ``theta + scale * z(seed, sample_id, offset + j)`` into ``out``."""
-
-    @abc.abstractmethod
-    def reduce(
-        self, grad: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor, stream: str, seed: int, offset: int
-    ) -> None:
-        """Add ``sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` to ``grad``."""
-
-    @abc.abstractmethod
-    def step(
-        self,
-        theta: torch.Tensor,
-        weights: torch.Tensor,
-        sample_ids: torch.Tensor,
-        stream: str,
-        seed: int,
-        lr: float,
-        offset: int,
-    ) -> None:
-        """Subtract ``lr * sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` from ``theta``."""
-
-    @abc.abstractmethod
-    def squared_norms(self, stream: str, seed: int, sample_ids: torch.Tensor, numel: int) -> torch.Tensor:
-        """float64 ``sum_{j < numel} z(seed, i, j)**2`` for each id, on ``sample_ids.device``."""
+        placement = self.traits.placement
+        return placement.accepts(torch.device(device)) and placement.takes(dtype)
 
     def __repr__(self) -> str:
         return f"<zo_kernels backend {self.name!r}>"
 
-    @abc.abstractmethod
-    def sample(
-        self,
-        stream: str,
-        seed: int,
-        sample_id: int,
-        offset: int,
-        numel: int,
-        device: Optional[torch.device] = None,
-    ) -> torch.Tensor:
-        """float32 ``z(seed, sample_id, offset + j)`` for ``j < numel`` on ``device`` (materialized noise).
+    # -- the operations: validated here, run by the backend ----------------------------------------
 
-        ``device=None`` is the backend's default device: the current CUDA device for GPU-only
-        backends, else the CPU.
-        """
-
-    @abc.abstractmethod
-    def philox_words(
-        self, seed: int, sample_id: int, block0: int, blocks: int, device: Optional[torch.device] = None
-    ) -> torch.Tensor:
-        """The uint32 words of Philox blocks ``block0 .. block0 + blocks - 1``, as int64 ``(blocks, 4)``.
-
-        The raw generator under both streams (counter ``(block, sample_id, 0)``, key ``seed``), for
-        bit-exact tests against the reference; ``device`` defaults as in :meth:`sample`.
-        """
+    def perturb(
+        self, out: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, sample_id: int, scale: float, offset: int
+    ) -> None:
+        """Write ``theta + scale * z(seed, sample_id, offset + j)`` into ``out``."""
+        self.prepare_perturb(out, theta, stream, seed, offset)(sample_id, scale)
 
     def prepare_perturb(
         self,
@@ -90,20 +58,32 @@ class Backend(abc.ABC):
     ) -> Callable[[int, float], None]:
         """A function ``(sample_id, scale) -> None`` doing ``perturb`` into ``out`` for a fixed buffer pair.
 
-        The estimate perturbs the same buffers once per sample; a backend may validate them once
-        here and return a cheaper call. With ``keep`` (a float32 buffer like ``theta``), each call
-        also leaves the unscaled noise ``z`` there, for backends where keeping it beats
-        regenerating it in ``reduce`` (see :meth:`prefers_kept_noise`).
+        The estimate perturbs the same buffers once per sample, so they are validated once, here.
+        With ``keep`` (a float32 buffer like ``theta``), each call also leaves the unscaled noise
+        ``z`` there, for backends where keeping it beats regenerating it in ``reduce`` (see
+        :meth:`prefers_kept_noise`).
         """
-        if keep is not None:
-            self._check_keep(keep, theta, 1)
+        op = Perturb.check(self.traits, out, theta, stream, seed, offset, keep)
+        launch = self._perturb_and_keep(op)
+        check = Perturb.check_sample
 
         def perturb(sample_id: int, scale: float) -> None:
-            self.perturb(out, theta, stream, seed, sample_id, scale, offset)
-            if keep is not None:
-                keep.view(-1).copy_(self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device))
+            launch(*check(sample_id, scale))
 
         return perturb
+
+    def _perturb_and_keep(self, op: Perturb) -> PerturbLaunch:
+        if op.keep is None or self.keeps_noise:
+            return self.run_perturb(op)
+        launch, keep = self.run_perturb(dataclasses.replace(op, keep=None)), op.keep.view(-1)
+        n = op.theta.numel()
+
+        def perturb_and_sample(sample_id: int, scale: float) -> None:
+            launch(sample_id, scale)
+            sample = Sample(op.stream, op.stream_id, op.seed, sample_id, op.offset, n, op.theta.device)
+            keep.copy_(self.run_sample(sample))
+
+        return perturb_and_sample
 
     def perturb_rows(
         self,
@@ -120,31 +100,68 @@ class Backend(abc.ABC):
 
         ``out`` is ``(num * signs, theta.numel())``, ``sample_ids`` int64 ``(num,)`` and ``scales``
         float64 ``(num, signs)``, both on the CPU (they are a handful of scalars); with ``keep``
-        (float32 ``(num, theta.numel())``), row ``i`` also receives ``z(seed, sample_ids[i])``. The
-        default makes one :meth:`perturb` call per row; a backend may generate each sample's noise
-        once for all its rows (the antithetic pair) in a single call.
+        (float32 ``(num, theta.numel())``), row ``i`` also receives ``z(seed, sample_ids[i])``.
         """
-        signs = scales.shape[1]
-        if keep is not None:
-            self._check_keep(keep, theta, sample_ids.numel())
-        for i, sample_id in enumerate(sample_ids.tolist()):
-            for k, scale in enumerate(scales[i].tolist()):
-                self.perturb(out[i * signs + k], theta, stream, seed, sample_id, scale, offset)
-            if keep is not None:
-                z = self.sample(stream, seed, sample_id, offset, theta.numel(), theta.device)
-                keep.view(sample_ids.numel(), theta.numel())[i].copy_(z)
+        op = PerturbRows.check(self.traits, out, theta, stream, seed, sample_ids, scales, offset, keep)
+        if op.keep is None or self.keeps_noise:
+            return self.run_perturb_rows(op)
+        self.run_perturb_rows(dataclasses.replace(op, keep=None))
+        kept = op.keep.view(op.num, -1)
+        for i, sample_id in enumerate(op.ids.tolist()):
+            sample = Sample(op.stream, op.stream_id, op.seed, sample_id, op.offset, op.theta.numel(), op.theta.device)
+            kept[i].copy_(self.run_sample(sample))
 
-    @staticmethod
-    def _check_keep(keep: torch.Tensor, theta: torch.Tensor, rows: int) -> None:
-        """``keep`` holds ``rows`` float32 samples of ``theta``'s size, on its device."""
-        if not isinstance(keep, torch.Tensor):
-            raise TypeError(f"keep must be a tensor, got {type(keep).__name__}")
-        if keep.dtype != torch.float32 or keep.device != theta.device or not keep.is_contiguous():
-            raise ValueError(
-                f"keep must be a contiguous float32 tensor on {theta.device}, got {keep.dtype} on {keep.device}"
-            )
-        if keep.numel() != rows * theta.numel():
-            raise ValueError(f"keep must have {rows * theta.numel()} elements, got {keep.numel()}")
+    def reduce(
+        self, grad: torch.Tensor, weights: torch.Tensor, sample_ids: torch.Tensor, stream: str, seed: int, offset: int
+    ) -> None:
+        """Add ``sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` to ``grad``."""
+        self.run_accumulate(Accumulate.check(self.traits, "grad", grad, weights, sample_ids, stream, seed, offset))
+
+    def step(
+        self,
+        theta: torch.Tensor,
+        weights: torch.Tensor,
+        sample_ids: torch.Tensor,
+        stream: str,
+        seed: int,
+        lr: float,
+        offset: int,
+    ) -> None:
+        """Subtract ``lr * sum_k weights[k] * z(seed, sample_ids[k], offset + j)`` from ``theta``."""
+        lr = check_float(lr, "lr")
+        op = Accumulate.check(self.traits, "theta", theta, weights, sample_ids, stream, seed, offset, lr)
+        self.run_accumulate(op)
+
+    def squared_norms(self, stream: str, seed: int, sample_ids: torch.Tensor, numel: int) -> torch.Tensor:
+        """float64 ``sum_{j < numel} z(seed, i, j)**2`` for each id, on ``sample_ids.device``."""
+        op = SquaredNorms.check(self.traits, stream, seed, sample_ids, numel)
+        return self.run_squared_norms(op).to(op.home)
+
+    def sample(
+        self,
+        stream: str,
+        seed: int,
+        sample_id: int,
+        offset: int,
+        numel: int,
+        device: Optional[torch.device] = None,
+    ) -> torch.Tensor:
+        """float32 ``z(seed, sample_id, offset + j)`` for ``j < numel`` on ``device`` (materialized noise).
+
+        ``device=None`` is the backend's default device: the current CUDA device for GPU-only
+        backends, else the CPU.
+        """
+        return self.run_sample(Sample.check(self.traits, stream, seed, sample_id, offset, numel, device))
+
+    def philox_words(
+        self, seed: int, sample_id: int, block0: int, blocks: int, device: Optional[torch.device] = None
+    ) -> torch.Tensor:
+        """The uint32 words of Philox blocks ``block0 .. block0 + blocks - 1``, as int64 ``(blocks, 4)``.
+
+        The raw generator under both streams (counter ``(block, sample_id, 0)``, key ``seed``), for
+        bit-exact tests against the reference; ``device`` defaults as in :meth:`sample`.
+        """
+        return self.run_philox_words(PhiloxWords.check(self.traits, seed, sample_id, block0, blocks, device))
 
     def prefers_kept_noise(self, stream: str, numel: int, rows: int = 1) -> bool:
         """Whether keeping ``rows`` samples' noise (``numel`` floats each) and accumulating it beats ``reduce``.
@@ -153,3 +170,35 @@ class Backend(abc.ABC):
         the normal stream, whose Box-Muller costs more than reading a kept buffer.
         """
         return False
+
+    # -- what each backend implements (arguments validated by the declarations) --------------------
+
+    @abc.abstractmethod
+    def run_perturb(self, op: Perturb) -> PerturbLaunch:
+        """A launch ``(sample_id, scale)`` of ``op`` (``op.keep`` only if :attr:`keeps_noise`)."""
+
+    def run_perturb_rows(self, op: PerturbRows) -> None:
+        """All rows of ``op``; this default launches :meth:`run_perturb` once per row."""
+        n, out = op.theta.numel(), op.out.view(-1)
+        for i, sample_id in enumerate(op.ids.tolist()):
+            for k, scale in enumerate(op.scales[i].tolist()):
+                row = i * op.signs + k
+                single = Perturb(out[row * n : (row + 1) * n], op.theta.view(-1), op.stream, op.stream_id, op.seed,
+                                 op.offset, None)  # fmt: skip
+                self.run_perturb(single)(sample_id, scale)
+
+    @abc.abstractmethod
+    def run_accumulate(self, op: Accumulate) -> None:
+        """``reduce`` (``op.lr is None``) or ``step``."""
+
+    @abc.abstractmethod
+    def run_squared_norms(self, op: SquaredNorms) -> torch.Tensor:
+        """The norms on ``op.device`` (the caller moves them to ``op.home``)."""
+
+    @abc.abstractmethod
+    def run_sample(self, op: Sample) -> torch.Tensor:
+        """The float32 noise of ``op`` on ``op.device``."""
+
+    @abc.abstractmethod
+    def run_philox_words(self, op: PhiloxWords) -> torch.Tensor:
+        """The int64 ``(blocks, 4)`` words of ``op`` on ``op.device``."""

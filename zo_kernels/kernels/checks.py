@@ -48,20 +48,26 @@ _DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a backend's tensors may live: the device types, and how an error says so.
+    """Where a backend's tensors may live: the device types and dtypes, and how an error says so.
 
     ``where`` completes "``<name> must be ... for the '<backend>' backend``". With ``host_ids``,
     ``sample_ids``/``weights`` may also come from the CPU (range-checked there, then copied).
+    ``device_types=None``: any device; ``dtypes=None``: any floating dtype (the reference's rule).
     """
 
     backend: str
-    device_types: Tuple[str, ...]
+    device_types: Optional[Tuple[str, ...]]
     where: str
     host_ids: bool = False
+    dtypes: Optional[Tuple[torch.dtype, ...]] = PARAMETER_DTYPES
 
     def accepts(self, device: torch.device) -> bool:
         """Whether tensors on ``device`` are this backend's."""
-        return torch.device(device).type in self.device_types
+        return self.device_types is None or torch.device(device).type in self.device_types
+
+    def takes(self, dtype: torch.dtype) -> bool:
+        """Whether this backend's kernels take parameters of ``dtype``."""
+        return dtype.is_floating_point if self.dtypes is None else dtype in self.dtypes
 
 
 def _bound(value: int) -> str:
@@ -137,7 +143,7 @@ def check_tensor(
 ) -> None:
     """``t`` is a contiguous tensor of ``placement`` (and of ``dtype``/``numel``/``device`` when given).
 
-    Without ``dtype``, it must be one of the parameter dtypes of :data:`DTYPE_IDS`.
+    Without ``dtype``, it must be one the placement takes (:meth:`Placement.takes`).
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -147,8 +153,9 @@ def check_tensor(
         raise ValueError(f"{name} must be on {device} like the other arguments, got {t.device}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
-    if dtype is None and t.dtype not in PARAMETER_DTYPES:
-        raise TypeError(f"{name} must be {_DTYPE_NAMES}, got {t.dtype}")
+    if dtype is None and not placement.takes(t.dtype):
+        names = "a floating dtype" if placement.dtypes is None else _DTYPE_NAMES
+        raise TypeError(f"{name} must be {names}, got {t.dtype}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
     if numel is not None and t.numel() != numel:

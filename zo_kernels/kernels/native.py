@@ -2,7 +2,8 @@
 
 The extensions take addresses, element counts and dtype ids, not libtorch types, so nothing here
 depends on the PyTorch version; in exchange, this adapter is the only guard between a Python mistake
-and a wild pointer, and runs :mod:`.checks` on every argument before every call. The two modules
+and a wild pointer; :class:`.base.Backend` runs the checks of :mod:`.operations` on every argument
+before every call. The two modules
 bind the same operations with the same leading arguments; only the trailing *launch* arguments
 differ: the OpenMP thread count on the CPU, the device index and the current stream's handle on
 CUDA (kernels run on ``torch.cuda.current_stream(device)``, so they order with the surrounding
@@ -25,20 +26,9 @@ import torch
 
 from .abi import ABI_VERSION
 from .base import Backend
-from .checks import (
-    DTYPE_IDS,
-    Placement,
-    check_float,
-    check_ids,
-    check_numel,
-    check_philox_blocks,
-    check_sample_id,
-    check_scales,
-    check_stream_args,
-    check_tensor,
-    check_weights,
-)
+from .checks import DTYPE_IDS, Placement
 from .dtypes import accumulation_dtype
+from .operations import Accumulate, Perturb, PerturbRows, PhiloxWords, Sample, SquaredNorms, Traits
 
 
 @dataclass(frozen=True)
@@ -112,12 +102,18 @@ class NativeBackend(Backend):
         self._C = ext
         self.name = device_type
         self._cuda = device_type == "cuda"
-        self._placement = PLACEMENTS[device_type]
         self._capable: Dict[int, bool] = {}
+        # The CPU kernels keep noise and take float64 weights; the CUDA ones regenerate the noise
+        # (free on a GPU) and take weights in the accumulation dtype (what the estimator passes).
+        self.keeps_noise = not self._cuda
+        self.traits = Traits(
+            PLACEMENTS[device_type],
+            _current_cuda_device if self._cuda else _cpu,
+            _accumulation_weights if self._cuda else _float64_weights,
+            max_signs=2 if self._cuda else None,
+        )
         if self._cuda:
             self._min_capability = min_capability(ext)
-
-    # -- devices and launch arguments ------------------------------------------------------------
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Tensors of this device type and float32, float64, float16 or bfloat16 (CUDA: a device with code)."""
@@ -130,76 +126,32 @@ class NativeBackend(Backend):
             self._capable[index] = torch.cuda.get_device_capability(index) >= self._min_capability
         return self._capable[index]
 
-    def _device(self, device=None) -> torch.device:
-        """``device`` (None: the CPU, or the current CUDA device) with an explicit index; ValueError if not ours."""
-        if not self._cuda:
-            if device is not None and torch.device(device).type != "cpu":
-                raise ValueError(f"device must be the CPU for the 'cpu' backend, got {device}")
-            return torch.device("cpu")
-        device = torch.device("cuda") if device is None else torch.device(device)
-        if device.type != "cuda":
-            raise ValueError(f"device must be a CUDA device for the 'cuda' backend, got {device}")
-        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-
     def _launch(self, device: torch.device) -> Tuple[int, ...]:
         """The ``launch`` tuple of every binding: ``(threads,)``, or ``(device index, current stream)``."""
         if self._cuda:
             return device.index, _stream_handle(device)
         return (max(1, torch.get_num_threads()),)
 
-    def _check(self, t, name: str, dtype=None, numel=None, device=None) -> None:
-        check_tensor(t, name, self._placement, dtype, numel, device)
+    # -- the operations (arguments validated by kernels/operations.py) ----------------------------
 
-    def _check_pair(self, out, theta, rows: int = 1) -> None:
-        self._check(theta, "theta")
-        self._check(out, "out", theta.dtype, rows * theta.numel(), theta.device if self._cuda else None)
-
-    # -- the backend interface -------------------------------------------------------------------
-
-    def perturb(self, out, theta, stream, seed, sample_id, scale, offset):  # noqa: D102
-        self._check_pair(out, theta)
-        sample_id = check_sample_id(sample_id)
-        s = check_stream_args(stream, seed, offset, theta.numel())
-        self._C.perturb(
-            out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, sample_id,
-            check_float(scale, "scale"), offset, 0, self._launch(theta.device),
-        )  # fmt: skip
-
-    def prepare_perturb(self, out, theta, stream, seed, offset, keep=None) -> Callable[[int, float], None]:  # noqa: D102
-        self._check_pair(out, theta)
-        if keep is not None and self._cuda:  # the CUDA kernel does not keep noise: the generic path does
-            return super().prepare_perturb(out, theta, stream, seed, offset, keep)
-        if keep is not None:
-            self._check(keep, "keep", torch.float32, theta.numel())
-        s = check_stream_args(stream, seed, offset, theta.numel())
-        args = (out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed)
-        keep_ptr = 0 if keep is None else keep.data_ptr()
+    def run_perturb(self, op: Perturb) -> Callable[[int, float], None]:  # noqa: D102
+        theta = op.theta
+        args = (op.out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], op.stream_id, op.seed)
+        keep, offset = _address(op.keep), op.offset
         kernel, device, launch = self._C.perturb, theta.device, self._launch
 
         def perturb(sample_id: int, scale: float) -> None:
-            sample_id = check_sample_id(sample_id)
-            # The buffers were validated above and belong to the caller for the whole loop; the
-            # CUDA stream is looked up per call, so each launch goes to the stream current then.
-            kernel(*args, sample_id, check_float(scale, "scale"), offset, keep_ptr, launch(device))
+            # The CUDA stream is looked up per call, so each launch goes to the stream current then.
+            kernel(*args, sample_id, scale, offset, keep, launch(device))
 
         return perturb
 
-    def perturb_rows(self, out, theta, stream, seed, sample_ids, scales, offset, keep=None):  # noqa: D102
-        if keep is not None and self._cuda:  # regenerating the noise in `reduce` is free on a GPU
-            return super().perturb_rows(out, theta, stream, seed, sample_ids, scales, offset, keep)
-        self._check(theta, "theta")
-        device = theta.device
-        ids = check_ids(sample_ids, device, host_ok=True)
-        num, signs = check_scales(scales, ids.numel(), 2 if self._cuda else None)
-        self._check(out, "out", theta.dtype, num * signs * theta.numel(), device if self._cuda else None)
-        if keep is not None:
-            self._check(keep, "keep", torch.float32, num * theta.numel())
-        s = check_stream_args(stream, seed, offset, theta.numel())
-        # A few hundred bytes, copied on the current stream.
-        row_scales = scales.to(device=device, non_blocking=True).contiguous()
+    def run_perturb_rows(self, op: PerturbRows) -> None:  # noqa: D102
+        theta, scales = op.theta, op.device_scales
         self._C.perturb_rows(
-            out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], s, seed, ids.data_ptr(), num,
-            row_scales.data_ptr(), signs, offset, 0 if keep is None else keep.data_ptr(), self._launch(device),
+            op.out.data_ptr(), theta.data_ptr(), theta.numel(), DTYPE_IDS[theta.dtype], op.stream_id, op.seed,
+            op.ids.data_ptr(), op.num, scales.data_ptr(), op.signs, op.offset, _address(op.keep),
+            self._launch(theta.device),
         )  # fmt: skip
 
     #: Below this many elements, regenerating the noise in one ``reduce`` costs less than the
@@ -217,19 +169,13 @@ class NativeBackend(Backend):
         """
         return not self._cuda and stream == "normal" and numel * rows >= self.KEEP_MIN_NUMEL
 
-    def _accumulate(self, fn, data, weights, sample_ids, stream, seed, offset, *extra) -> None:
-        self._check(data, "data")
-        s = check_stream_args(stream, seed, offset, data.numel())
-        device = data.device
-        host_ok = self._placement.host_ids
-        ids = check_ids(sample_ids, device, host_ok)
-        # CPU kernels take float64 weights; CUDA ones the accumulation dtype (what the estimator passes).
-        acc = accumulation_dtype(data.dtype) if self._cuda else torch.float64
-        w = check_weights(weights, ids.numel(), device, acc, host_ok)
-        scratch = self._workspace(ids.numel(), data.numel(), s, acc, device)
+    def run_accumulate(self, op: Accumulate) -> None:  # noqa: D102
+        data = op.data
+        scratch = self._workspace(op.num, data.numel(), op.stream_id, op.weights.dtype, data.device)
+        fn, extra = (self._C.reduce, ()) if op.lr is None else (self._C.step, (op.lr,))
         fn(
-            data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], w.data_ptr(), ids.data_ptr(), ids.numel(), s, seed,
-            *extra, offset, 0 if scratch is None else scratch.data_ptr(), self._launch(device),
+            data.data_ptr(), data.numel(), DTYPE_IDS[data.dtype], op.weights.data_ptr(), op.ids.data_ptr(), op.num,
+            op.stream_id, op.seed, *extra, op.offset, _address(scratch), self._launch(data.device),
         )  # fmt: skip
 
     def _workspace(
@@ -243,44 +189,47 @@ class NativeBackend(Backend):
         size = self._C.reduce_workspace(num, numel, stream_id) if self._cuda else 0
         return torch.empty(size, dtype=acc, device=device) if size else None
 
-    def reduce(self, grad, weights, sample_ids, stream, seed, offset):  # noqa: D102
-        self._accumulate(self._C.reduce, grad, weights, sample_ids, stream, seed, offset)
-
-    def step(self, theta, weights, sample_ids, stream, seed, lr, offset):  # noqa: D102
-        self._accumulate(self._C.step, theta, weights, sample_ids, stream, seed, offset, check_float(lr, "lr"))
-
-    def squared_norms(self, stream, seed, sample_ids, numel):  # noqa: D102
-        numel = check_numel(numel)
-        s = check_stream_args(stream, seed, 0, numel)
-        if not isinstance(sample_ids, torch.Tensor):
-            raise TypeError(f"sample_ids must be a tensor, got {type(sample_ids).__name__}")
-        device = self._device(sample_ids.device if sample_ids.device.type == self.name else None)
-        ids = check_ids(sample_ids.to(device), device, host_ok=True)
-        # This call returns a tensor the caller reads anyway, so the range check may sync.
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= 2**32):
-            raise ValueError("sample_ids must be in [0, 2**32)")
+    def run_squared_norms(self, op: SquaredNorms) -> torch.Tensor:  # noqa: D102
+        ids, device = op.ids, op.device
         out = torch.empty(ids.numel(), dtype=torch.float64, device=device)
-        size = self._C.squared_norms_workspace(ids.numel(), numel) if self._cuda else 0
+        size = self._C.squared_norms_workspace(ids.numel(), op.numel) if self._cuda else 0
         scratch = torch.empty(size, dtype=torch.float64, device=device) if size else None
-        work = 0 if scratch is None else scratch.data_ptr()
-        self._C.squared_norms(out.data_ptr(), ids.data_ptr(), ids.numel(), numel, s, seed, work, self._launch(device))
-        return out.to(sample_ids.device)
-
-    def sample(self, stream, seed, sample_id, offset, numel, device=None):  # noqa: D102
-        dev = self._device(device)
-        sample_id = check_sample_id(sample_id)
-        numel = check_numel(numel)
-        s = check_stream_args(stream, seed, offset, numel)
-        out = torch.empty(numel, dtype=torch.float32, device=dev)
-        self._C.fill(out.data_ptr(), numel, s, seed, sample_id, offset, self._launch(dev))
+        self._C.squared_norms(
+            out.data_ptr(), ids.data_ptr(), ids.numel(), op.numel, op.stream_id, op.seed, _address(scratch),
+            self._launch(device),
+        )  # fmt: skip
         return out
 
-    def philox_words(self, seed, sample_id, block0, blocks, device=None):  # noqa: D102
-        check_philox_blocks(seed, sample_id, block0, blocks)
-        dev = self._device(device)
-        out = torch.empty((blocks, 4), dtype=torch.int32, device=dev)
-        self._C.philox_words(out.data_ptr(), blocks, seed, sample_id, block0, self._launch(dev))
+    def run_sample(self, op: Sample) -> torch.Tensor:  # noqa: D102
+        out = torch.empty(op.numel, dtype=torch.float32, device=op.device)
+        self._C.fill(out.data_ptr(), op.numel, op.stream_id, op.seed, op.sample_id, op.offset, self._launch(op.device))
+        return out
+
+    def run_philox_words(self, op: PhiloxWords) -> torch.Tensor:  # noqa: D102
+        out = torch.empty((op.blocks, 4), dtype=torch.int32, device=op.device)
+        self._C.philox_words(out.data_ptr(), op.blocks, op.seed, op.sample_id, op.block0, self._launch(op.device))
         return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def _address(t: Optional[torch.Tensor]) -> int:
+    """A tensor's address for the bindings; 0 (the null pointer) for none."""
+    return 0 if t is None else t.data_ptr()
+
+
+def _cpu() -> torch.device:
+    return torch.device("cpu")
+
+
+def _current_cuda_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _float64_weights(data: torch.dtype, given: torch.dtype) -> torch.dtype:
+    return torch.float64
+
+
+def _accumulation_weights(data: torch.dtype, given: torch.dtype) -> torch.dtype:
+    return accumulation_dtype(data)
 
 
 class NativeCpuBackend(NativeBackend):
