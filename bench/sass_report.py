@@ -359,8 +359,13 @@ def measure_revision(rev: str) -> Optional[List[Row]]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Measure this tree (and ``--before`` revisions), print the report and write the markdown and JSON files."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--before", nargs="*", default=[], metavar="REV",
-                        help="git revisions to measure too, oldest first; the first is the 'before' column")
+    parser.add_argument(
+        "--before",
+        nargs="*",
+        default=[],
+        metavar="REV",
+        help="git revisions to measure too, oldest first; the first is the 'before' column",
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "sass.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "sass.json"))
     parser.add_argument("--compile-triton", metavar="PATH", help=argparse.SUPPRESS)  # the worker of triton_rows
