@@ -65,6 +65,12 @@ class ReferenceBackend(Backend):
         ids = torch.tensor([op.sample_id], dtype=torch.int64, device=op.device)
         return _ref.noise(op.stream, op.seed, ids, op.offset, op.numel)[0]
 
+    def run_lowrank_perturb(self, op):  # noqa: D102
+        _ref.lowrank_perturb(op.out, op.theta, op.a, op.b, op.scale)
+
+    def run_lowrank_accumulate(self, op):  # noqa: D102
+        _ref.lowrank_accumulate(op.data, op.a, op.b, op.alpha)
+
     def run_philox_words(self, op):  # noqa: D102
         blocks = torch.arange(op.block0, op.block0 + op.blocks, device=op.device)[None, :]
         return _philox.random_words(op.seed, torch.tensor([[op.sample_id]], device=op.device), blocks)[0]

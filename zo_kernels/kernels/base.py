@@ -15,7 +15,21 @@ from typing import Callable, Optional
 import torch
 
 from .checks import check_float
-from .operations import Accumulate, Perturb, PerturbRows, PhiloxWords, Sample, SquaredNorms, Traits
+from .dtypes import accumulation_dtype
+from .operations import (
+    Accumulate,
+    LowRankAccumulate,
+    LowRankPerturb,
+    Perturb,
+    PerturbRows,
+    PhiloxWords,
+    Sample,
+    SquaredNorms,
+    Traits,
+)
+
+#: Rows of a half-precision matrix perturbed per GEMM, so its float32 product stays small.
+_HALF_CHUNK_ELEMENTS = 1 << 20
 
 #: What :meth:`Backend.run_perturb` returns: ``(sample_id, scale) -> None``, arguments already checked.
 PerturbLaunch = Callable[[int, float], None]
@@ -163,6 +177,22 @@ class Backend(abc.ABC):
         """
         return self.run_philox_words(PhiloxWords.check(self.traits, seed, sample_id, block0, blocks, device))
 
+    def lowrank_perturb(
+        self, out: torch.Tensor, theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+    ) -> None:
+        """``out = theta + scale * (a @ b.T)`` for an ``(m, n)`` matrix (``out`` may be ``theta``: in place).
+
+        ``a`` ``(m, r)`` and ``b`` ``(n, r)`` are float32 factors (a sample's, from the stream).
+        """
+        self.run_lowrank_perturb(LowRankPerturb.check(self.traits, out, theta, a, b, scale))
+
+    def lowrank_accumulate(self, data: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+        """``data += alpha * (a @ b.T)``: the sum over samples of low-rank noise as one matrix product.
+
+        ``a`` ``(m, K)`` and ``b`` ``(n, K)`` float32 hold the (weighted) factors of the samples side by side.
+        """
+        self.run_lowrank_accumulate(LowRankAccumulate.check(self.traits, "data", data, a, b, alpha))
+
     def prefers_kept_noise(self, stream: str, numel: int, rows: int = 1) -> bool:
         """Whether keeping ``rows`` samples' noise (``numel`` floats each) and accumulating it beats ``reduce``.
 
@@ -202,3 +232,30 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run_philox_words(self, op: PhiloxWords) -> torch.Tensor:
         """The int64 ``(blocks, 4)`` words of ``op`` on ``op.device``."""
+
+    def run_lowrank_perturb(self, op: LowRankPerturb) -> None:
+        """One GEMM with ``beta = 1`` into ``out`` (MKL/OpenBLAS on the CPU, cuBLAS on CUDA): see :func:`gemm_into`."""
+        gemm_into(op.out, op.theta, op.a, op.b, op.scale)
+
+    def run_lowrank_accumulate(self, op: LowRankAccumulate) -> None:
+        """``data += alpha * a @ b.T`` as one GEMM: see :func:`gemm_into`."""
+        gemm_into(op.data, op.data, op.a, op.b, op.alpha)
+
+
+def gemm_into(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out = base + alpha * a @ b.T`` (``out`` may be ``base``), the product in the accumulation dtype.
+
+    float32/float64 matrices take one GEMM and no ``m x n`` temporary; half-precision ones are
+    formed in float32 a block of rows at a time and rounded once.
+    """
+    acc = accumulation_dtype(base.dtype)
+    a, bt = a.to(acc), b.to(acc).t()
+    if base.dtype == acc:
+        if out.data_ptr() == base.data_ptr():
+            base.addmm_(a, bt, alpha=alpha)
+        else:
+            torch.addmm(base, a, bt, alpha=alpha, out=out)
+        return
+    rows = max(1, _HALF_CHUNK_ELEMENTS // max(1, base.shape[1]))
+    for lo in range(0, base.shape[0], rows):
+        out[lo : lo + rows].copy_(torch.addmm(base[lo : lo + rows].to(acc), a[lo : lo + rows], bt, alpha=alpha))

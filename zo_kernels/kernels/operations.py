@@ -234,3 +234,68 @@ class PhiloxWords:
     def check(cls, traits: Traits, seed, sample_id, block0, blocks, device=None) -> PhiloxWords:  # noqa: D102
         check_philox_blocks(seed, sample_id, block0, blocks)
         return cls(int(seed), int(sample_id), int(block0), int(blocks), traits.device(device))
+
+
+def _check_factor(t: torch.Tensor, name: str, traits: Traits, rows: int, like: torch.Tensor) -> int:
+    """A float32 ``(rows, r)`` factor matrix on ``like``'s device; returns ``r``."""
+    check_tensor(t, name, traits.placement, torch.float32, device=like.device)
+    if t.dim() != 2 or t.shape[0] != rows or t.shape[1] < 1:
+        raise ValueError(f"{name} must be a ({rows}, r) matrix with r >= 1, got {tuple(t.shape)}")
+    return t.shape[1]
+
+
+def _check_matrix(t: torch.Tensor, name: str, traits: Traits) -> None:
+    traits.tensor(t, name)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a matrix (2-D), got shape {tuple(t.shape)}")
+
+
+@dataclass(frozen=True)
+class LowRankPerturb:
+    """``out = theta + scale * (a @ b.T)``: a matrix perturbed by low-rank noise.
+
+    ``theta`` and ``out`` are ``(m, n)`` (``out`` may be ``theta`` itself: in place); ``a``
+    ``(m, r)`` and ``b`` ``(n, r)`` are float32 factors; the product is formed in the accumulation
+    dtype and rounded once into ``out``.
+    """
+
+    out: torch.Tensor
+    theta: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @classmethod
+    def check(cls, traits: Traits, out, theta, a, b, scale) -> LowRankPerturb:  # noqa: D102
+        _check_matrix(theta, "theta", traits)
+        traits.tensor(out, "out", like=theta)
+        if out.shape != theta.shape:
+            raise ValueError(f"out must have theta's shape {tuple(theta.shape)}, got {tuple(out.shape)}")
+        m, n = theta.shape
+        r = _check_factor(a, "a", traits, m, theta)
+        if _check_factor(b, "b", traits, n, theta) != r:
+            raise ValueError(f"a and b must have the same rank (columns), got {r} and {b.shape[1]}")
+        return cls(out, theta, a, b, check_float(scale, "scale"))
+
+
+@dataclass(frozen=True)
+class LowRankAccumulate:
+    """``data += alpha * (a @ b.T)``: the reduce (``alpha > 0``) and step of low-rank noise.
+
+    ``a`` ``(m, K)`` holds the weighted factors of all samples side by side and ``b`` ``(n, K)``
+    theirs, so the sum over samples is one matrix product (``K = samples * rank``).
+    """
+
+    data: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+
+    @classmethod
+    def check(cls, traits: Traits, name, data, a, b, alpha) -> LowRankAccumulate:  # noqa: D102
+        _check_matrix(data, name, traits)
+        m, n = data.shape
+        k = _check_factor(a, "a", traits, m, data)
+        if _check_factor(b, "b", traits, n, data) != k:
+            raise ValueError(f"a and b must have the same number of columns, got {k} and {b.shape[1]}")
+        return cls(data, a, b, check_float(alpha, "alpha"))

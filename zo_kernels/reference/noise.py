@@ -150,3 +150,14 @@ def squared_norms(stream: str, seed: int, sample_ids: torch.Tensor, numel: int) 
             z = noise(stream, seed, ids[lo : lo + rows], chunk.start, len(chunk)).to(torch.float64)
             out[lo : lo + rows] += (z * z).sum(dim=1)
     return out
+
+
+def lowrank_perturb(out: torch.Tensor, theta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """``out = theta + scale * (a @ b.T)`` for an ``(m, n)`` matrix, in the accumulation dtype, rounded once."""
+    acc = accumulation_dtype(theta.dtype)
+    out.copy_((theta.to(acc) + scale * (a.to(acc) @ b.to(acc).t())).to(out.dtype))
+
+
+def lowrank_accumulate(data: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``data += alpha * (a @ b.T)`` in the accumulation dtype, rounded once."""
+    lowrank_perturb(data, data, a, b, alpha)
