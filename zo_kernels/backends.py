@@ -69,7 +69,7 @@ class ReferenceBackend(Backend):
         _ref.lowrank_perturb(op.out, op.theta, op.a, op.b, op.scale)
 
     def run_lowrank_accumulate(self, op):  # noqa: D102
-        _ref.lowrank_accumulate(op.data, op.a, op.b, op.alpha)
+        _ref.lowrank_accumulate(op.data, op.a, op.b, op.weights, op.alpha)
 
     def run_philox_words(self, op):  # noqa: D102
         blocks = torch.arange(op.block0, op.block0 + op.blocks, device=op.device)[None, :]

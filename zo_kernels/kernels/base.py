@@ -186,12 +186,16 @@ class Backend(abc.ABC):
         """
         self.run_lowrank_perturb(LowRankPerturb.check(self.traits, out, theta, a, b, scale))
 
-    def lowrank_accumulate(self, data: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-        """``data += alpha * (a @ b.T)``: the sum over samples of low-rank noise as one matrix product.
+    def lowrank_accumulate(
+        self, data: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, alpha: float
+    ) -> None:
+        """``data += alpha * a @ diag(weights) @ b.T``: the sum over samples of low-rank noise, one matrix product.
 
-        ``a`` ``(m, K)`` and ``b`` ``(n, K)`` float32 hold the (weighted) factors of the samples side by side.
+        ``a`` ``(m, K)`` and ``b`` ``(n, K)`` float32 hold the samples' factors side by side, ``weights``
+        ``(K,)`` each column's weight.
         """
-        self.run_lowrank_accumulate(LowRankAccumulate.check(self.traits, "data", data, a, b, alpha))
+        op = LowRankAccumulate.check(self.traits, "data", data, a, b, weights, alpha)
+        self.run_lowrank_accumulate(op)
 
     def prefers_kept_noise(self, stream: str, numel: int, rows: int = 1) -> bool:
         """Whether keeping ``rows`` samples' noise (``numel`` floats each) and accumulating it beats ``reduce``.
@@ -238,8 +242,8 @@ class Backend(abc.ABC):
         gemm_into(op.out, op.theta, op.a, op.b, op.scale)
 
     def run_lowrank_accumulate(self, op: LowRankAccumulate) -> None:
-        """``data += alpha * a @ b.T`` as one GEMM: see :func:`gemm_into`."""
-        gemm_into(op.data, op.data, op.a, op.b, op.alpha)
+        """``data += alpha * (a * weights) @ b.T`` as one GEMM: see :func:`gemm_into`."""
+        gemm_into(op.data, op.data, op.a.to(op.weights.dtype) * op.weights, op.b, op.alpha)
 
 
 def gemm_into(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:

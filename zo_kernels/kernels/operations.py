@@ -30,6 +30,7 @@ from .checks import (
     check_tensor,
     check_weights,
 )
+from .dtypes import accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -280,22 +281,25 @@ class LowRankPerturb:
 
 @dataclass(frozen=True)
 class LowRankAccumulate:
-    """``data += alpha * (a @ b.T)``: the reduce (``alpha > 0``) and step of low-rank noise.
+    """``data += alpha * a @ diag(weights) @ b.T``: the reduce (``alpha > 0``) and step of low-rank noise.
 
-    ``a`` ``(m, K)`` holds the weighted factors of all samples side by side and ``b`` ``(n, K)``
-    theirs, so the sum over samples is one matrix product (``K = samples * rank``).
+    ``a`` ``(m, K)`` holds the factors of all samples side by side and ``b`` ``(n, K)`` theirs
+    (float32), ``weights`` ``(K,)`` the weight of each column (a sample's weight, repeated over
+    its rank), converted to the accumulation dtype: the sum over samples is one matrix product.
     """
 
     data: torch.Tensor
     a: torch.Tensor
     b: torch.Tensor
+    weights: torch.Tensor
     alpha: float
 
     @classmethod
-    def check(cls, traits: Traits, name, data, a, b, alpha) -> LowRankAccumulate:  # noqa: D102
+    def check(cls, traits: Traits, name, data, a, b, weights, alpha) -> LowRankAccumulate:  # noqa: D102
         _check_matrix(data, name, traits)
         m, n = data.shape
         k = _check_factor(a, "a", traits, m, data)
         if _check_factor(b, "b", traits, n, data) != k:
             raise ValueError(f"a and b must have the same number of columns, got {k} and {b.shape[1]}")
-        return cls(data, a, b, check_float(alpha, "alpha"))
+        w = check_weights(weights, k, data.device, accumulation_dtype(data.dtype), host_ok=traits.placement.host_ids)
+        return cls(data, a, b, w, check_float(alpha, "alpha"))

@@ -158,6 +158,9 @@ def lowrank_perturb(out: torch.Tensor, theta: torch.Tensor, a: torch.Tensor, b: 
     out.copy_((theta.to(acc) + scale * (a.to(acc) @ b.to(acc).t())).to(out.dtype))
 
 
-def lowrank_accumulate(data: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """``data += alpha * (a @ b.T)`` in the accumulation dtype, rounded once."""
-    lowrank_perturb(data, data, a, b, alpha)
+def lowrank_accumulate(
+    data: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor, alpha: float
+) -> None:
+    """``data += alpha * a @ diag(weights) @ b.T`` in the accumulation dtype, rounded once."""
+    acc = accumulation_dtype(data.dtype)
+    lowrank_perturb(data, data, a.to(acc) * weights.to(acc), b, alpha)
