@@ -42,7 +42,12 @@ FAST = settings(
 CPU_BACKENDS = [name for name in ("reference", "cpu") if backends.available()[name] == "available"]
 AVAILABLE = {name for name, status in backends.available().items() if status == "available"}
 METHODS = ["naive", "forward", "antithetic"]
-FUSED = {"normal": distributions.Normal(), "rademacher": distributions.Rademacher(), "sphere": distributions.Sphere()}
+FUSED = {
+    "normal": distributions.Normal(),
+    "rademacher": distributions.Rademacher(),
+    "sphere": distributions.Sphere(),
+    "lowrank": distributions.LowRank(2),
+}
 BAD_DTYPES = [
     torch.int8,
     torch.int16,
@@ -177,7 +182,7 @@ SETTING_CASES = st.one_of(
         st.one_of(st.integers(), st.floats(), st.text(max_size=3)),
         TypeError,
         r"distribution must have a \.sample\(sample_shape\) method .* or be a function of the sample shape",
-        r"distribution must be zo_kernels.distributions.Normal\(\), Rademacher\(\) or Sphere\(\)",
+        r"distribution must be zo_kernels.distributions.Normal\(\), Rademacher\(\), Sphere\(\) or LowRank\(\)",
     ),
     cases(
         "distribution",

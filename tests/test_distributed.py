@@ -31,7 +31,7 @@ WORKER = textwrap.dedent(
     {problem}
     results = {{}}
     for method in ("naive", "forward", "antithetic"):
-        for name in ("Normal", "Rademacher", "Sphere"):
+        for name in ("Normal", "Rademacher", "Sphere", "LowRank"):
             tree = {{k: v.clone().requires_grad_() for k, v in params.items()}}
             torch.manual_seed(100 + rank)  # different RNG per rank: the seed must come from rank 0
             fn = zo_kernels.zero_order(getattr(distributions, name)(), method=method, num_samples=7, sigma=0.05,

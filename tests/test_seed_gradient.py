@@ -14,7 +14,7 @@ from helpers import assert_close
 pytestmark = pytest.mark.usefixtures("each_cpu_backend")
 
 METHODS = ["naive", "forward", "antithetic"]
-DISTS = [distributions.Normal(), distributions.Rademacher(), distributions.Sphere()]
+DISTS = [distributions.Normal(), distributions.Rademacher(), distributions.Sphere(), distributions.LowRank(3)]
 
 
 def problem():

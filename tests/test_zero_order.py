@@ -11,7 +11,7 @@ from zo_kernels import distributions
 pytestmark = pytest.mark.usefixtures("each_cpu_backend")
 
 METHODS = ["naive", "forward", "antithetic"]
-BUILTINS = [distributions.Normal(), distributions.Rademacher(), distributions.Sphere()]
+BUILTINS = [distributions.Normal(), distributions.Rademacher(), distributions.Sphere(), distributions.LowRank()]
 
 
 def quadratic(d: int = 6, offset: float = 0.0, seed: int = 0):

@@ -56,12 +56,7 @@ class FusedDistribution:
         from . import backends  # late: backends imports the kernels, which import this module's siblings
 
         shape = _as_size(sample_shape)
-        if seed is None:
-            seed = draw_seed()
-        elif isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int in [0, 2**64) or None, got {type(seed).__name__} {seed!r}")
-        elif not 0 <= seed < 2**64:
-            raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+        seed = _check_seed(seed)
         where = torch.device(device) if device is not None else torch.device("cpu")
         z = backends.select(where, torch.float32).sample(self.stream, seed, 0, 0, shape.numel(), where)
         if self.sphere and z.numel() > 0:
@@ -99,6 +94,70 @@ class Sphere(FusedDistribution):
 
     stream = _noise.NORMAL
     sphere = True
+
+
+class LowRank(FusedDistribution):
+    """Low-rank noise (EGGROLL, arXiv 2511.16652): each matrix perturbed by ``A B^T / sqrt(rank)``.
+
+    A tensor with ``ndim >= 2`` is a matrix ``(shape[0], numel // shape[0])``; each sample draws
+    standard normal factors ``A`` ``(m, rank)`` and ``B`` ``(n, rank)`` from the counter-based
+    stream (their layout: ``docs/noise.md``) and perturbs it by ``A B^T / sqrt(rank)``, which has
+    mean 0, variance 1 per element and identity covariance, so every method keeps its formula.
+    Tensors with ``ndim < 2`` get standard normal noise as with :class:`Normal`.
+
+    With ``batch_size``, the members of a vmapped call share the weights: ``F.linear``, matmul,
+    ``addmm`` and ``F.embedding`` on a perturbed matrix become the shared product plus each
+    member's low-rank term (``docs/lowrank.md``), so a population costs about one batched
+    forward pass. A ``rank >= min(m, n)`` is allowed but wasteful: the factors then cost more than
+    full-rank noise.
+
+    Args:
+        rank: the rank ``r`` of each matrix's perturbation, an int >= 1.
+    """
+
+    stream = _noise.NORMAL
+
+    def __init__(self, rank: int = 1) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int >= 1, got {type(rank).__name__} {rank!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank}")
+        self.rank = rank
+
+    def sample(
+        self,
+        sample_shape: ShapeLike = torch.Size(),
+        *,
+        seed: Optional[int] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> torch.Tensor:
+        """One float32 sample (sample id 0) for a tensor of ``sample_shape`` at flat offset 0: ``A B^T / sqrt(r)``."""
+        from .estimator.lowrank import lowrank_noise  # late: the estimator imports this module
+
+        shape = _as_size(sample_shape)
+        seed = _check_seed(seed)
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        return lowrank_noise(self.rank, seed, 0, shape, where)
+
+    def __repr__(self) -> str:
+        return f"LowRank(rank={self.rank})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.rank == other.rank  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.rank))
+
+
+def _check_seed(seed: Optional[int]) -> int:
+    """``seed`` checked (an int in [0, 2**64)), or one draw from PyTorch's default generator when None."""
+    if seed is None:
+        return draw_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int in [0, 2**64) or None, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
+    return seed
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:

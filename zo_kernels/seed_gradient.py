@@ -88,6 +88,7 @@ class SeedGradient:
         stream: ``'normal'`` or ``'rademacher'``.
         shapes, dtypes: the layout of the flattened parameters.
         loss: the unperturbed loss ``f(theta)`` (a float), when it was evaluated.
+        rank: for ``LowRank(rank)`` noise, its rank (matrices get ``A B^T / sqrt(rank)``); None: full rank.
     """
 
     seed: int
@@ -98,6 +99,7 @@ class SeedGradient:
     shapes: List[torch.Size]
     dtypes: List[torch.dtype]
     loss: Optional[float] = None
+    rank: Optional[int] = None
 
     def _check_layout(self, leaves: List[Any]) -> None:
         for k, p in enumerate(leaves):
@@ -114,7 +116,7 @@ class SeedGradient:
             where = torch.device(device) if device is not None else torch.device("cpu")
         except (RuntimeError, TypeError, ValueError) as exc:
             raise TypeError(f"device must be a torch.device, a device string or None, got {device!r}") from exc
-        grads, offset, family = [], 0, stream_family(self.stream)
+        grads, offset, family = [], 0, stream_family(self.stream, self.rank)
         for shape, dtype in zip(self.shapes, self.dtypes):
             g = torch.zeros(shape, dtype=dtype, device=where)
             w = self.weights.to(device=where, dtype=accumulation_dtype(dtype))
@@ -141,7 +143,7 @@ class SeedGradient:
                 raise ValueError(
                     f"apply_ updates parameters in place: every parameter must be contiguous, but leaf {k} is not"
                 )
-        offset, family = 0, stream_family(self.stream)
+        offset, family = 0, stream_family(self.stream, self.rank)
         for p in leaves:
             w = self.weights.to(device=p.device, dtype=accumulation_dtype(p.dtype))
             backend = _backends.select(p.device, p.dtype)
@@ -160,6 +162,7 @@ class SeedGradient:
             "shapes": [list(s) for s in self.shapes],
             "dtypes": [str(d) for d in self.dtypes],
             "loss": self.loss,
+            "rank": self.rank,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -198,6 +201,9 @@ class SeedGradient:
         loss = state.get("loss")
         if loss is not None and (isinstance(loss, bool) or not isinstance(loss, numbers.Real)):
             raise TypeError(f"state['loss'] must be a real number or None, got {type(loss).__name__} {loss!r}")
+        rank = state.get("rank")
+        if rank is not None:
+            rank = _state_int(rank, "state['rank']", 1, 2**31)
         return cls(
             seed=seed,
             sample_ids=torch.tensor(ids, dtype=torch.int64),
@@ -207,6 +213,7 @@ class SeedGradient:
             shapes=shapes,
             dtypes=dtypes,
             loss=None if loss is None else float(loss),
+            rank=rank,
         )
 
 
@@ -281,4 +288,5 @@ def estimate(
         shapes=[p.shape for p in leaves],
         dtypes=[p.dtype for p in leaves],
         loss=float(f0),
+        rank=getattr(settings.family, "rank", None),
     )

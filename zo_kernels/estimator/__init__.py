@@ -19,6 +19,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from . import lowrank as _lowrank  # noqa: F401  (registers the LowRank family)
 from .evaluate import Evaluate, EvaluatorState, Sums, evaluate_share
 from .plan import Plan, make_plan
 from .reduce import (

@@ -115,31 +115,45 @@ class _Batch:
     """The buffers of batched evaluation: ``width`` samples' rows per segment (and their kept noise)."""
 
     def __init__(self, plan: Plan, sums: Sums, width: int) -> None:
-        signs = len(plan.signs)
+        signs, family = len(plan.signs), plan.family
         self.plan, self.width = plan, width
-        self.buffers = [
-            torch.empty((width * signs, seg.theta.numel()), dtype=seg.theta.dtype, device=seg.theta.device)
-            for seg in plan.segments
-        ]
-        self.kept = [
-            None if acc is None else plan.family.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)
-        ]
+        self.buffers = [family.batch_buffer(seg, width * signs) for seg in plan.segments]
+        self.kept = [None if acc is None else family.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)]
         self.scales = torch.tensor(plan.scales, dtype=torch.float64)
         self.sign_scales = torch.tensor([sign * plan.settings.sigma for sign in plan.signs], dtype=torch.float64)
+        self.counts: List[int] = []  # how many of the vmapped tensors each segment contributes
 
     def perturb(self, lo: int, hi: int) -> List[torch.Tensor]:
-        """Rows of samples ``lo..hi-1`` (one ``perturb_rows`` per segment), as the function's leaves."""
+        """The tensors vmap maps over for samples ``lo..hi-1`` (each family's ``batch_inputs``, segment by segment)."""
         ids = torch.arange(lo, hi, dtype=torch.int64)
         row_scales = self.scales[lo:hi, None] * self.sign_scales
         rows = (hi - lo) * len(self.plan.signs)
+        inputs: List[torch.Tensor] = []
+        self.counts = []
         for seg, buf, z in zip(self.plan.segments, self.buffers, self.kept):
             keep = None if z is None else z[: hi - lo]
-            self.plan.family.perturb_rows(seg, buf[:rows], self.plan.seed, ids, row_scales, keep)
-        return [
-            buf[:rows, a:b].view(rows, *shape)
-            for seg, buf in zip(self.plan.segments, self.buffers)
-            for a, b, shape in seg.parts
-        ]
+            made = self.plan.family.batch_inputs(
+                seg, None if buf is None else buf[:rows], self.plan.seed, ids, row_scales, keep
+            )
+            self.counts.append(len(made))
+            inputs.extend(made)
+        return inputs
+
+    def member(self, evaluate: Evaluate) -> Callable[..., torch.Tensor]:
+        """The function vmap runs: one member's slices of the inputs -> the leaves -> ``evaluate``."""
+        family, segments = self.plan.family, self.plan.segments
+
+        def run(*tensors: torch.Tensor) -> torch.Tensor:
+            rewrites: dict = {}
+            leaves: List[torch.Tensor] = []
+            start = 0
+            for seg, count in zip(segments, self.counts):
+                leaves.extend(family.member_leaves(seg, tensors[start : start + count], rewrites))
+                start += count
+            with family.member_context(rewrites):
+                return evaluate(leaves)
+
+        return run
 
     def accumulate(self, sums: Sums, weigh: Weigh, block: torch.Tensor, lo: int, hi: int) -> None:
         """``sums += sum_i w_i z_i`` over the block's kept noise (one matrix-vector product per segment)."""
@@ -183,7 +197,7 @@ def batched_blocks(
     """
     first, count, signs = plan.share.first, plan.share.count, len(plan.signs)
     batch = _Batch(plan, sums, samples_per_call(plan.settings, count))
-    batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
+    batched = torch.func.vmap(batch.member(evaluate))
     blocks: List[torch.Tensor] = []
     for lo in range(first, first + count, batch.width):
         hi = min(lo + batch.width, first + count)

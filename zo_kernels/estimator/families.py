@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -119,6 +119,40 @@ class NoiseFamily(abc.ABC):
         keep: Optional[torch.Tensor],
     ) -> None:
         """Row ``i * signs + k`` of ``out`` gets ``theta + scales[i, k] * z_{ids[i]}`` (``keep[i] = z``)."""
+
+    # -- batched evaluation (``batch_size``): what one torch.func.vmap call maps over -------------
+
+    def batch_buffer(self, segment: Segment, rows: int) -> Optional[torch.Tensor]:
+        """A buffer for ``rows`` perturbed copies of the segment (reused by every vmapped call), or None."""
+        return torch.empty((rows, segment.theta.numel()), dtype=segment.theta.dtype, device=segment.theta.device)
+
+    def batch_inputs(
+        self,
+        segment: Segment,
+        buffer: Optional[torch.Tensor],
+        seed: int,
+        ids: torch.Tensor,
+        scales: torch.Tensor,
+        keep: Optional[torch.Tensor],
+    ) -> List[torch.Tensor]:
+        """The tensors vmap maps over for ``segment`` (dim 0: the ``ids.numel() * signs`` rows of the call).
+
+        By default the perturbed rows themselves (``perturb_rows`` into ``buffer``), one tensor per leaf.
+        """
+        self.perturb_rows(segment, buffer, seed, ids, scales, keep)
+        rows = buffer.shape[0]
+        return [buffer[:, a:b].view(rows, *shape) for a, b, shape in segment.parts]
+
+    def member_leaves(self, segment: Segment, rows: Sequence[torch.Tensor], rewrites: Dict[int, Any]) -> List[Any]:
+        """Inside vmap: the segment's leaves for one member, from its slices of :meth:`batch_inputs`.
+
+        A family whose members share a tensor may register it in ``rewrites`` for :meth:`member_context`.
+        """
+        return list(rows)
+
+    def member_context(self, rewrites: Dict[int, Any]) -> ContextManager:
+        """Entered around each member's call inside vmap (nothing by default)."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def accumulate(self, acc: torch.Tensor, keep: Any, weight: torch.Tensor) -> None:
@@ -365,8 +399,12 @@ def family_of(distribution: Any) -> NoiseFamily:
     return SampledFamily(distribution)
 
 
-def stream_family(stream: str) -> NoiseFamily:
-    """The full-rank family of ``stream`` (what a seed-compressed gradient reduces and steps with)."""
+def stream_family(stream: str, rank: Optional[int] = None) -> NoiseFamily:
+    """The family a seed-compressed gradient reduces and steps with: ``stream``'s, or ``LowRank(rank)``'s."""
+    if rank is not None:
+        from ..distributions import LowRank
+
+        return family_of(LowRank(rank))
     return StreamFamily(stream)
 
 

@@ -175,7 +175,7 @@ def check_regenerable(distribution: Any) -> Any:
             else type(distribution).__name__
         )
         raise TypeError(
-            "distribution must be zo_kernels.distributions.Normal(), Rademacher() or Sphere() "
+            "distribution must be zo_kernels.distributions.Normal(), Rademacher(), Sphere() or LowRank() "
             f"(a seed-compressed gradient needs the counter-based stream), got {given}"
         )
     return distribution
@@ -191,8 +191,8 @@ def _check_regenerable_options(
         for name, given in (("inplace=True", inplace), ("batch_size", batch_size), ("process_group", process_group)):
             if given is not None and given is not False:
                 raise ValueError(
-                    f"{name} needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher() or "
-                    "Sphere()): it relies on regenerating the noise from its seed"
+                    f"{name} needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher(), "
+                    "Sphere() or LowRank()): it relies on regenerating the noise from its seed"
                 )
     if batch_size is not None:
         check_num_samples(batch_size, "batch_size")
