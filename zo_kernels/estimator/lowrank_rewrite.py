@@ -1,0 +1,423 @@
+"""One low-rank population member evaluated on the shared, unperturbed weights.
+
+``LowRank`` perturbs a matrix ``W`` (``m x n``; a tensor with ``ndim >= 3`` is viewed as
+``(shape[0], numel // shape[0])``) per member ``i`` as ``W + A_i @ B_i.T``. A batch of members runs as
+one ``torch.func.vmap`` over the members' factors, and inside the vmapped function the user's code
+receives the *shared* ``W`` object. :class:`SharedWeights` is a ``TorchFunctionMode`` that rewrites
+each use of ``W`` so that no member's weights exist:
+
+- ``F.linear(x, W, b)`` -> ``F.linear(x, W, b) + (x @ B) @ A.T``;
+- ``x @ W`` (``torch.matmul``, ``Tensor.matmul``, ``torch.mm``, either operand) -> ``x @ W + (x @ A) @ B.T``;
+- ``torch.addmm(c, x, W, beta=, alpha=)`` (HF's GPT-2 ``Conv1D``) -> ``... + alpha * (x @ A) @ B.T``;
+- ``F.embedding(ids, W, ...)`` -> ``F.embedding(ids, W, ...) + F.embedding(ids, A) @ B.T``;
+- ``W.T``, ``W.t()``, ``W.mT``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``, ``W.swapaxes``, ``W.detach()``
+  return real views of ``W`` that stay tracked (a transpose swaps the roles of ``A`` and ``B``);
+- metadata queries (``shape``, ``dtype``, ``size()``, ``stride()``, ``len``, ...) pass through.
+
+Any other use (``W.pow(2)``, ``W[0]``, ``W.reshape``, ``F.conv2d`` with a 4-D weight, ...) gets the
+member's :func:`materialized` matrix for that one op, so results always equal a loop over
+materialized members; such an op warns once per process, by name. Tensors with ``ndim != 2`` are
+never rewritten.
+
+Rounding: for float32/float64 ``W`` the low-rank term is computed in ``W``'s dtype and added to the
+unperturbed product, so a rewritten op differs from the materialized one only by the order of
+float32/float64 roundings. For float16/bfloat16 ``W`` the term ``(x @ B) @ A.T`` is computed in
+``x``'s dtype (``A`` and ``B`` cast to it) and added to the half-precision product: this rounds the
+unperturbed product and the term separately, where :func:`materialized` rounds ``W + A @ B.T`` once
+before the product, so the two agree only to half-precision accuracy.
+
+In-place ops on a perturbed matrix act on the op's materialized copy, never on ``W``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["FAST_OPS", "SharedWeights", "materialized", "reset_warnings"]
+
+FAST_OPS: Tuple[str, ...] = (
+    "torch.nn.functional.linear (nn.Linear)",
+    "torch.matmul / Tensor.matmul / @ (the matrix on either side)",
+    "torch.mm / Tensor.mm (the matrix on either side)",
+    "torch.addmm / Tensor.addmm (the matrix as mat1 or mat2; HF transformers' Conv1D)",
+    "torch.nn.functional.embedding without max_norm (nn.Embedding)",
+    "transposed views: W.T, W.mT, W.t(), torch.t, W.transpose(0, 1), W.swapaxes/swapdims(0, 1), W.permute(1, 0)",
+    "W.detach(), and W.contiguous() / W.to(...) where they return W itself",
+    "metadata: shape, size(), dim(), ndim, dtype, device, numel(), stride(), is_contiguous(), len(), ...",
+)
+
+_WARNED: Set[str] = set()
+
+
+def reset_warnings() -> None:
+    """Forget which ops have warned, so that each warns again once (for tests)."""
+    _WARNED.clear()
+
+
+def _warn_once(name: str) -> None:
+    if name in _WARNED:
+        return
+    _WARNED.add(name)
+    warnings.warn(
+        f"zo_kernels: LowRank batch: `{name}` uses a perturbed matrix in a way that is not rewritten; the member's "
+        "weights are materialized for it (correct, but not at inference cost)",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def materialized(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """One member's perturbed weights ``W + (A @ B.T).view(W.shape)``.
+
+    Args:
+        W: the unperturbed weights, any shape with ``W.numel() == A.shape[0] * B.shape[0]``.
+        A: ``(m, r)``, the member's scale and sign already folded in.
+        B: ``(n, r)``.
+
+    Returns:
+        A new tensor of ``W``'s shape and dtype. The sum is formed in float64 for float64 ``W`` and
+        in float32 otherwise, and rounded once to ``W.dtype``.
+
+    Raises:
+        TypeError: ``W`` is not a real floating-point tensor.
+    """
+    if not W.is_floating_point():
+        raise TypeError(f"LowRank perturbs floating-point tensors only, got {W.dtype}")
+    acc = _accumulation_dtype(W.dtype)
+    z = A.to(acc) @ B.to(acc).T
+    return (W.to(acc) + z.view(W.shape)).to(W.dtype)
+
+
+class _Tracked:
+    """A tensor object the mode rewrites: ``tensor == W0 + A @ B.T`` for this member (``fast``: 2-D)."""
+
+    __slots__ = ("tensor", "A", "B", "fast")
+
+    def __init__(self, tensor: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.A = A
+        self.B = B
+        self.fast = tensor.ndim == 2
+
+    def factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.A.to(dtype), self.B.to(dtype)
+
+    def term_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # float16/bfloat16 weights: the term follows the activations (see the module's rounding note).
+        if self.tensor.dtype in (torch.float32, torch.float64) or not x.is_floating_point():
+            return self.tensor.dtype
+        return x.dtype
+
+
+def _bind(
+    args: Sequence[Any], kwargs: Mapping[str, Any], names: Sequence[str], defaults: Mapping[str, Any]
+) -> Optional[Dict[str, Any]]:
+    """``args``/``kwargs`` by parameter name, or None for anything unexpected (which then falls back).
+
+    The op itself still runs with the caller's own arguments, so it reports genuine misuse.
+    """
+    if len(args) > len(names):
+        return None
+    bound = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names or key in bound:
+            return None
+        bound[key] = value
+    for name in names:
+        if name not in bound:
+            if name not in defaults:
+                return None
+            bound[name] = defaults[name]
+    return bound
+
+
+Rule = Callable[["SharedWeights", Callable[..., Any], Tuple[Any, ...], Dict[str, Any]], Any]
+_RULES: Dict[Any, Rule] = {}
+
+
+def _rule(funcs: Sequence[Any], names: Sequence[str], defaults: Optional[Mapping[str, Any]] = None):
+    """Register ``rule(mode, func, bound, args, kwargs)`` for ``funcs`` (``bound``: the arguments by name).
+
+    A rule returns the rewritten result, or None to fall back to the materialized member.
+    """
+    defaults = defaults or {}
+
+    def register(rule):
+        def apply(mode: SharedWeights, func, args, kwargs):
+            bound = _bind(args, kwargs, names, defaults)
+            return None if bound is None else rule(mode, func, bound, args, kwargs)
+
+        for func in funcs:
+            _RULES[func] = apply
+        return rule
+
+    return register
+
+
+def _plain(mode: SharedWeights, *values: Any) -> bool:
+    """None of ``values`` is (or contains) a tracked tensor: the rewrite may use them as they are."""
+    return not any(mode.lookup(v) is not None for v in tree_flatten(list(values))[0])
+
+
+@_rule([F.linear], ("input", "weight", "bias"), {"bias": None})
+def _linear(mode, func, p, args, kwargs):
+    x, w = p["input"], p["weight"]
+    t = mode.lookup(w)
+    if t is None or not t.fast or not _plain(mode, x, p["bias"]):
+        return None
+    out = func(*args, **kwargs)
+    A, B = t.factors(t.term_dtype(x))
+    return out + ((x.to(A.dtype) @ B) @ A.T).to(out.dtype)
+
+
+def _product_term(mode: SharedWeights, left: Any, right: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """For ``left @ right`` with exactly one of them a fast tracked matrix: a thunk for the low-rank term.
+
+    A thunk, so that the op itself runs first and reports mismatched shapes in its own words.
+    """
+    tl, tr = mode.lookup(left), mode.lookup(right)
+    if (tl is None) == (tr is None):
+        return None
+    t, x = (tr, left) if tr is not None else (tl, right)
+    if not t.fast or not isinstance(x, torch.Tensor) or x.ndim == 0 or mode.lookup(x) is not None:
+        return None
+
+    def term() -> torch.Tensor:
+        A, B = t.factors(t.term_dtype(x))
+        xc = x.to(A.dtype)
+        return (xc @ A) @ B.T if t is tr else A @ (B.T @ xc)
+
+    return term
+
+
+@_rule([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__], ("input", "other"))
+@_rule([torch.mm, torch.Tensor.mm], ("input", "mat2"))
+def _matmul(mode, func, p, args, kwargs):
+    names = list(p)
+    term = _product_term(mode, p[names[0]], p[names[1]])
+    if term is None:
+        return None
+    out = func(*args, **kwargs)
+    return out + term().to(out.dtype)
+
+
+@_rule([torch.Tensor.__rmatmul__], ("input", "other"))
+def _rmatmul(mode, func, p, args, kwargs):
+    term = _product_term(mode, p["other"], p["input"])
+    if term is None:
+        return None
+    out = func(*args, **kwargs)
+    return out + term().to(out.dtype)
+
+
+@_rule([torch.addmm, torch.Tensor.addmm], ("input", "mat1", "mat2", "beta", "alpha"), {"beta": 1, "alpha": 1})
+def _addmm(mode, func, p, args, kwargs):
+    term = _product_term(mode, p["mat1"], p["mat2"])
+    if term is None or not _plain(mode, p["input"], p["beta"], p["alpha"]):
+        return None
+    out = func(*args, **kwargs)
+    extra = term()
+    if not (isinstance(p["alpha"], (int, float)) and p["alpha"] == 1):
+        extra = extra * p["alpha"]
+    return out + extra.to(out.dtype)
+
+
+@_rule(
+    [F.embedding],
+    ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False},
+)
+def _embedding(mode, func, p, args, kwargs):
+    ids, w = p["input"], p["weight"]
+    t = mode.lookup(w)
+    # max_norm renormalizes the looked-up rows of the weight in place: only a materialized copy may see that.
+    if t is None or not t.fast or p["max_norm"] is not None or not _plain(mode, ids):
+        return None
+    out = func(*args, **kwargs)
+    A, B = t.factors(t.tensor.dtype)
+    # padding_idx only shapes the gradient; the forward rows of A are looked up like any other.
+    return out + (F.embedding(ids, A) @ B.T).to(out.dtype)
+
+
+def _view_rule(mode: SharedWeights, func, self_arg: Any, swap: Optional[bool], args, kwargs):
+    """A 2-D view of a tracked matrix, tracked too: ``swap`` says it is the transpose (None: not a rewrite)."""
+    t = mode.lookup(self_arg)
+    if swap is None or t is None or not t.fast:
+        return None
+    view = func(*args, **kwargs)
+    if view is t.tensor:
+        return view
+    return mode.track(view, t.B, t.A) if swap else mode.track(view, t.A, t.B)
+
+
+def _swaps(d0: Any, d1: Any) -> Optional[bool]:
+    if not (isinstance(d0, int) and isinstance(d1, int)) or not (-2 <= d0 < 2 and -2 <= d1 < 2):
+        return None
+    return d0 % 2 != d1 % 2
+
+
+@_rule([torch.Tensor.t, torch.t], ("input",))
+@_rule([torch.Tensor.T.__get__, torch.Tensor.mT.__get__], ("input",))
+def _t(mode, func, p, args, kwargs):
+    return _view_rule(mode, func, p["input"], True, args, kwargs)
+
+
+@_rule([torch.Tensor.detach, torch.detach], ("input",))
+def _detach(mode, func, p, args, kwargs):
+    return _view_rule(mode, func, p["input"], False, args, kwargs)
+
+
+@_rule([torch.Tensor.transpose, torch.transpose, torch.Tensor.swapdims, torch.swapdims], ("input", "dim0", "dim1"))
+@_rule([torch.Tensor.swapaxes, torch.swapaxes], ("input", "axis0", "axis1"))
+def _transpose(mode, func, p, args, kwargs):
+    names = list(p)
+    return _view_rule(mode, func, p["input"], _swaps(p[names[1]], p[names[2]]), args, kwargs)
+
+
+def _permute(mode, func, args, kwargs):
+    dims: Any = None
+    if len(args) == 3 and not kwargs:
+        dims = args[1:]
+    elif len(args) == 2 and not kwargs:
+        dims = args[1]
+    elif len(args) == 1 and set(kwargs) == {"dims"}:
+        dims = kwargs["dims"]
+    if not isinstance(dims, (tuple, list, torch.Size)) or len(dims) != 2 or not args:
+        return None
+    return _view_rule(mode, func, args[0], _swaps(*dims), args, kwargs)
+
+
+_RULES[torch.Tensor.permute] = _permute
+_RULES[torch.permute] = _permute
+
+
+def _identity_or_none(mode, func, args, kwargs):
+    # W.contiguous() or W.to(W.dtype) is W itself, still tracked; a copy or a cast falls back.
+    if not args or mode.lookup(args[0]) is None or not _plain(mode, args[1:], kwargs):
+        return None
+    out = func(*args, **kwargs)
+    return out if out is args[0] else None
+
+
+_RULES[torch.Tensor.contiguous] = _identity_or_none
+_RULES[torch.Tensor.to] = _identity_or_none
+
+
+def _metadata() -> frozenset:
+    properties = (
+        "shape dtype device ndim requires_grad is_leaf grad_fn layout names is_cuda is_cpu is_meta is_mps "
+        "is_sparse is_quantized is_mkldnn is_nested itemsize nbytes _version output_nr"
+    )
+    methods = (
+        "size dim ndimension numel nelement stride storage_offset is_contiguous __len__ is_floating_point "
+        "is_complex is_signed element_size get_device data_ptr is_inference is_pinned is_shared __hash__ dim_order"
+    )
+    found: List[Any] = []
+    for name in properties.split():
+        prop = getattr(torch.Tensor, name, None)
+        if prop is not None and hasattr(prop, "__get__"):
+            found.append(prop.__get__)
+    found += [getattr(torch.Tensor, name) for name in methods.split() if hasattr(torch.Tensor, name)]
+    found += [getattr(torch, name) for name in ("numel", "is_floating_point", "is_complex") if hasattr(torch, name)]
+    return frozenset(found)
+
+
+_METADATA = _metadata()
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name in ("__get__", "__set__"):  # a property: name the property, not its descriptor slot
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class SharedWeights(TorchFunctionMode):
+    """Rewrites uses of perturbed matrices inside one vmapped population member.
+
+    Enter it inside the function ``torch.func.vmap`` maps over the members' factors, then call the
+    user's function with the shared ``W`` objects. Torch disables the mode while its handler runs, so
+    the rewrites' own torch calls are not intercepted again.
+    """
+
+    def __init__(self, factors: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Track the shared matrices of one member.
+
+        Args:
+            factors: ``id(W) -> (W, A, B)``: ``W`` the shared matrix object the function receives,
+                ``A`` ``(m, r)`` and ``B`` ``(n, r)`` this member's factors (inside vmap: per-member
+                views of batched tensors), so that the member's weights are ``W + (A @ B.T).view(W.shape)``.
+
+        Raises:
+            ValueError: a key is not ``id(W)``, or the factors' shapes do not fit ``W``.
+        """
+        super().__init__()
+        self._tracked: Dict[int, _Tracked] = {}
+        for key, (W, A, B) in factors.items():
+            if key != id(W):
+                raise ValueError("SharedWeights: each key must be id(W) of the W it maps to")
+            m = W.shape[0] if W.ndim else 0
+            if (
+                W.ndim < 2
+                or A.ndim != 2
+                or B.ndim != 2
+                or A.shape[1] != B.shape[1]
+                or A.shape[0] != m
+                or A.shape[0] * B.shape[0] != W.numel()
+            ):
+                raise ValueError(
+                    f"SharedWeights: factors {tuple(A.shape)} and {tuple(B.shape)} do not fit a weight of shape "
+                    f"{tuple(W.shape)} (expected (shape[0], r) and (numel // shape[0], r))"
+                )
+            self.track(W, A, B)
+
+    def track(self, tensor: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Rewrite ``tensor`` from now on as ``tensor + A @ B.T``; returns ``tensor``.
+
+        The mode keeps a reference, so the ``id`` stays ``tensor``'s while the mode lives.
+        """
+        self._tracked[id(tensor)] = _Tracked(tensor, A, B)
+        return tensor
+
+    def lookup(self, value: Any) -> Optional[_Tracked]:
+        """The tracking record of ``value`` if it is one of the tracked tensor objects, else None."""
+        t = self._tracked.get(id(value))
+        return t if t is not None and t.tensor is value else None
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Any:
+        """Run ``func`` with tracked tensors rewritten, or substituted by their materialized members."""
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        hits = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and self.lookup(v) is not None]
+        if not hits or func in _METADATA:
+            return func(*args, **kwargs)
+        rule = _RULES.get(func)
+        if rule is not None:
+            out = rule(self, func, args, kwargs)
+            if out is not None:
+                return out
+        _warn_once(_op_name(func))
+        members: Dict[int, torch.Tensor] = {}  # one copy per tensor, however often the op names it
+        for i in hits:
+            if id(flat[i]) not in members:
+                t = self._tracked[id(flat[i])]
+                members[id(flat[i])] = materialized(t.tensor, t.A, t.B)
+            flat[i] = members[id(flat[i])]
+        args, kwargs = tree_unflatten(flat, spec)
+        return func(*args, **kwargs)
