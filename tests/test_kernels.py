@@ -424,6 +424,64 @@ def test_squared_norms(kb, stream):
     assert kb.backend.squared_norms("normal", 3, ids[:0].to(kb.device), 100).numel() == 0
 
 
+# -- low-rank operations --------------------------------------------------------------------------
+
+#: (m, n, r): one element; m and n off the 64 x 64 tiles of the Triton kernels; r = 1, 3 and 17 (one
+#: and two K blocks of 16); more row tiles than a launch group (8); an empty matrix.
+LOWRANK_PERTURB_SHAPES = [(1, 1, 1), (3, 70, 3), (65, 129, 17), (520, 7, 1), (0, 5, 2)]
+#: (m, n, K): as above, with K = 100 and 257 spanning several K blocks of 32.
+LOWRANK_ACCUMULATE_SHAPES = [(1, 1, 1), (70, 3, 100), (65, 129, 257), (520, 7, 33), (0, 5, 2)]
+
+
+def _factors(m: int, n: int, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``a`` ``(m, r)`` and ``b`` ``(n, r)`` on the CPU, scaled so that ``a @ b.T`` is about N(0, 1)."""
+    return torch.randn(m, r), torch.randn(n, r) / r**0.5
+
+
+def _assert_lowrank_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """float64 matrices sum the (exact) products of the float32 factors in float64: held to 1e-12, which
+    a float32 accumulation (about 1e-7) would miss; the others to their dtype's tolerance."""
+    if dtype == torch.float64:
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-12, atol=1e-12)
+    else:
+        assert_close(actual.cpu(), expected, dtype, scale=2)
+
+
+@over()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,r", LOWRANK_PERTURB_SHAPES)
+def test_lowrank_perturb(kb, dtype, m, n, r):
+    theta_cpu = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    a, b = _factors(m, n, r)
+    expected = torch.empty_like(theta_cpu)
+    noise.lowrank_perturb(expected, theta_cpu, a, b, -0.37)
+    theta = kb.put(theta_cpu)
+    out = kb.put(torch.full_like(theta_cpu, float("nan")))  # poison: every element must be written
+    kb.backend.lowrank_perturb(out, theta, a.to(kb.device), b.to(kb.device), -0.37)
+    _assert_lowrank_close(out, expected, dtype)
+    assert torch.equal(theta.cpu(), theta_cpu)  # the input is left alone
+    kb.backend.lowrank_perturb(theta, theta, a.to(kb.device), b.to(kb.device), -0.37)  # in place
+    assert torch.equal(theta, out)  # in place or not, the same arithmetic
+
+
+@over()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", LOWRANK_ACCUMULATE_SHAPES)
+def test_lowrank_accumulate(kb, dtype, m, n, k):
+    start = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    a, b = _factors(m, n, k)
+    weights = torch.randn(k, dtype=torch.float64)  # converted to the accumulation dtype by the check
+    expected = start.clone()
+    noise.lowrank_accumulate(expected, a, b, weights, -0.75)
+    results = []
+    for _ in range(2):
+        data = kb.put(start)
+        kb.backend.lowrank_accumulate(data, a.to(kb.device), b.to(kb.device), weights.to(kb.device), -0.75)
+        results.append(data)
+    _assert_lowrank_close(results[0], expected, dtype)
+    assert torch.equal(results[0], results[1])  # deterministic
+
+
 # -- argument checks (kernels/operations.py), the same on every backend ----------------------------
 
 
@@ -470,6 +528,24 @@ def _bad_calls(t: Callable[..., torch.Tensor]) -> list:
         (lambda b: b.prepare_perturb(t(4), t(5), "normal", 0, 0), "out must have 5 elements"),
         (lambda b: b.prepare_perturb(t(4), t(4), "normal", 0, 0)(2**32, 1.0), "sample_id"),
         (lambda b: b.prepare_perturb(t(4), t(4), "normal", 0, 0, keep=t(3)), "keep"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(3, 2), t(5, 2), 1.0), r"a must be a \(4, r\) matrix"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4, 2), t(4, 2), 1.0), r"b must be a \(5, r\) matrix"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4), t(5, 1), 1.0), r"a must be a \(4, r\) matrix"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4, 0), t(5, 0), 1.0), "r >= 1"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4, 2), t(5, 3), 1.0), "same rank"),
+        (lambda b: b.lowrank_perturb(t(20), t(20), t(20, 1), t(1, 1), 1.0), "theta must be a matrix"),
+        (lambda b: b.lowrank_perturb(t(5, 4), t(4, 5), t(4, 2), t(5, 2), 1.0), "out must have theta's shape"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4, 2, dtype=f64), t(5, 2), 1.0),
+         "a must have dtype torch.float32"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4, 2), t(5, 2, dtype=torch.float16), 1.0),
+         "b must have dtype torch.float32"),
+        (lambda b: b.lowrank_perturb(t(4, 5), t(4, 5), t(4, 2), t(5, 2), "1.0"), "scale"),
+        (lambda b: b.lowrank_accumulate(t(4, 5), t(4, 2), t(5, 3), t(2), 1.0), "same number of columns"),
+        (lambda b: b.lowrank_accumulate(t(4, 5), t(5, 2), t(5, 2), t(2), 1.0), r"a must be a \(4, r\) matrix"),
+        (lambda b: b.lowrank_accumulate(t(20), t(20, 2), t(1, 2), t(2), 1.0), "data must be a matrix"),
+        (lambda b: b.lowrank_accumulate(t(4, 5), t(4, 2, dtype=f64), t(5, 2), t(2), 1.0), "a must have dtype"),
+        (lambda b: b.lowrank_accumulate(t(4, 5), t(4, 2), t(5, 2), t(3), 1.0), "weights must have 2"),
+        (lambda b: b.lowrank_accumulate(t(4, 5), t(4, 2), t(5, 2), t(2), None), "alpha"),
     ]  # fmt: skip
 
 

@@ -21,7 +21,17 @@ import torch
 from ..base import Backend
 from ..checks import MAX_INDEX, Placement
 from ..dtypes import PARAMETER_DTYPES
-from ..operations import Accumulate, Perturb, PerturbRows, PhiloxWords, Sample, SquaredNorms, Traits
+from ..operations import (
+    Accumulate,
+    LowRankAccumulate,
+    LowRankPerturb,
+    Perturb,
+    PerturbRows,
+    PhiloxWords,
+    Sample,
+    SquaredNorms,
+    Traits,
+)
 
 __all__ = ["DTYPES", "MAX_INDEX", "TritonBackend", "load_backend"]
 
@@ -102,6 +112,20 @@ class TritonBackend(Backend):
     def run_philox_words(self, op: PhiloxWords) -> torch.Tensor:  # noqa: D102
         with self._on(op.device):
             return self._ops.philox_blocks(op.block0, op.blocks, op.sample_id, 0, op.seed, op.device)
+
+    def run_lowrank_perturb(self, op: LowRankPerturb) -> None:
+        """One fused pass of :func:`.lowrank.lowrank_perturb`: no ``m x n`` temporary, rounded once."""
+        from . import lowrank  # here, not at the top: this module imports without Triton (load_backend says why)
+
+        with self._on(op.theta.device):
+            lowrank.lowrank_perturb(op.out, op.theta, op.a, op.b, op.scale)
+
+    def run_lowrank_accumulate(self, op: LowRankAccumulate) -> None:
+        """``data += alpha * a @ diag(weights) @ b.T`` as the tiled GEMM of :func:`.lowrank.lowrank_accumulate`."""
+        from . import lowrank
+
+        with self._on(op.data.device):
+            lowrank.lowrank_accumulate(op.data, op.a, op.b, op.weights, op.alpha)
 
 
 def _weights_dtype(data: torch.dtype, given: torch.dtype) -> torch.dtype:

@@ -1,10 +1,11 @@
 """Every Triton kernel variant the backend can launch, compiled ahead of time for a GPU target.
 
 A *variant* is one kernel with the argument types, constexprs and launch options that a launcher
-in :mod:`.ops` can give it: each stream, each parameter dtype, each ROWS / SIGNS / STEP / PARTIAL
-case, and both alignments (``ALIGN``: vector loads when the offset and size allow). The tile
-config is fixed per stream (:data:`.ops.CONFIGS`) and every integer argument carries a type
-annotation, so values never select a variant. :func:`compile_variant` builds one with Triton's own
+in :mod:`.ops` (or :mod:`.lowrank`) can give it: each stream, each parameter dtype, each ROWS /
+SIGNS / STEP / PARTIAL case, and both alignments (``ALIGN``: vector loads when the offset and size
+allow). The tile config is fixed per stream (:data:`.ops.CONFIGS`) or operation
+(:data:`.lowrank.PERTURB_CONFIG`, :data:`.lowrank.ACCUMULATE_CONFIG`) and every integer argument
+carries a type annotation, so values never select a variant. :func:`compile_variant` builds one with Triton's own
 compiler for an explicit :class:`GPUTarget` (``sm_90`` by default), which needs no GPU: the
 interpreter accepts code that the compiler rejects, so ``tests/test_triton_compile.py`` compiles
 every variant, and ``bench/sass_report.py`` reads the SASS of each.
@@ -30,7 +31,7 @@ import triton
 from triton.runtime.jit import JITFunction
 
 from .. import sass
-from . import ops
+from . import lowrank, ops
 from .philox import STREAM_IDS
 
 #: Triton's type strings of the parameter dtypes.
@@ -65,8 +66,9 @@ class Variant:
 
     @property
     def block(self) -> int:
-        """The tile size (``BLOCK``)."""
-        return int(dict(self.constexprs)["BLOCK"])
+        """The tile size: ``BLOCK``, or ``BLOCK_M * BLOCK_N`` output elements of a low-rank kernel."""
+        consts = dict(self.constexprs)
+        return int(consts["BLOCK"]) if "BLOCK" in consts else int(consts["BLOCK_M"]) * int(consts["BLOCK_N"])
 
     @property
     def align(self) -> int:
@@ -85,7 +87,8 @@ class Variant:
         consts = dict(self.constexprs)
         if consts.get("ROWS"):
             parts.append(f"signs{consts['SIGNS']}")
-        parts += [f"B{self.block}", f"nw{self.num_warps}"]
+        tile = f"{consts['BLOCK_M']}x{consts['BLOCK_N']}x{consts['BLOCK_K']}" if "BLOCK_M" in consts else self.block
+        parts += [f"B{tile}", f"nw{self.num_warps}"]
         if "ALIGN" in consts:
             parts.append(f"a{consts['ALIGN']}")
         parts.append(self.index)
@@ -168,13 +171,29 @@ def _split_variants(dtype: torch.dtype, align: int) -> Iterator[Variant]:
         )  # fmt: skip
 
 
+def _lowrank_variants(dtype: torch.dtype, align: int) -> Iterator[Variant]:
+    """The two launches of :func:`.lowrank._lowrank_kernel` for ``dtype``: perturb (unweighted), accumulate."""
+    ptr, accptr = POINTER_TYPES[dtype], POINTER_TYPES[_acc(dtype)]
+    for op, config, weights in (("lowrank_perturb", lowrank.PERTURB_CONFIG, None),
+                                ("lowrank_accumulate", lowrank.ACCUMULATE_CONFIG, _acc(dtype))):  # fmt: skip
+        yield Variant(
+            op, lowrank._lowrank_kernel,
+            (("out_ptr", ptr), ("theta_ptr", ptr), ("a_ptr", "*fp32"), ("b_ptr", "*fp32"),
+             ("w_ptr", "*fp32" if weights is None else accptr)),
+            (("ACC", ops._acc(dtype)), ("WEIGHTED", weights is not None), ("BLOCK_M", config.block_m),
+             ("BLOCK_N", config.block_n), ("BLOCK_K", config.block_k), ("GROUP_M", config.group_m), ("ALIGN", align)),
+            config.num_warps, INDEX_WIDTHS[0], dtype=dtype, weights=weights,
+        )  # fmt: skip
+
+
 def variants() -> Iterator[Variant]:
-    """Every variant the launchers of :mod:`.ops` can produce."""
+    """Every variant the launchers of :mod:`.ops` and :mod:`.lowrank` can produce."""
     for dtype in POINTER_TYPES:
         for align in _aligns(dtype):
             for stream in STREAM_IDS:
                 yield from _noise_variants(stream, dtype, align)
             yield from _split_variants(dtype, align)
+            yield from _lowrank_variants(dtype, align)
     yield Variant(
         "squared_norms", ops._squared_norms_kernel, (("partial_ptr", "*fp64"), ("ids_ptr", "*i64")),
         (("BLOCK", ops.NORM_BLOCK),), ops.NUM_WARPS, INDEX_WIDTHS[0], stream="normal",
@@ -242,6 +261,13 @@ _PTXAS_LINE = {
 }
 
 
+#: The register-allocation flag Triton's own ``make_cubin`` passes ptxas (Triton 3.9, "to work around
+#: a ptxas 13.x bug"): it changes the allocation (a float64 low-rank kernel: 130 registers and no
+#: spill with it, 128 and an 8-byte spill without), so the report uses it to describe the cubin that
+#: runs. A ptxas that rejects it is asked again without it.
+TRITON_PTXAS_FLAGS = ("--regAllocOptLevel=2",)
+
+
 def ptxas_info(ptx: str, kernel_name: str, arch: int = 90) -> Dict[str, int]:
     """Registers, spill bytes and stack frame of ``kernel_name`` as ``ptxas -v`` reports them."""
     gpu = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
@@ -251,8 +277,11 @@ def ptxas_info(ptx: str, kernel_name: str, arch: int = 90) -> Dict[str, int]:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(ptx)
-        cmd = [ptxas(arch), "-v", f"--gpu-name={gpu.group(1)}", path, "-o", os.path.join(tmp, "k.cubin")]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        for flags in (TRITON_PTXAS_FLAGS, ()):
+            cmd = [ptxas(arch), "-v", *flags, f"--gpu-name={gpu.group(1)}", path, "-o", os.path.join(tmp, "k.cubin")]
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                break
     if result.returncode != 0:
         raise RuntimeError(f"ptxas failed on {kernel_name}:\n{result.stderr[-4000:]}")
     text = result.stderr.split(f"Compiling entry function '{kernel_name}'")[-1]
@@ -263,6 +292,9 @@ def ptxas_info(ptx: str, kernel_name: str, arch: int = 90) -> Dict[str, int]:
 APPROX_PTX = re.compile(r"\b(sin|cos|lg2|ex2|sqrt|rsqrt)\.approx")
 #: Ops whose kernels loop over samples (or chunks): their loop must not synchronize the block.
 LOOP_OPS = ("reduce", "step", "reduce_partial", "reduce_finish", "step_finish")
+#: Ops whose hot loop is a GEMM's K loop: counted too (its local memory is checked), but it stages
+#: the factor tiles through shared memory between barriers by design.
+GEMM_OPS = ("lowrank_perturb", "lowrank_accumulate")
 
 
 def _report_row(index: int) -> Dict[str, Any]:
@@ -276,7 +308,7 @@ def _report_row(index: int) -> Dict[str, Any]:
         return {**row, "error": f"{type(exc).__name__}: {exc}"[-2000:]}
     row.update(registers=c.registers, spill_stores=c.spill_stores, spill_loads=c.spill_loads, stack=c.stack,
                approx=len(APPROX_PTX.findall(c.ptx)), error=None)  # fmt: skip
-    if v.op in LOOP_OPS:
+    if v.op in LOOP_OPS + GEMM_OPS:
         loop = sass.count(sass.disassemble(c.cubin)[c.kernel_name])
         row.update(loop_instructions=loop.per_iteration, loop_barriers=loop.barriers, loop_shared=loop.shared,
                    loop_local=loop.local)  # fmt: skip
