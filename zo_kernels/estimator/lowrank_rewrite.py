@@ -177,11 +177,25 @@ def _linear(mode, func, p, args, kwargs):
         return None
     out = func(*args, **kwargs)
     A, B = t.factors(t.term_dtype(x))
-    return out + ((x.to(A.dtype) @ B) @ A.T).to(out.dtype)
+    return _plus(out, x.to(A.dtype) @ B, A.T)
 
 
-def _product_term(mode: SharedWeights, left: Any, right: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """For ``left @ right`` with exactly one of them a fast tracked matrix: a thunk for the low-rank term.
+def _plus(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``out + left @ right`` for ``left`` ``(..., r)``, ``right`` ``(r, k)``.
+
+    At rank 1 the term is an outer product: one broadcast multiply-add (``addcmul``) writes the
+    result in a single pass, where a ``K = 1`` matmul and an add would pass over it twice (the
+    members' activations are the largest tensors of the batch).
+    """
+    if left.shape[-1] == 1 and right.ndim == 2 and left.dtype == right.dtype == out.dtype:
+        return torch.addcmul(out, left, right)
+    return out + (left @ right).to(out.dtype)
+
+
+def _product_term(
+    mode: SharedWeights, left: Any, right: Any
+) -> Optional[Callable[[], Tuple[torch.Tensor, torch.Tensor]]]:
+    """For ``left @ right`` with exactly one of them a fast tracked matrix: a thunk for the low-rank term's factors.
 
     A thunk, so that the op itself runs first and reports mismatched shapes in its own words.
     """
@@ -192,10 +206,10 @@ def _product_term(mode: SharedWeights, left: Any, right: Any) -> Optional[Callab
     if not t.fast or not isinstance(x, torch.Tensor) or x.ndim == 0 or mode.lookup(x) is not None:
         return None
 
-    def term() -> torch.Tensor:
+    def term() -> Tuple[torch.Tensor, torch.Tensor]:
         A, B = t.factors(t.term_dtype(x))
         xc = x.to(A.dtype)
-        return (xc @ A) @ B.T if t is tr else A @ (B.T @ xc)
+        return (xc @ A, B.T) if t is tr else (A, B.T @ xc)
 
     return term
 
@@ -208,7 +222,7 @@ def _matmul(mode, func, p, args, kwargs):
     if term is None:
         return None
     out = func(*args, **kwargs)
-    return out + term().to(out.dtype)
+    return _plus(out, *term())
 
 
 @_rule([torch.Tensor.__rmatmul__], ("input", "other"))
@@ -217,7 +231,7 @@ def _rmatmul(mode, func, p, args, kwargs):
     if term is None:
         return None
     out = func(*args, **kwargs)
-    return out + term().to(out.dtype)
+    return _plus(out, *term())
 
 
 @_rule([torch.addmm, torch.Tensor.addmm], ("input", "mat1", "mat2", "beta", "alpha"), {"beta": 1, "alpha": 1})
@@ -226,10 +240,10 @@ def _addmm(mode, func, p, args, kwargs):
     if term is None or not _plain(mode, p["input"], p["beta"], p["alpha"]):
         return None
     out = func(*args, **kwargs)
-    extra = term()
+    left, right = term()
     if not (isinstance(p["alpha"], (int, float)) and p["alpha"] == 1):
-        extra = extra * p["alpha"]
-    return out + extra.to(out.dtype)
+        left = left * p["alpha"]
+    return _plus(out, left, right)
 
 
 @_rule(
@@ -246,7 +260,7 @@ def _embedding(mode, func, p, args, kwargs):
     out = func(*args, **kwargs)
     A, B = t.factors(t.tensor.dtype)
     # padding_idx only shapes the gradient; the forward rows of A are looked up like any other.
-    return out + (F.embedding(ids, A) @ B.T).to(out.dtype)
+    return _plus(out, F.embedding(ids, A), B.T)
 
 
 def _view_rule(mode: SharedWeights, func, self_arg: Any, swap: Optional[bool], args, kwargs):
