@@ -61,13 +61,14 @@ PATHS = {
 
 @pytest.mark.parametrize("k", [0, N // 2, N - 1], ids=["first", "middle", "last"])
 @pytest.mark.parametrize("path", PATHS)
-def test_function_raising_at_sample_k_loses_nothing(path, k):
+@pytest.mark.parametrize("dist", [distributions.Normal(), distributions.LowRank(2)], ids=repr)
+def test_function_raising_at_sample_k_loses_nothing(path, k, dist):
     params, x, loss = problem()
     options, call_of = PATHS[path]
     tree = {name: v.clone().requires_grad_() for name, v in params.items()}
-    fn = zo_kernels.zero_order(
-        distributions.Normal(), method="antithetic", num_samples=N, sigma=0.1, seed=3, **options
-    )(failing_at(loss, call_of(k)))
+    fn = zo_kernels.zero_order(dist, method="antithetic", num_samples=N, sigma=0.1, seed=3, **options)(
+        failing_at(loss, call_of(k))
+    )
     out = fn(tree, x)
     with pytest.raises(Boom) as info:
         out.backward()
