@@ -408,6 +408,20 @@ class SharedWeights(TorchFunctionMode):
         t = self._tracked.get(id(value))
         return t if t is not None and t.tensor is value else None
 
+    def _mentions(self, values: Any) -> bool:
+        """Whether a tracked tensor is among ``values`` (nested lists, tuples and dicts included)."""
+        tracked = self._tracked
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                if id(v) in tracked:
+                    return True
+            elif isinstance(v, (list, tuple)):
+                if self._mentions(v):
+                    return True
+            elif isinstance(v, dict) and self._mentions(v.values()):
+                return True
+        return False
+
     def __torch_function__(
         self,
         func: Callable[..., Any],
@@ -417,6 +431,10 @@ class SharedWeights(TorchFunctionMode):
     ) -> Any:
         """Run ``func`` with tracked tensors rewritten, or substituted by their materialized members."""
         kwargs = kwargs or {}
+        # Nearly every call of a forward pass touches no tracked tensor: a plain scan of the
+        # arguments decides that far cheaper than flattening them into a pytree.
+        if func in _METADATA or not (self._mentions(args) or self._mentions(kwargs.values())):
+            return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         hits = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and self.lookup(v) is not None]
         if not hits or func in _METADATA:
