@@ -177,7 +177,20 @@ def _linear(mode, func, p, args, kwargs):
         return None
     out = func(*args, **kwargs)
     A, B = t.factors(t.term_dtype(x))
-    return _plus(out, x.to(A.dtype) @ B, A.T)
+    return _plus(out, _times(x.to(A.dtype), B), A.T)
+
+
+def _times(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``x @ factor`` for activations ``x`` ``(..., n)`` and a member's ``factor`` ``(n, r)``.
+
+    Formed as ``(factor.T @ x.T).T``: when ``x`` is shared by the members (the first layer's
+    input), vmap then folds the members into the rows of one matrix product, where ``x @ factor``
+    would expand ``x`` once per member into a batched product with ``r`` output columns.
+    """
+    if x.ndim < 2:
+        return x @ factor
+    flat = x.reshape(-1, x.shape[-1])
+    return (factor.mT @ flat.mT).mT.reshape(*x.shape[:-1], factor.shape[-1])
 
 
 def _plus(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -209,7 +222,7 @@ def _product_term(
     def term() -> Tuple[torch.Tensor, torch.Tensor]:
         A, B = t.factors(t.term_dtype(x))
         xc = x.to(A.dtype)
-        return (xc @ A, B.T) if t is tr else (A, B.T @ xc)
+        return (_times(xc, A), B.T) if t is tr else (A, B.T @ xc)
 
     return term
 
