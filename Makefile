@@ -37,7 +37,9 @@ wheel: setup
 	$(PY) -m pip wheel --no-deps -w dist .
 
 bench: setup
+	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) bench/run.py
+	$(PY) bench/lowrank.py
 	$(PY) tools/readme_results.py
 
 # Offline SASS instruction counts of every GPU kernel (nvcc + Triton's compiler, no GPU) now and at the revisions

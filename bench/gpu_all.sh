@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call of at most 6 minutes, on a machine with a CUDA GPU (the device tool):
-# build in place, the GPU tests (compiled kernels, no interpreter), the GPU benchmark, `run.py --quick`.
+# build in place, the GPU tests (compiled kernels, no interpreter), the GPU benchmarks, `run.py --quick`.
 #
 #   bash bench/gpu_all.sh [STAGE ...]        # no STAGE: all of them, in this order
 #
 # Stages (name, timeout in seconds; the timeouts add up to 360 s):
 #   01 device        15  nvidia-smi, python/torch/triton versions, torch.cuda.get_device_name
-#   02 build         60  ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation
+#   02 build         40  ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation
 #                        --no-deps -e . (CMake + Ninja on every core), then import _C and _C_cuda
 #   03 backends      15  json of zo_kernels.backends.available(); fails unless cpu, cuda and triton are available
 #   04 sass          25  python bench/sass_report.py --out $OUT/sass.md --json $OUT/sass.json: the SASS bounds
 #                        of the kernels as this machine's nvcc and Triton compile them (no GPU needed)
-#   05 tests-cuda    40  the cuda cases of tests/test_kernels.py, tests/test_cuda_kernels.py
+#   05 tests-cuda    30  the cuda cases of tests/test_kernels.py, tests/test_cuda_kernels.py
 #   06 tests-triton  60  the triton cases of tests/test_kernels.py, tests/test_triton_kernels.py
 #                        (+ tests/test_triton_compile.py when present),
 #                        compiled for the GPU, split over parallel pytest processes (bench/pytest_shard.py)
@@ -19,6 +19,10 @@
 #   08 bench-gpu     70  python bench/gpu_kernels.py --quick --out $OUT/gpu.md (and gpu.json), with the
 #                        SASS bounds of $OUT/sass.json (stage 04), else of bench/results/sass.json
 #   09 run-quick     40  python bench/run.py --quick --out-dir $OUT/run
+#   10 lowrank-gpu   30  python bench/lowrank.py --sections gpu --out $OUT/lowrank-gpu.md: LowRank(1) vs Normal()
+#                        vs batched inference on GPT-2 small (124M parameters), 256 members
+# The 30 s of lowrank-gpu came from build, 60 -> 40 s (CMake configure + build of _C_cuda: 11 s on 2 cores here,
+# 16 cores there), and tests-cuda, 40 -> 30 s (15-25 s expected).
 #
 # Each stage writes $OUT/NN-NAME.log as it runs, is stopped at its timeout, and never stops the
 # stages after it. After every stage one line (number, name, ok / FAILED rc=N / TIMEOUT after N s /
@@ -52,7 +56,7 @@ MAX_TIMEOUT=${GPU_ALL_MAX_TIMEOUT:-}
 NPROC=$(nproc 2>/dev/null || echo 2)
 SHARDS=${GPU_ALL_SHARDS:-$((NPROC - 4 > 12 ? 12 : (NPROC - 4 < 1 ? 1 : NPROC - 4)))}
 SUMMARY=$OUT/summary.txt
-STAGE_NAMES=(device build backends sass tests-cuda tests-triton tests-gpu bench-gpu run-quick)
+STAGE_NAMES=(device build backends sass tests-cuda tests-triton tests-gpu bench-gpu run-quick lowrank-gpu)
 SELECTED=("$@")
 for wanted in "${SELECTED[@]}"; do
   [[ " ${STAGE_NAMES[*]} " == *" $wanted "* ]] || { echo "gpu_all.sh: unknown stage '$wanted' (stages: ${STAGE_NAMES[*]})" >&2; exit 2; }
@@ -237,17 +241,18 @@ if grep -q '^torch.cuda.is_available(): True' "$OUT/01-device.log" 2>/dev/null; 
 elif ! selected device && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   HAVE_GPU=1
 fi
-gpu_stage build 60 build
+gpu_stage build 40 build
 stage backends 15 backends_json
 gpu_stage sass 25 "$PY" bench/sass_report.py --out "$OUT/sass.md" --json "$OUT/sass.json"
 # The shared kernel suite's cuda / triton cases (-k also keeps every test of the backend's own files).
-gpu_stage tests-cuda 40 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_kernels.py tests/test_cuda_kernels.py -k cuda
+gpu_stage tests-cuda 30 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_kernels.py tests/test_cuda_kernels.py -k cuda
 export STAGE_LOG_STEM
 STAGE_LOG_STEM=$(printf '%02d' $((STAGE_NO + 1)))-tests-triton
 gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 -k triton "${TRITON_FILES[@]}"
 gpu_stage tests-gpu 35 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
 gpu_stage bench-gpu 70 gpu_bench
 gpu_stage run-quick 40 "$PY" bench/run.py --quick --out-dir "$OUT/run"
+gpu_stage lowrank-gpu 30 "$PY" bench/lowrank.py --sections gpu --out "$OUT/lowrank-gpu.md"
 
 echo
 echo "gpu_all.sh: summary ($OUT/summary.txt), $(seconds_since "$RUN_START") s in all:"

@@ -15,7 +15,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_all.sh")
-STAGES = ["device", "build", "backends", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick"]
+STAGES = [
+    "device", "build", "backends", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick",
+    "lowrank-gpu",
+]  # fmt: skip
+BUDGET_S = 360  # the stage timeouts add up to at most this (the device tool call: timeout_s=420 with start-up)
 LINE = re.compile(r"^(\d\d)  (\S+) +(ok|FAILED rc=\d+|TIMEOUT after \S+ s|SKIPPED \(no GPU\)) +(\d+\.\d) s$")
 
 FAKE_PYTHON = r"""#!/usr/bin/env bash
@@ -83,6 +87,7 @@ def test_failures_and_timeouts_do_not_stop_later_stages(tmp_path):
         "tests-gpu": "FAILED rc=1",
         "bench-gpu": "ok",
         "run-quick": "ok",
+        "lowrank-gpu": "ok",
     }
     for k, name in enumerate(STAGES, 1):
         log = (out / f"{k:02d}-{name}.log").read_text()
@@ -103,7 +108,7 @@ def test_without_a_gpu_the_gpu_stages_are_skipped_with_a_note(tmp_path):
     statuses = _statuses(lines)
     assert list(statuses) == STAGES
     assert statuses["device"] == "FAILED rc=1" and statuses["backends"] == "ok"
-    for name in ("build", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick"):
+    for name in ("build", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick", "lowrank-gpu"):
         assert statuses[name] == "SKIPPED (no GPU)"
     assert "no CUDA device" in (out / "02-build.log").read_text()
 
@@ -130,3 +135,14 @@ def test_shard_bounds_cover_every_item_once():
     assert pytest_shard.shard_spec("2/8") == (2, 8)
     with pytest.raises(ValueError):
         pytest_shard.shard_spec("8/8")
+
+
+def test_stage_timeouts_fit_the_budget():
+    text = open(SCRIPT).read()
+    calls = re.findall(r"^(?:gpu_)?stage ([a-z-]+) (\d+) ", text, flags=re.M)
+    assert [name for name, _ in calls] == STAGES
+    total = sum(int(limit) for _, limit in calls)
+    assert total <= BUDGET_S, calls
+    assert f"the timeouts add up to {total} s" in text  # the header says so
+    for k, (name, limit) in enumerate(calls, 1):  # and lists each stage with its timeout
+        assert re.search(rf"^#   {k:02d} {re.escape(name)} +{limit}  ", text, flags=re.M), name
