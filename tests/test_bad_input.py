@@ -199,6 +199,24 @@ SETTING_CASES = st.one_of(
         r"got the class \w+ \(pass an instance\)",
     ),
     cases(
+        "fitness_shaping",
+        st.text(max_size=12).filter(lambda t: t not in ("centered_ranks", "standardize")),
+        ValueError,
+        r"fitness_shaping must be None, 'centered_ranks', 'standardize' or a callable",
+    ),
+    cases(
+        "fitness_shaping",
+        st.one_of(st.integers(), st.floats(), st.booleans(), st.lists(st.integers(), max_size=2)),
+        TypeError,
+        r"fitness_shaping must be None, 'centered_ranks', 'standardize' or a callable",
+    ),
+    cases(
+        "rank",  # LowRank(rank): checked when the distribution is made, before any decoration
+        st.one_of(st.integers(max_value=0), st.floats(), st.booleans(), st.text(max_size=2)),
+        (TypeError, ValueError),
+        r"rank must be an int >= 1",
+    ),
+    cases(
         "argnums",
         st.lists(st.integers(-3, 3), min_size=1, max_size=3).map(lambda a: tuple(a + [a[0]])),
         ValueError,
@@ -236,7 +254,11 @@ def test_every_estimator_argument_is_checked_before_anything_runs(case, entry):
     theta = torch.randn(3, requires_grad=True)
     untouched = Untouched(theta)
     f = counting(square)
-    if entry == "estimate":
+    if name == "rank":
+        with pytest.raises(exc, match=match):
+            decorate = zo_kernels.estimate if entry == "estimate" else zo_kernels.zero_order
+            decorate(distributions.LowRank(value))
+    elif entry == "estimate":
         with pytest.raises(exc, match=estimate_match):
             zo_kernels.estimate(f, theta, **{name: value})
     else:
@@ -299,7 +321,8 @@ def make_module(param: torch.nn.Parameter, sample=None):
 
 
 def test_module_unknown_keyword_and_unusable_parameters():
-    with pytest.raises(TypeError, match=r"unexpected class keyword\(s\) \['seed'\]; .*method, num_samples and sigma"):
+    expected = r"unexpected class keyword\(s\) \['seed'\]; .*method, num_samples, sigma and fitness_shaping"
+    with pytest.raises(TypeError, match=expected):
 
         class Net(zo_kernels.ZeroOrderGradientModule, seed=3):
             pass

@@ -30,16 +30,18 @@ WORKER = textwrap.dedent(
                             timeout=datetime.timedelta(seconds=60))
     {problem}
     results = {{}}
+    cases = [(n, None) for n in ("Normal", "Rademacher", "Sphere", "LowRank")] + [("Normal", "centered_ranks")]
     for method in ("naive", "forward", "antithetic"):
-        for name in ("Normal", "Rademacher", "Sphere", "LowRank"):
+        for name, shaping in cases:
             tree = {{k: v.clone().requires_grad_() for k, v in params.items()}}
             torch.manual_seed(100 + rank)  # different RNG per rank: the seed must come from rank 0
             fn = zo_kernels.zero_order(getattr(distributions, name)(), method=method, num_samples=7, sigma=0.05,
-                                       process_group=dist.group.WORLD)
+                                       process_group=dist.group.WORLD, fitness_shaping=shaping)
             fn(loss)(tree, x).backward()
             sg = zo_kernels.estimate(loss, params, x, distribution=getattr(distributions, name)(), method=method,
-                                     num_samples=7, sigma=0.05, seed=11, process_group=dist.group.WORLD)
-            results[(method, name)] = ([tree[k].grad for k in tree], sg.weights)
+                                     num_samples=7, sigma=0.05, seed=11, process_group=dist.group.WORLD,
+                                     fitness_shaping=shaping)
+            results[(method, name, shaping)] = ([tree[k].grad for k in tree], sg.weights)
     torch.save(results, out + f".{{rank}}")
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
@@ -83,21 +85,21 @@ def test_two_gloo_ranks_match_one_process(tmp_path, backend, monkeypatch):
     namespace = {"torch": torch}
     exec(PROBLEM, namespace)
     params, x, loss = namespace["params"], namespace["x"], namespace["loss"]
-    for (method, name), (grads, weights) in ranks[0].items():
-        other_grads, other_weights = ranks[1][(method, name)]
+    for (method, name, shaping), (grads, weights) in ranks[0].items():
+        other_grads, other_weights = ranks[1][(method, name, shaping)]
         assert all(torch.equal(a, b) for a, b in zip(grads, other_grads))  # every rank: the same gradient
         assert torch.equal(weights, other_weights)
         single = zo_kernels.estimate(
             loss, params, x, distribution=getattr(distributions, name)(), method=method, num_samples=7, sigma=0.05,
-            seed=11,
+            seed=11, fitness_shaping=shaping,
         )  # fmt: skip
         assert torch.equal(single.weights, weights)
         # The decorator's seed came from rank 0's RNG (seeded 100): replay it in one process.
         torch.manual_seed(100)
         tree = {k: v.clone().requires_grad_() for k, v in params.items()}
-        zo_kernels.zero_order(getattr(distributions, name)(), method=method, num_samples=7, sigma=0.05)(loss)(
-            tree, x
-        ).backward()
+        zo_kernels.zero_order(
+            getattr(distributions, name)(), method=method, num_samples=7, sigma=0.05, fitness_shaping=shaping
+        )(loss)(tree, x).backward()
         assert all(torch.equal(tree[k].grad, g) for k, g in zip(tree, grads))
 
 

@@ -91,6 +91,7 @@ def zero_order(
     inplace: bool = False,
     process_group: Any = None,
     batch_size: Optional[int] = None,
+    fitness_shaping: Any = None,
 ) -> Callable[[LossFn], LossFn]:
     """Decorate a scalar loss function so that autograd differentiates it by evolution strategies.
 
@@ -153,6 +154,17 @@ def zero_order(
             function ran before failing under vmap runs once more for them). Any other exception
             the function raises under vmap is its own error: it propagates, naming the batch's samples.
             ``None`` (default): one evaluation per call.
+        fitness_shaping: ``None`` (default: the raw losses, TorchOpt's estimators bit for bit),
+            ``'centered_ranks'`` (the perturbed losses of the estimate replaced by their ranks mapped
+            linearly onto ``[-0.5, 0.5]``, ties sharing their mean rank; Salimans et al. 2017),
+            ``'standardize'`` (``(f - mean) / std``; all weights 0 when the std is 0) or a callable
+            ``shape(losses) -> Tensor`` of the same shape (checked: shape, floating dtype, finite).
+            The shaped set is all N losses ('naive'), the N differences ``f(theta + sigma z_i) -
+            f(theta)`` ('forward': the baseline is subtracted before shaping, so with ranks or
+            standardization 'forward' equals 'naive'), or all 2N losses ('antithetic'), over every rank
+            under ``process_group`` (after the gather). With shaping the result estimates a direction
+            along the smoothed gradient rather than the gradient itself (its scale is the shaping's),
+            and the chain rule multiplies the shaped estimate by the upstream gradient as usual.
 
     Returns:
         A decorator. The decorated function takes the same arguments and returns the same scalar.
@@ -164,7 +176,7 @@ def zero_order(
             (the message names the sample index and the seed). Gradients are then not written.
     """
     settings = make_settings(
-        distribution, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size
+        distribution, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size, fitness_shaping
     )
     return decorate(settings, check_argnums(argnums))
 

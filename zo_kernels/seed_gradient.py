@@ -231,6 +231,7 @@ def estimate(
     inplace: bool = False,
     process_group: Any = None,
     batch_size: Optional[int] = None,
+    fitness_shaping: Any = None,
     **kwargs: Any,
 ) -> SeedGradient:
     """Estimate the gradient of ``fn(params, *args, **kwargs)`` and return it seed-compressed.
@@ -255,6 +256,8 @@ def estimate(
             :func:`zo_kernels.zero_order`); every rank returns the same SeedGradient.
         batch_size: evaluate that many perturbed parameter sets per vmapped call (see
             :func:`zo_kernels.zero_order`).
+        fitness_shaping: ``None``, ``'centered_ranks'``, ``'standardize'`` or a callable, as for
+            :func:`zo_kernels.zero_order`; the weights are then the shaped ones.
         **kwargs: keyword arguments of ``fn``, passed through.
 
     Returns:
@@ -263,7 +266,9 @@ def estimate(
     if not callable(fn):
         raise TypeError(f"fn must be a function (the loss), got {type(fn).__name__}")
     noise = check_regenerable(distribution if distribution is not None else Normal())
-    settings = make_settings(noise, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size)
+    settings = make_settings(
+        noise, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size, fitness_shaping
+    )
     leaves, spec = pytree.tree_flatten(params)
     for k, leaf in enumerate(leaves):
         v.check_leaf(leaf, f"leaf {k} of params")

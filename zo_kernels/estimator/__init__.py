@@ -73,7 +73,10 @@ def estimate_gradients(
     """
     weigh = Weigher(f0, grad_out, s)
     with s.family.session(s.seed, leaves) as seed:
-        plan = make_plan(s, leaves, seed, state.vmap_failure is not None, accumulate=True)
+        # shaped weights need every loss first: regenerable noise is not kept and summed while
+        # evaluating (the reducer regenerates it); a user distribution's is kept until the end
+        keep = s.fitness_shaping is None or not s.family.regenerable
+        plan = make_plan(s, leaves, seed, state.vmap_failure is not None, accumulate=keep)
         losses, sums = _evaluate(plan, evaluate, weigh, state, f0)
     grads = gradients(plan, losses, sums, weigh)
     raise_if_estimate_not_finite(grads, s.sigma)

@@ -60,13 +60,19 @@ def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: I
     A family's perturbation writes a segment's scratch ``views`` (returning None), or returns new
     tensors for the segment's leaves. Where ``sums[k]`` is a tensor, each sample's noise is kept
     while perturbing (the antithetic twin is formed from it) and ``w_i z_i`` accumulated into it at
-    once, in sample order.
+    once, in sample order. With fitness shaping the weights need every loss first, so each sample's
+    kept noise is held (new buffers per sample) and summed after the last evaluation.
     """
     family, sigma = plan.family, plan.settings.sigma
+    deferred: List[Tuple[int, list]] = []  # (sample, its kept noise per segment) while shaping
+    shaping = plan.settings.fitness_shaping is not None
     kept = [None if acc is None else family.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
     perturbers = [family.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
     blocks = []
     for i in ids:
+        if shaping and any(z is not None for z in kept) and deferred:
+            kept = [None if acc is None else family.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
+            perturbers = [family.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
         sample_losses = []
         for k, sign in enumerate(plan.signs):
             scale = sign * sigma * plan.scales[i]
@@ -77,12 +83,23 @@ def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: I
                 inputs.extend(seg.views if made is None else made)
             sample_losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
         blocks.append(stack_losses(sample_losses)[:, None])
-        if any(z is not None for z in kept):
-            w = weigh(blocks[-1], plan.scales[i])[0]
-            for acc, z in zip(sums, kept):
-                if acc is not None and z is not None:
-                    family.accumulate(acc, z, w)
+        if shaping and any(z is not None for z in kept):
+            deferred.append((i, kept))
+        elif any(z is not None for z in kept):
+            _accumulate_kept(family, sums, kept, weigh(blocks[-1], plan.scales[i])[0])
+    if deferred:
+        scales = torch.tensor([plan.scales[i] for i, _ in deferred], dtype=torch.float64)
+        weights = weigh(torch.cat(blocks, dim=1), scales.to(blocks[0].device))
+        for (_, z), w in zip(deferred, weights):
+            _accumulate_kept(family, sums, z, w)
     return blocks
+
+
+def _accumulate_kept(family, sums: Sums, kept: list, weight: torch.Tensor) -> None:
+    """``sums[k] += weight * z_k`` for each segment whose noise is kept."""
+    for acc, z in zip(sums, kept):
+        if acc is not None and z is not None:
+            family.accumulate(acc, z, weight)
 
 
 def inplace_blocks(plan: Plan, evaluate: Evaluate, ids: Iterable[int]) -> List[torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from ..reference.noise import accumulation_dtype
 from .plan import Plan
 from .settings import Settings
+from .shaping import shape_losses
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -23,13 +24,18 @@ def _coefficient(method: str, sigma: float, num_samples: int) -> float:
 
 
 def method_weights(losses: torch.Tensor, f0: torch.Tensor, grad_out: torch.Tensor, s: Settings) -> torch.Tensor:
-    """Per-sample weights ``w_i`` so that the estimate is ``sum_i w_i z_i`` (chain rule included)."""
+    """Per-sample weights ``w_i`` so that the estimate is ``sum_i w_i z_i`` (chain rule included).
+
+    With fitness shaping, ``losses`` must be all of the estimate's (see :mod:`.shaping`).
+    """
+    shaping = s.fitness_shaping
     if s.method == "antithetic":
-        diffs = losses[0] - losses[1]
+        shaped = shape_losses(shaping, losses)
+        diffs = shaped[0] - shaped[1]
     elif s.method == "forward":
-        diffs = losses[0] - f0.to(losses)
+        diffs = shape_losses(shaping, losses[0] - f0.to(losses))
     else:
-        diffs = losses[0]
+        diffs = shape_losses(shaping, losses[0])
     return diffs * (grad_out.detach().to(losses) * _coefficient(s.method, s.sigma, s.num_samples))
 
 

@@ -19,6 +19,7 @@ from ..backends import get as _get_backend
 from ..distributed import check_process_group
 from ..distributions import draw_seed
 from .families import NoiseFamily, family_of
+from .shaping import Shaping, check_fitness_shaping
 
 METHODS = ("naive", "forward", "antithetic")
 
@@ -146,6 +147,8 @@ class Settings:
     #: destroyed group's transport alive until interpreter exit, where gloo can abort the process.
     group_ref: Optional[Callable[[], Any]] = None
     batch_size: Optional[int] = None
+    #: The function the perturbed losses of an estimate go through before the method's formula (None: raw).
+    fitness_shaping: Optional[Shaping] = None
 
     @property
     def process_group(self) -> Any:
@@ -210,10 +213,12 @@ def make_settings(
     inplace: bool,
     process_group: Any,
     batch_size: Optional[int],
+    fitness_shaping: Any = None,
 ) -> Settings:
     """Validate every estimator argument (each error names it) into the settings of one estimator."""
     family = family_of(distribution)
     _check_regenerable_options(family, inplace, process_group, batch_size)
+    shaping = check_fitness_shaping(fitness_shaping)
     return Settings(
         method=check_method(method),
         num_samples=check_num_samples(num_samples, maximum=MAX_NUM_SAMPLES),
@@ -224,4 +229,5 @@ def make_settings(
         inplace=inplace,
         group_ref=None if process_group is None else weakref.ref(check_process_group(process_group)),
         batch_size=batch_size,
+        fitness_shaping=shaping,
     )

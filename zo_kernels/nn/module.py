@@ -54,16 +54,21 @@ def _swapped(slots: Sequence[Sequence[Tuple[nn.Module, str]]], tensors: Sequence
                 sub._parameters[name] = p
 
 
-def enable_zero_order_gradients(cls: type, method: str = "naive", num_samples: int = 1, sigma: float = 1.0) -> type:
+def enable_zero_order_gradients(
+    cls: type, method: str = "naive", num_samples: int = 1, sigma: float = 1.0, fitness_shaping: Any = None
+) -> type:
     """Wrap ``cls.forward`` so that the module's parameters receive zero-order gradients.
 
     The module itself is the distribution: its ``sample(sample_shape)`` draws the noise.
+    ``fitness_shaping`` is :func:`zo_kernels.zero_order`'s.
     Raises TypeError if ``cls`` (or a base class) already has zero-order gradients enabled.
     """
     if getattr(cls, _ENABLED_FLAG, False):
         raise TypeError("Zero-order gradient estimation is already enabled for the `forward` method.")
     # Validate the keywords once, at class-creation time; each forward only names its distribution (the module).
-    settings = make_settings(lambda shape: shape, method, num_samples, sigma, None, None, False, None, None)
+    settings = make_settings(
+        lambda shape: shape, method, num_samples, sigma, None, None, False, None, None, fitness_shaping
+    )
     original_forward = cls.forward
 
     @functools.wraps(original_forward)
@@ -98,7 +103,8 @@ class ZeroOrderGradientModule(nn.Module, metaclass=abc.ABCMeta):
 
     Subclass with class keywords and define ``forward`` (returning a scalar loss) and ``sample``::
 
-        class Net(ZeroOrderGradientModule, method="antithetic", num_samples=100, sigma=0.01):
+        class Net(ZeroOrderGradientModule, method="antithetic", num_samples=100, sigma=0.01,
+                  fitness_shaping="centered_ranks"):  # fitness_shaping optional, as in zero_order
             def forward(self, x, y): return F.mse_loss(self.fc(x), y)
             def sample(self, sample_shape): return torch.randn(sample_shape)
 
@@ -107,7 +113,14 @@ class ZeroOrderGradientModule(nn.Module, metaclass=abc.ABCMeta):
     a subclass missing ``forward`` or ``sample`` cannot be instantiated (TypeError).
     """
 
-    def __init_subclass__(cls, method: str = "naive", num_samples: int = 1, sigma: float = 1.0, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls,
+        method: str = "naive",
+        num_samples: int = 1,
+        sigma: float = 1.0,
+        fitness_shaping: Any = None,
+        **kwargs: Any,
+    ) -> None:
         try:
             super().__init_subclass__(**kwargs)
         except TypeError as exc:
@@ -115,9 +128,11 @@ class ZeroOrderGradientModule(nn.Module, metaclass=abc.ABCMeta):
                 raise
             raise TypeError(
                 f"{cls.__name__}: unexpected class keyword(s) {sorted(kwargs)}; ZeroOrderGradientModule takes "
-                "method, num_samples and sigma"
+                "method, num_samples, sigma and fitness_shaping"
             ) from exc
-        enable_zero_order_gradients(cls, method=method, num_samples=num_samples, sigma=sigma)
+        enable_zero_order_gradients(
+            cls, method=method, num_samples=num_samples, sigma=sigma, fitness_shaping=fitness_shaping
+        )
 
     @abc.abstractmethod
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
