@@ -200,3 +200,71 @@ def test_lowrank_finetune_reduces_the_loss_of_a_tiny_hf_model(model, update):
     assert end < start - 0.3, result.stdout
     # every use of a weight matrix in both models is rewritten, and eager attention vmaps without a fallback
     assert "warnings: none" in result.stdout, result.stdout
+
+
+def es_gym_rows(stdout):
+    """(unperturbed return, population mean) of every iteration line of python/es_gym.py."""
+    rows = re.findall(
+        r"iteration +\d+ +return +(-?[0-9.]+) \(unperturbed, \d+ episodes\) +population mean +(-?[0-9.]+) +"
+        r"[0-9.]+ s/iteration",
+        stdout,
+    )
+    return [(float(r), float(p)) for r, p in rows]
+
+
+ES_GYM_FINAL = (
+    r"final evaluation: mean return (-?[0-9.]+) over (\d+) held-out episodes \(before training (-?[0-9.]+)\)"
+    r"(?: \| solved \(>= 475\) at iteration \d+)? \| (\d+) iterations, ([0-9.]+) s total"
+)
+
+
+@pytest.mark.slow
+def test_es_gym_solves_cartpole():
+    pytest.importorskip("gymnasium")
+    # The defaults (seeds fixed): solved at iteration 21 in about 16 s on the 2-core CI machine; the run
+    # stops at the first held-out evaluation >= 475, so its length is fixed and the time is the CPU's.
+    result = run_example("es_gym.py", "--env", "CartPole-v1", env=ONE_THREAD, timeout=120)
+    check(result)
+    rows = es_gym_rows(result.stdout)
+    assert rows and all(0.0 < r <= 500.0 and 0.0 < p <= 500.0 for r, p in rows), result.stdout
+    final = re.search(ES_GYM_FINAL, result.stdout)
+    assert final, result.stdout
+    assert int(final.group(2)) == 100 and int(final.group(4)) == len(rows), result.stdout
+    assert float(final.group(1)) >= 475.0, result.stdout  # CartPole-v1's solved threshold, on held-out episodes
+    assert "solved (>= 475)" in result.stdout, result.stdout
+    assert float(final.group(5)) < 60.0, result.stdout  # the training loop's own time, as printed
+
+
+@pytest.mark.slow
+def test_es_gym_improves_on_pendulum():
+    pytest.importorskip("gymnasium")
+    args = ("--env", "Pendulum-v1", "--iterations", "5", "--eval-episodes", "32")
+    result = run_example("es_gym.py", *args, env=ONE_THREAD)
+    check(result)
+    rows = es_gym_rows(result.stdout)
+    assert len(rows) == 5 and all(-3300.0 < r < 0.0 for r, _ in rows), result.stdout  # 200 steps, reward in [-16.3, 0]
+    assert "SyncVectorEnv" in result.stdout, result.stdout  # Pendulum has no vectorized class: make_vec's sync mode
+    final = re.search(ES_GYM_FINAL, result.stdout)
+    assert final, result.stdout
+    end, start = float(final.group(1)), float(final.group(3))
+    # held-out episodes, before and after 5 updates: about -1800 -> -1500 measured
+    assert end > start + 150.0, result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_mezo_hf_trains_a_tiny_hf_model_in_place(model):
+    pytest.importorskip("transformers")
+    args = ("--model", model, "--device", "cpu", "--steps", "30", "--print-every", "10")
+    result = run_example("mezo_hf.py", *args, env=ONE_THREAD)
+    check(result)
+    values = losses(result.stdout)
+    # the initial eval loss, then the reports at steps 10, 20 and 30
+    assert len(values) == 4 and all(math.isfinite(v) for v in values), result.stdout
+    assert len(re.findall(r"[0-9.]+ steps/s +peak memory [0-9.]+ MiB", result.stdout)) == 3, result.stdout
+    final = re.search(r"eval loss: ([0-9.]+) -> ([0-9.]+) in 30 steps, [0-9.]+ steps/s", result.stdout)
+    assert final, result.stdout
+    start, end = float(final.group(1)), float(final.group(2))
+    assert abs(start - math.log(256)) < 0.1, result.stdout  # a random byte-level model: about log(256) nats
+    assert end < start, result.stdout  # 5.56 -> 5.38 (gpt2), 5.54 -> 5.41 (llama) measured
+    assert "inplace=True" in result.stdout and re.search(r"memory: peak RSS [0-9.]+ MiB", result.stdout), result.stdout
