@@ -12,11 +12,25 @@ sequence of parameter tensors, in plain PyTorch:
 TorchOpt is an optional baseline: :func:`import_torchopt` gives the module or None, and every
 benchmark prints :data:`TORCHOPT_MISSING` in its TorchOpt cells (and leaves out the ratios against
 it) where it is not installed, as on a GPU machine without a package registry.
+
+Two peer ES libraries, optional too (``requirements-bench.txt``; :func:`import_optional` gives the
+module or None, the rows then say :data:`EVOTORCH_MISSING` / :data:`EGGROLL_MISSING`):
+
+- :class:`EvoTorchPGPE`: EvoTorch 0.6.1's ``PGPE`` with symmetric sampling on a vectorized
+  ``evotorch.Problem`` whose objective is the loss vmapped over a population of flat parameter
+  vectors; one ``searcher.step()`` is one step. With ``ranking_method="raw"`` and no optimizer its
+  center update is ``theta -= lr * g`` with ``g`` the raw antithetic estimate above.
+- :func:`torcheggroll_step`: torcheggroll 0.2.0's ``TorchEggrollES(rank=1, pop_size=2N)``, one
+  ``step``: 2N members vmapped on materialized low-rank-perturbed weights, z-scored fitness, its
+  update included (``bench/run.py`` and ``bench/lowrank.py`` both call it through this).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import random
+from importlib import metadata
 from types import ModuleType
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -26,6 +40,47 @@ LossFn = Callable[..., torch.Tensor]
 
 #: What a TorchOpt cell says (and why its ratios are left out) when torchopt cannot be imported.
 TORCHOPT_MISSING = "torchopt not installed"
+
+
+#: What an EvoTorch cell says (and why its ratios are left out) when evotorch cannot be imported.
+EVOTORCH_MISSING = "evotorch not installed"
+#: What a torcheggroll cell says when torcheggroll cannot be imported.
+EGGROLL_MISSING = "torcheggroll not installed"
+
+
+def import_optional(name: str) -> Optional[ModuleType]:
+    """The module ``name``, or None where it cannot be imported (an optional baseline or model library)."""
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def version_of(module: Optional[ModuleType], name: str, missing: str) -> str:
+    """``'name X.Y'`` (the installed distribution's version) or ``missing``."""
+    if module is None:
+        return missing
+    try:
+        return f"{name} {metadata.version(name)}"
+    except metadata.PackageNotFoundError:
+        return f"{name} {getattr(module, '__version__', '?')}"
+
+
+def import_evotorch() -> Optional[ModuleType]:
+    """``evotorch`` with ``evotorch.algorithms`` loaded and its INFO logging off, or None where it is missing.
+
+    EvoTorch logs an INFO line per setting of every ``Problem`` it builds; a benchmark builds one per
+    measured point, so only its warnings are kept.
+    """
+    evotorch = import_optional("evotorch")
+    if evotorch is None:
+        return None
+    try:
+        import evotorch.algorithms  # noqa: F401  (PGPE)
+    except ImportError:
+        return None
+    logging.getLogger("evotorch").setLevel(logging.WARNING)
+    return evotorch
 
 
 def import_torchopt() -> Optional[ModuleType]:
@@ -128,3 +183,100 @@ class MeZO:
         for seed, g in zip(seeds, projected):
             self._perturb(seed, -self.lr * g / self.num_samples)
         return plus
+
+
+class EvoTorchPGPE:
+    """EvoTorch's PGPE (symmetric sampling) on ``loss(params, *args)``, configured as the same raw antithetic ES step.
+
+    The problem is what an EvoTorch user writes for a PyTorch loss: ``evotorch.Problem("min",
+    objective, solution_length=n, vectorized=True, device=...)`` whose objective takes the population
+    as one ``(2N, n)`` tensor of flat parameter vectors and returns its ``2N`` losses, the loss of one
+    member vmapped over the population (``torch.func.vmap``; every member's tensors are views of its
+    row). The searcher is ``PGPE(problem, popsize=2N, symmetric=True, stdev_init=sigma,
+    center_init=theta, ranking_method="raw", optimizer=None, center_learning_rate=lr / sigma**2,
+    stdev_learning_rate=0)``:
+
+    - ``symmetric=True``: ``N`` directions, members ``theta + sigma z_i`` and ``theta - sigma z_i``
+      (``SymmetricSeparableGaussian``, gradients divided by the number of directions);
+    - ``ranking_method="raw"`` (EvoTorch's default is ``"centered"``, rank-based fitness shaping):
+      the utilities are ``-f``, so the center gradient is ``-1/(2N) sum_i (f(theta + sigma z_i) -
+      f(theta - sigma z_i)) sigma z_i = -sigma^2 g``, ``g`` the raw antithetic estimate of
+      :func:`torch_matmul_step` and zo_kernels;
+    - ``optimizer=None`` (the default is ClipUp) and ``center_learning_rate = lr / sigma^2``: the
+      center moves by ``-lr * g``, ``ZOSGD(lr)``'s update of that estimate;
+    - ``stdev_learning_rate=0``: sigma stays (PGPE still computes its gradient, ``O(N n)``, and
+      applies the zero update through its default ``stdev_max_change=0.2`` limiter).
+
+    EvoTorch's ``step()`` follows the gradient of the population evaluated by the previous call,
+    then samples and evaluates the next one; the first call only samples and evaluates, so it is
+    run here once, and every :meth:`step` after it is a full one: gradient of 2N evaluations,
+    update, sampling of N directions, 2N evaluations.
+    """
+
+    def __init__(
+        self,
+        evotorch: ModuleType,
+        loss: LossFn,
+        params: Sequence[torch.Tensor],
+        *args: Any,
+        num_samples: int,
+        sigma: float,
+        lr: float,
+    ) -> None:
+        like = [p.detach() for p in params]
+        center = torch.cat([p.reshape(-1) for p in like])
+
+        def member_loss(flat: torch.Tensor) -> torch.Tensor:
+            return loss(_views(flat, like), *args)
+
+        population_loss = torch.func.vmap(member_loss)  # (2N, n) -> (2N,)
+        self.problem = evotorch.Problem(
+            "min", population_loss, solution_length=center.numel(), vectorized=True, device=center.device,
+            dtype=center.dtype,
+        )  # fmt: skip
+        self.searcher = evotorch.algorithms.PGPE(
+            self.problem, popsize=2 * num_samples, center_learning_rate=lr / sigma**2, stdev_learning_rate=0.0,
+            stdev_init=sigma, symmetric=True, optimizer=None, ranking_method="raw", center_init=center,
+        )  # fmt: skip
+        self.searcher.step()  # the first step samples and evaluates only (no gradient yet)
+
+    def step(self) -> None:
+        """One PGPE step: follow the last population's gradient, sample and evaluate the next population."""
+        self.searcher.step()
+
+    @property
+    def center(self) -> torch.Tensor:
+        """The current center of the search distribution (the flat parameters)."""
+        return self.searcher.status["center"]
+
+
+def torcheggroll_step(
+    torcheggroll: ModuleType,
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y: torch.Tensor,
+    *,
+    num_samples: int,
+    sigma: float,
+    lr: float,
+    rank: int = 1,
+) -> Callable[[], float]:
+    """One ``TorchEggrollES(rank, pop_size=2N, antithetic=True).step(x, loss_fn, y)`` per call, on a copy of ``module``.
+
+    What one step does (torcheggroll 0.2.0): per member a seeded generator draws rank-``rank`` factors
+    for every matrix (``A B^T sigma / sqrt(rank)``) and Gaussian noise for every other tensor, the N
+    draws are mirrored into 2N members, every member's perturbed weights are materialized
+    (``(2N, *shape)`` per tensor) and the population is evaluated in one vmapped ``functional_call``;
+    fitness ``-loss_fn(outputs, y)`` is z-scored and the update is ``theta += lr * sqrt(2N) *
+    mean_i(r_i eps_i)``. ``loss_fn`` maps one member's outputs and ``y`` to a scalar (it is vmapped).
+    Returns the population's mean fitness.
+    """
+    es = torcheggroll.TorchEggrollES(
+        copy.deepcopy(module), pop_size=2 * num_samples, sigma=sigma, lr=lr, rank=rank, antithetic=True
+    )
+
+    def step() -> float:
+        return float(es.step(x, loss_fn, y))
+
+    return step

@@ -35,19 +35,25 @@ header (``harness.header``) names the date, device, versions and how busy the CP
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import harness
 import torch
 import torch.nn.functional as F
-from baselines import TORCHOPT_MISSING, import_torchopt, torchopt_zero_order
+from baselines import (
+    EGGROLL_MISSING,
+    TORCHOPT_MISSING,
+    import_optional,
+    import_torchopt,
+    torcheggroll_step,
+    torchopt_zero_order,
+    version_of,
+)
 from harness import Problem, fmt_ratio, fmt_time
 
 import zo_kernels
@@ -58,21 +64,12 @@ torchopt = import_torchopt()  # optional: without it the TorchOpt row says TORCH
 METHOD = "antithetic"
 SIGMA = 0.01
 LR = 1e-7  # torcheggroll's update: small, so repeated timing steps barely move its parameters
-EGGROLL_MISSING = "torcheggroll not installed"
 TRANSFORMERS_MISSING = "transformers not installed"
 SECTIONS = ("mlp", "gpt", "gpu")
 PROFILE_TOP = 15  # ops listed per profiled step
 PROFILE_RUNS = 3  # profiled steps; the quickest is listed
 
 Step = Callable[[], None]
-
-
-def import_optional(name: str) -> Optional[ModuleType]:
-    """The module ``name``, or None where it cannot be imported (an optional baseline or model library)."""
-    try:
-        return __import__(name)
-    except ImportError:
-        return None
 
 
 torcheggroll = import_optional("torcheggroll")
@@ -84,18 +81,6 @@ def tqdm_write(line: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(line, file=sys.stderr)
-
-
-def version_of(module: Optional[ModuleType], name: str, missing: str) -> str:
-    """``'name X.Y'`` (the installed distribution's version) or ``missing``."""
-    if module is None:
-        return missing
-    from importlib import metadata
-
-    try:
-        return f"{name} {metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return f"{name} {getattr(module, '__version__', '?')}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,12 +284,12 @@ def make_step(contender: Contender, model: Model, num_samples: int) -> Step:
         return harness.grad_step(problem, decorate(problem.loss))
     if contender.kind == "torcheggroll":
         assert torcheggroll is not None
-        es = torcheggroll.TorchEggrollES(
-            copy.deepcopy(model.module), pop_size=2 * num_samples, sigma=SIGMA, lr=LR, rank=1, antithetic=True
+        es_step = torcheggroll_step(
+            torcheggroll, model.module, problem.x, logits_loss, problem.y, num_samples=num_samples, sigma=SIGMA, lr=LR
         )
 
         def eggroll_step() -> None:
-            es.step(problem.x, logits_loss, problem.y)
+            es_step()
             harness.sync(device)
 
         return eggroll_step

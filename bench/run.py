@@ -7,17 +7,22 @@ Run from the repository root::
     python bench/run.py --out-dir DIR  # where the report and plots go (default bench/results)
 
 On the CPU always, and on the GPU too when ``torch.cuda.is_available()``, it times one antithetic
-gradient step of a tanh MLP ``d -> d -> 10`` (batch 64, Normal noise) for five contenders:
+gradient step of a tanh MLP ``d -> d -> 10`` (batch 64, Normal noise) for seven contenders:
 
 - zo_kernels ``zero_order`` (best backend for the device) + ``.backward()``, against
   (a) TorchOpt 0.7.3 ``torchopt.diff.zero_order`` + ``.backward()`` and
   (b) plain PyTorch: ``Z = torch.randn(N, n)``, perturbations with rows of ``Z``, ``g = w @ Z``
   (``bench/baselines.py``);
-- zo_kernels ``estimate(..., inplace=True)`` + ``ZOSGD.step`` against
-  (c) a MeZO-SGD step (per-parameter ``torch.normal`` loop, in-place perturbation, ``bench/baselines.py``).
+- zo_kernels ``estimate(..., inplace=True)`` + ``ZOSGD.step`` (estimate and update) against
+  (c) a MeZO-SGD step (per-parameter ``torch.normal`` loop, in-place perturbation, ``bench/baselines.py``),
+  (d) EvoTorch 0.6.1 ``PGPE`` (symmetric sampling, raw fitness, no optimizer: the same estimate and
+  update) on a vectorized ``evotorch.Problem``, one ``searcher.step()``, and
+  (e) torcheggroll 0.2.0 ``TorchEggrollES(rank=1, pop_size=2N).step`` (rank-1 noise, z-scored
+  fitness: another estimator, at the same N and sigma).
 
-TorchOpt and matplotlib are optional: without torchopt the (a) cells say "torchopt not installed"
-and its ratios are left out; without matplotlib the report says the plots were not drawn.
+TorchOpt, EvoTorch, torcheggroll and matplotlib are optional: without one of the baselines its cells
+say "... not installed" and its ratios are left out; without matplotlib the report says the plots
+were not drawn.
 
 Two sweeps: the number of samples N at a fixed model, and the parameter count at a fixed N; the
 peak memory of one step at each parameter count, each (contender, size) in a fresh process
@@ -30,16 +35,32 @@ adds ``-quick`` to these names so that a smoke run never replaces a full one.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import harness
 import torch
-from baselines import TORCHOPT_MISSING, MeZO, import_torchopt, torch_matmul_step, torchopt_zero_order
+import torch.nn.functional as F
+from baselines import (
+    EGGROLL_MISSING,
+    EVOTORCH_MISSING,
+    TORCHOPT_MISSING,
+    EvoTorchPGPE,
+    MeZO,
+    import_evotorch,
+    import_optional,
+    import_torchopt,
+    torch_matmul_step,
+    torcheggroll_step,
+    torchopt_zero_order,
+    version_of,
+)
 from harness import Problem, fmt_mem, fmt_ratio, fmt_time, mlp_loss, sync, table, wide_mlp_numel
 
 import zo_kernels
@@ -63,23 +84,76 @@ CONTENDERS: Dict[str, str] = {
     "torch": "PyTorch `randn(N, n)` + `w @ Z`",
     "zo_mezo": "zo_kernels `estimate(inplace=True)` + `ZOSGD`",
     "mezo": "MeZO per-parameter `torch.normal` loop",
+    "evotorch": "EvoTorch 0.6.1 `PGPE` `searcher.step()`",
+    "torcheggroll": "torcheggroll 0.2.0 `TorchEggrollES(rank=1).step`",
 }
 MEMORY_CASES: Dict[str, str] = {"inference": "inference (one forward, no_grad)", **CONTENDERS}
-#: The contenders (and memory cases) this machine can run: TorchOpt only where it is installed.
-RUNNABLE: Tuple[str, ...] = tuple(c for c in CONTENDERS if c != "torchopt" or torchopt is not None)
-RUNNABLE_MEMORY: Tuple[str, ...] = ("inference", *RUNNABLE)
+#: Peer package -> what its cells say (and why its ratios are left out) where it cannot be imported.
+PEERS: Dict[str, str] = {"evotorch": EVOTORCH_MISSING, "torcheggroll": EGGROLL_MISSING}
+
+
+@functools.cache
+def peer(name: str) -> Optional[ModuleType]:
+    """The optional peer library ``name`` of :data:`PEERS`, or None where it is missing.
+
+    Imported on first use, not with this module: a memory worker (a fresh process that imports this
+    script) then pays for the import of a peer (evotorch: ~2 s) only when it measures that peer.
+    """
+    return import_evotorch() if name == "evotorch" else import_optional(name)
+
+
+def missing(case: str) -> Optional[str]:
+    """What the cells of an optional contender say where its package cannot be imported; None where it can."""
+    if case == "torchopt":
+        return TORCHOPT_MISSING if torchopt is None else None
+    if case in PEERS:
+        return PEERS[case] if peer(case) is None else None
+    return None
+
+
+def runnable() -> Tuple[str, ...]:
+    """The contenders this machine can run: the optional ones only where installed."""
+    return tuple(c for c in CONTENDERS if missing(c) is None)
+
+
+def runnable_memory() -> Tuple[str, ...]:
+    """The memory cases this machine can run: inference and :func:`runnable`."""
+    return ("inference", *runnable())
+
+
 #: (baseline id, zo_kernels id, what the row compares)
 COMPARISONS: Tuple[Tuple[str, str, str], ...] = (
     ("torchopt", "zo", "(a) TorchOpt 0.7.3 `torchopt.diff.zero_order`"),
     ("torch", "zo", "(b) plain PyTorch `randn(N, n)` + matmul"),
     ("mezo", "zo_mezo", "(c) MeZO per-parameter `torch.normal` loop, in place"),
+    ("evotorch", "zo_mezo", "(d) EvoTorch 0.6.1 `PGPE`, symmetric, raw fitness (same estimate)"),
+    ("torcheggroll", "zo_mezo", "(e) torcheggroll 0.2.0 `TorchEggrollES(rank=1)` (rank-1 noise, z-scored)"),
 )
+#: What each peer's step computes, printed under the summary table.
+ESTIMATORS: Tuple[str, ...] = (
+    "(a) TorchOpt: the antithetic estimate `1/(2σN) Σ (f(θ+σz_i) − f(θ−σz_i)) z_i`, Normal z, raw losses "
+    "(the same as zo_kernels); (b) the same with `Z` materialized; (c) MeZO: the same estimate from N seeds, "
+    "applied as `θ −= lr·g`.",
+    '(d) EvoTorch `PGPE(popsize=2N, symmetric=True, stdev_init=σ, ranking_method="raw", optimizer=None, '
+    'center_learning_rate=lr/σ², stdev_learning_rate=0)` on `Problem("min", vmap(loss of one flat vector), '
+    "vectorized=True)`: N mirrored directions (2N evaluations), center gradient "
+    "`Σ (u_i⁺ − u_i⁻)/2 · σz_i / N` with utilities u = −f, i.e. −σ² times the same raw antithetic estimate, so the "
+    "update is `θ −= lr·g`, as `ZOSGD`'s; PGPE also computes the (unused, zero-rate) σ gradient. EvoTorch's "
+    'defaults would be `ranking_method="centered"` (rank-based fitness shaping) and the ClipUp optimizer.',
+    "(e) torcheggroll `TorchEggrollES(rank=1, pop_size=2N, antithetic=True)`: per member rank-1 noise "
+    "`σ·a bᵀ` for the matrices and Gaussian noise for the biases, 2N members on materialized weights in one "
+    "vmapped forward, fitness −f z-scored, update `θ += lr·√(2N)·mean(r_i ε_i)`: a different estimator (EGGROLL); "
+    "zo_kernels' own `LowRank(1)` is compared with it in `bench/lowrank.py`.",
+)
+
 STYLES: Dict[str, Tuple[str, str]] = {  # contender -> (colour, marker) of the plots
     "zo": ("tab:blue", "o"),
     "zo_mezo": ("tab:cyan", "s"),
     "torchopt": ("tab:red", "v"),
     "torch": ("tab:orange", "^"),
     "mezo": ("tab:purple", "D"),
+    "evotorch": ("tab:green", "P"),
+    "torcheggroll": ("tab:brown", "*"),
     "inference": ("tab:gray", "x"),
 }
 
@@ -180,6 +254,28 @@ def make_step(case: str, problem: Problem, num_samples: int, backend: str) -> Ca
             sync(device)
 
         return mezo_step
+    if case in PEERS and peer(case) is None:
+        raise RuntimeError(f"case {case!r}: {PEERS[case]}")
+    if case == "evotorch":
+        pgpe = EvoTorchPGPE(
+            peer("evotorch"), mlp_loss, problem.params, x, y, num_samples=num_samples, sigma=SIGMA, lr=LR
+        )
+
+        def pgpe_step() -> None:
+            pgpe.step()
+            sync(device)
+
+        return pgpe_step
+    if case == "torcheggroll":
+        es_step = torcheggroll_step(
+            peer("torcheggroll"), mlp_module(problem), x, F.mse_loss, y, num_samples=num_samples, sigma=SIGMA, lr=LR
+        )
+
+        def eggroll_step() -> None:
+            es_step()
+            sync(device)
+
+        return eggroll_step
     if case == "inference":
 
         def inference() -> None:
@@ -189,6 +285,17 @@ def make_step(case: str, problem: Problem, num_samples: int, backend: str) -> Ca
 
         return inference
     raise ValueError(f"unknown case {case!r}")
+
+
+def mlp_module(problem: Problem) -> torch.nn.Module:
+    """``problem``'s MLP ``d -> d -> 10`` (``mlp_loss``) as an ``nn.Sequential`` holding copies of its parameters."""
+    w1, b1, w2, b2 = (p.detach() for p in problem.params)
+    with torch.device(w1.device):
+        module = torch.nn.Sequential(
+            torch.nn.Linear(w1.shape[1], w1.shape[0]), torch.nn.Tanh(), torch.nn.Linear(w2.shape[1], w2.shape[0])
+        )
+    module.load_state_dict({"0.weight": w1, "0.bias": b1, "2.weight": w2, "2.bias": b2})
+    return module
 
 
 def memory_case(case: str, width: int, num_samples: int, backend: str, device: torch.device) -> harness.Built:
@@ -219,7 +326,7 @@ def time_points(
     for width, num in cfg.points():
         problem = harness.wide_mlp(width, device, BATCH)
         res.times[(width, num)] = {}
-        for case in RUNNABLE:
+        for case in runnable():
             progress.show(f"{device.type}: step time, {case}, d={width} ({problem.numel:,} params), N={num}")
             res.times[(width, num)][case] = harness.time_call(
                 make_step(case, problem, num, backend), device, cfg.budget_s
@@ -236,7 +343,7 @@ def memory_points(
     cfg: Config, device: torch.device, backend: str, res: DeviceResults, progress: harness.Progress
 ) -> None:
     """Peak memory of one step of every case at every width, each in a fresh single-threaded process."""
-    points = [(width, case) for width in cfg.widths for case in RUNNABLE_MEMORY]
+    points = [(width, case) for width in cfg.widths for case in runnable_memory()]
     jobs = [
         harness.MemoryJob(memory_case, dict(case=case, width=width, num_samples=cfg.param_samples, backend=backend),
                           str(device), threads=1)
@@ -290,12 +397,12 @@ def summary_rows(cfg: Config, results: Sequence[DeviceResults]) -> List[List[str
                 row = [tag, label, CONTENDERS[ours], sweep, f"d={width}, {mlp_numel(width):,} params", str(num)]
                 if base in t:
                     row += [fmt_time(t[base]), fmt_time(t[ours]), fmt_ratio(t[base] / t[ours])]
-                else:  # not runnable here (TorchOpt not installed): no ratio
+                else:  # not runnable here (an optional baseline not installed): no ratio
                     row += [not_run(base), fmt_time(t[ours]), ""]
                 mb, mo = peak_of(res, width, base), peak_of(res, width, ours)
                 if sweep == "params" and mb is not None and mo is not None:
                     row += [fmt_mem(mb), fmt_mem(mo), fmt_ratio(mb / mo)]
-                elif sweep == "params" and base not in RUNNABLE_MEMORY:
+                elif sweep == "params" and base not in runnable_memory():
                     row += [not_run(base), fmt_mem(mo) if mo is not None else "", ""]
                 else:
                     row += ["", "", ""]
@@ -304,8 +411,8 @@ def summary_rows(cfg: Config, results: Sequence[DeviceResults]) -> List[List[str
 
 
 def not_run(case: str) -> str:
-    """The cell of a case that was not measured on this machine."""
-    return TORCHOPT_MISSING if case == "torchopt" and torchopt is None else "not measured"
+    """The cell of a case that was not measured on this machine (its package is missing, or it was not run)."""
+    return missing(case) or "not measured"
 
 
 def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
@@ -336,6 +443,12 @@ def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
     return lines
 
 
+def versions() -> str:
+    """torch, the peers (evotorch, torcheggroll), zo_kernels, torchopt and python versions: a report's versions line."""
+    peers = "".join(f"{version_of(peer(name), name, why)}, " for name, why in PEERS.items())
+    return harness.versions(torchopt, extra=peers)
+
+
 def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> List[str]:
     """The lines above the summary table."""
     fields = [("date", harness.now())]
@@ -343,7 +456,7 @@ def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> Li
         (f"device [{device_tag(r.device)}]", f"{device_name(r.device)}; backend: {r.backend_note}") for r in results
     ]
     fields += [
-        ("versions", harness.versions(torchopt)),
+        ("versions", versions()),
         ("threads", f"{harness.THREADS} (torch.set_num_threads); {harness.omp_environment()}"),
         ("", load),
         ("mode", "quick (smoke run: tiny sizes, numbers not meaningful)" if cfg.quick else "full"),
@@ -352,7 +465,10 @@ def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> Li
                     f"at N = {cfg.param_samples}"),
         ("one step", "`zero_order`, TorchOpt and plain PyTorch return f(θ) and write every `.grad` "
                      f"(2N+1 evaluations); `estimate(inplace=True)` + `ZOSGD(lr={LR:g})` evaluates 2N+1 times and "
-                     "updates the parameters; MeZO evaluates 2N times and updates them (`bench/baselines.py`)"),
+                     "updates the parameters; MeZO evaluates 2N times and updates them; EvoTorch's `PGPE.step()` "
+                     "follows the last population's gradient, samples N mirrored directions and evaluates 2N members "
+                     "in one vmapped call; torcheggroll's `step` evaluates 2N members in one vmapped call and updates "
+                     "(`bench/baselines.py`)"),
         ("timing", harness.timing_note(cfg.budget_s)),
         ("", "speed-up = baseline time / zo_kernels time; memory ratio = baseline peak / zo_kernels peak "
              "(> 1: zo_kernels is faster / smaller)"),
@@ -375,7 +491,7 @@ def footnote(cfg: Config, results: Sequence[DeviceResults]) -> str:
     devices = "; ".join(f"[{device_tag(r.device)}] {device_name(r.device)}, backend {r.backend_note}" for r in results)
     mode = "QUICK SMOKE RUN, " if cfg.quick else ""
     return (
-        f"{devices}\n{harness.versions(torchopt)}; {harness.now()}\n"
+        f"{devices}\n{versions()}; {harness.now()}\n"
         f"{mode}median time per call (harness.time_call, <= {cfg.budget_s:g} s); "
         f"MLP d→d→10, batch {BATCH}, {METHOD}, sigma={SIGMA:g}; bench/run.py"
     )
@@ -507,7 +623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = Config.make(args.quick)
     devices = harness.devices()
     prefix = f"summary-{device_tag(devices[-1])}" + ("-quick" if cfg.quick else "")
-    per_device = len(cfg.points()) * len(RUNNABLE) + len(cfg.widths) * len(RUNNABLE_MEMORY)
+    per_device = len(cfg.points()) * len(runnable()) + len(cfg.widths) * len(runnable_memory())
     progress = harness.Progress(per_device * len(devices))
     run = harness.Run()
     results: List[DeviceResults] = []
@@ -524,6 +640,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plots = write_plots(cfg, results, args.out_dir, prefix)
     footer = run.footer()
     head = header_lines(cfg, results, run.before) + ["## Summary: ratios against the baselines", ""] + summary
+    head += ["", "What each baseline computes (same N antithetic pairs, same σ, same problem):", ""]
+    head += [f"- {line}" for line in ESTIMATORS]
+    skipped = [why for case in CONTENDERS if (why := missing(case)) is not None]
+    if skipped:
+        head += [f"- Not measured here: {', '.join(skipped)} (their cells say so; their ratios are left out)."]
     report = head + ["", "## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or [PLOTS_MISSING])
     report += ["", "## Data behind the plots"] + data_tables(cfg, results) + ["", footer]
     md = args.out_dir / f"{prefix}.md"
