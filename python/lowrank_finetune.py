@@ -38,7 +38,7 @@ import resource
 import sys
 import time
 import warnings
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch.func import functional_call
@@ -116,6 +116,55 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_steps(
+    step: Callable[[torch.Tensor], float],
+    batch: Callable[[], torch.Tensor],
+    steps: int,
+    every: int,
+    device: torch.device,
+) -> float:
+    """``steps`` calls of ``step(batch())`` (each returns f(theta)); every ``every`` steps, print the mean loss,
+    steps/s and peak memory. Returns the seconds taken."""
+    losses: List[float] = []
+    tick = start = time.perf_counter()
+    for k in range(1, steps + 1):
+        losses.append(step(batch()))
+        if k % every == 0 or k == steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            done = len(losses)
+            print(
+                f"step {k:5d}  loss {sum(losses) / done:.4f} (mean f(theta) of the last {done} steps)  "
+                f"{done / (time.perf_counter() - tick):6.2f} steps/s  peak memory {peak_memory(device)}",
+                flush=True,
+            )
+            losses.clear()
+            tick = time.perf_counter()
+    return time.perf_counter() - start
+
+
+def report_eval(
+    loss_fn: Callable[..., torch.Tensor],
+    params: Dict[str, torch.Tensor],
+    held_out: torch.Tensor,
+    start_eval: float,
+    args: argparse.Namespace,
+    elapsed: float,
+    hint: str,
+) -> bool:
+    """Print the held-out loss before -> after and the speed; False (with ``hint``) if training diverged."""
+    with torch.no_grad():
+        end_eval = float(loss_fn(params, held_out))
+    if not math.isfinite(end_eval):
+        print(f"eval loss is {end_eval}: training diverged ({hint})")
+        return False
+    print(
+        f"eval loss: {start_eval:.4f} -> {end_eval:.4f} in {args.steps} steps, {args.steps / elapsed:.2f} steps/s "
+        f"({args.steps * (2 * args.num_samples + 1) / elapsed:.0f} forward passes/s)"
+    )
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Fine-tune, report loss, speed and memory, and list any op the low-rank batch had to materialize."""
     args = parse_args(argv)
@@ -160,14 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    every = args.print_every or max(1, args.steps // 10)
-    losses: List[float] = []
     # every warning raised inside the estimates, by message: zo_kernels' "not rewritten" ones name the op that
     # got a materialized member, and PyTorch's vmap fallbacks show up here too
     caught_warnings: Dict[str, str] = {}
-    tick = start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ids = windows(data, args.batch, args.seq_len, data_gen)
+
+    def step(ids: torch.Tensor) -> float:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sg = zo_kernels.estimate(
@@ -186,29 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             optimizer.step(sg)
         else:
             sg.apply_(params, args.lr)  # what ZOSGD(momentum=0).step does
-        losses.append(sg.loss)
-        if step % every == 0 or step == args.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            done = len(losses)
-            print(
-                f"step {step:5d}  loss {sum(losses) / done:.4f} (mean f(theta) of the last {done} steps)  "
-                f"{done / (time.perf_counter() - tick):6.2f} steps/s  peak memory {peak_memory(device)}",
-                flush=True,
-            )
-            losses.clear()
-            tick = time.perf_counter()
-    elapsed = time.perf_counter() - start
+        return sg.loss
 
-    with torch.no_grad():
-        end_eval = float(loss_fn(params, held_out))
-    if not math.isfinite(end_eval):
-        print(f"eval loss is {end_eval}: training diverged (lower --lr or --sigma)")
+    every = args.print_every or max(1, args.steps // 10)
+    elapsed = run_steps(step, lambda: windows(data, args.batch, args.seq_len, data_gen), args.steps, every, device)
+    if not report_eval(loss_fn, params, held_out, start_eval, args, elapsed, "lower --lr or --sigma"):
         return 1
-    print(
-        f"eval loss: {start_eval:.4f} -> {end_eval:.4f} in {args.steps} steps, {args.steps / elapsed:.2f} steps/s "
-        f"({args.steps * (2 * args.num_samples + 1) / elapsed:.0f} loss evaluations/s)"
-    )
     if caught_warnings:
         print(f"warnings ({len(caught_warnings)}):")
         for text in caught_warnings.values():

@@ -35,13 +35,12 @@ import argparse
 import math
 import resource
 import sys
-import time
-from typing import Dict, List, Sequence
+from typing import Dict, Sequence
 
 import torch
 
 # lowrank_finetune is the sibling example (python/ is on sys.path when this file runs as a script)
-from lowrank_finetune import TEXT, build_model, peak_memory, windows
+from lowrank_finetune import TEXT, build_model, peak_memory, report_eval, run_steps, windows
 from torch.func import functional_call
 
 import zo_kernels
@@ -105,38 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    every = args.print_every or max(1, args.steps // 10)
-    losses: List[float] = []
-    tick = start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        ids = windows(data, args.batch, args.seq_len, data_gen)
+    def step(ids: torch.Tensor) -> float:
         sg = zo_kernels.estimate(
             loss_fn, params, ids, method="antithetic", num_samples=args.num_samples, sigma=args.sigma, inplace=True
         )
         optimizer.step(sg)
-        losses.append(sg.loss)
-        if step % every == 0 or step == args.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            done = len(losses)
-            print(
-                f"step {step:5d}  loss {sum(losses) / done:.4f} (mean f(theta) of the last {done} steps)  "
-                f"{done / (time.perf_counter() - tick):6.1f} steps/s  peak memory {peak_memory(device)}",
-                flush=True,
-            )
-            losses.clear()
-            tick = time.perf_counter()
-    elapsed = time.perf_counter() - start
+        return sg.loss
 
-    with torch.no_grad():
-        end_eval = float(loss_fn(params, held_out))
-    if not math.isfinite(end_eval):
-        print(f"eval loss is {end_eval}: training diverged (lower --lr)")
+    every = args.print_every or max(1, args.steps // 10)
+    elapsed = run_steps(step, lambda: windows(data, args.batch, args.seq_len, data_gen), args.steps, every, device)
+    if not report_eval(loss_fn, params, held_out, start_eval, args, elapsed, "lower --lr"):
         return 1
-    print(
-        f"eval loss: {start_eval:.4f} -> {end_eval:.4f} in {args.steps} steps, {args.steps / elapsed:.1f} steps/s "
-        f"({args.steps * (2 * args.num_samples + 1) / elapsed:.0f} forward passes/s)"
-    )
     if device.type == "cpu":
         print(
             f"memory: peak RSS {rss_mib():.1f} MiB, {rss_mib() - rss_before:+.1f} MiB during training; "
