@@ -41,29 +41,14 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+# the task itself is es_control.py's (the same batched torch cart-pole); only the policy differs
+from es_control import THETA_LIMIT, X_LIMIT, cartpole_step, random_starts
+
 import zo_kernels
 from zo_kernels.distributions import FusedDistribution, LowRank, Normal
 from zo_kernels.optim import ZOAdam
 
-# CartPole-v1 (SI units), as in es_control.py.
-GRAVITY, MASS_CART, MASS_POLE, HALF_LENGTH, FORCE, TAU = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
-TOTAL_MASS, POLE_MASS_LENGTH = MASS_CART + MASS_POLE, MASS_POLE * HALF_LENGTH
-X_LIMIT, THETA_LIMIT = 2.4, 12 * 2 * math.pi / 360
-
 Params = Dict[str, torch.Tensor]
-
-
-def cartpole_step(state: torch.Tensor, push_right: torch.Tensor) -> torch.Tensor:
-    """One Euler step of every environment ``(..., 4)`` = ``(x, x_dot, theta, theta_dot)``."""
-    x, x_dot, theta, theta_dot = state.unbind(-1)
-    force = torch.where(push_right, FORCE, -FORCE)
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    temp = (force + POLE_MASS_LENGTH * theta_dot**2 * sin) / TOTAL_MASS
-    theta_acc = (GRAVITY * sin - cos * temp) / (HALF_LENGTH * (4.0 / 3.0 - MASS_POLE * cos**2 / TOTAL_MASS))
-    x_acc = temp - POLE_MASS_LENGTH * theta_acc * cos / TOTAL_MASS
-    return torch.stack(
-        (x + TAU * x_dot, x_dot + TAU * x_acc, theta + TAU * theta_dot, theta_dot + TAU * theta_acc), dim=-1
-    )
 
 
 def steps_balanced(params: Params, starts: torch.Tensor, max_steps: int) -> torch.Tensor:
@@ -99,11 +84,6 @@ def init_policy(hidden: int, device: torch.device) -> Params:
         "w3": torch.randn(hidden, 1, device=device) / hidden**0.5,
         "b3": torch.zeros(1, device=device),
     }
-
-
-def random_starts(envs: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Gym's initial states: every coordinate uniform in ``[-0.05, 0.05]``."""
-    return ((torch.rand(envs, 4, generator=generator) - 0.5) * 0.1).to(device)
 
 
 def train(
