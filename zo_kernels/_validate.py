@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 
 def resolve_argnums(argnums: Tuple[int, ...], num_args: int) -> Tuple[int, ...]:
@@ -102,3 +103,19 @@ def check_inplace_leaves(leaves: Sequence[torch.Tensor]) -> None:
             )
         if not p.is_contiguous():
             raise ValueError(f"inplace=True needs contiguous parameters, but leaf {k} is not contiguous")
+
+
+def values(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s data with torch.func's wrappers peeled off (a vmapped batch: every element's), for checks.
+
+    Under ``torch.func.vmap`` a check's ``bool(...)`` is data-dependent control flow, which vmap
+    refuses; the estimate's checks read the plain data instead, so they hold for every element.
+    """
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t.detach()
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` (of every element of a vmapped batch) is finite: one device sync."""
+    return bool(torch.isfinite(values(t)).all())

@@ -6,32 +6,56 @@ import functools
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
+from torch._functorch.utils import unwrap_dead_wrappers as unwrap_if_dead
 from torch.utils import _pytree as pytree
 
 from . import _validate as v
 from .estimator import EvaluatorState, Settings, estimate_gradients, make_settings
+from .estimator.recorded import check_recordable, recorded_gradients
 from .estimator.settings import check_argnums
 
 LossFn = Callable[..., torch.Tensor]
 
 
 class _CallSite:
-    """One call of the wrapped function: rebuilds its arguments around replacement leaves."""
+    """One call of the wrapped function: its arguments, rebuilt around replacement leaves per evaluation.
+
+    ``leaves`` are the differentiated tensors; ``others`` every other tensor the call received
+    (positional and keyword arguments, any pytree depth), with ``names`` for both. The evaluations
+    run at backward time with the arguments as they are then, so :meth:`check_unmodified` compares
+    every tensor's version counter with the one seen at the call, as autograd does for saved tensors.
+    """
 
     def __init__(self, fn: LossFn, args: Tuple[Any, ...], kwargs: Dict[str, Any], argnums: Tuple[int, ...]) -> None:
         self.fn, self.args, self.kwargs, self.argnums = fn, args, kwargs, argnums
         self.leaves: List[torch.Tensor] = []
         self.specs: List[Tuple[int, Any, int]] = []
+        self.names: List[str] = []
         for argnum in argnums:
             flat, spec = pytree.tree_flatten(args[argnum])
             for k, leaf in enumerate(flat):
-                where = (
-                    f"argument {argnum}"
-                    if len(flat) == 1 and flat[0] is args[argnum]
-                    else f"leaf {k} of argument {argnum}"
-                )
+                where = _name(f"argument {argnum}", k, flat, args[argnum])
                 self.leaves.append(v.check_leaf(leaf, f"differentiated {where}"))
+                self.names.append(where)
             self.specs.append((argnum, spec, len(flat)))
+        self.others: List[torch.Tensor] = []
+        for where, value in _other_arguments(args, kwargs, argnums):
+            if isinstance(value, torch.Tensor):
+                self.others.append(value)
+                self.names.append(where)
+            elif not isinstance(value, _ATOMS):
+                flat = pytree.tree_leaves(value)
+                for k, leaf in enumerate(flat):
+                    if isinstance(leaf, torch.Tensor):
+                        self.others.append(leaf)
+                        self.names.append(_name(where, k, flat, value))
+        self.versions = [_version(t) for t in (*self.leaves, *self.others)]
+
+    @property
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        """The differentiated leaves, then every other tensor of the call."""
+        return (*self.leaves, *self.others)
 
     def __call__(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         args = list(self.args)
@@ -40,6 +64,56 @@ class _CallSite:
             args[argnum] = _rebuild(args[argnum], leaves[start : start + count], spec)
             start += count
         return self.fn(*args, **self.kwargs)
+
+    def check_unmodified(self) -> None:
+        """RuntimeError naming the first tensor of the call modified in place since the call (autograd's message)."""
+        for name, t, seen in zip(self.names, self.tensors, self.versions):
+            now = _version(t)
+            if seen is not None and now != seen:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                    f"{name} of the zero_order function (a {list(t.shape)} {t.dtype} tensor) is at version {now}; "
+                    f"expected version {seen} instead. zo_kernels evaluates the function at backward time with its "
+                    "arguments as they are then: pass a copy (x.clone()), or call backward before modifying it."
+                )
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> _CallSite:
+        """The same call with :attr:`tensors` replaced, in order (one element of a vmapped batch)."""
+        replace = {id(old): new for old, new in zip(self.tensors, tensors)}
+
+        def swap(value: Any) -> Any:
+            return replace.get(id(value), value) if isinstance(value, torch.Tensor) else value
+
+        args, kwargs = pytree.tree_map(swap, (list(self.args), self.kwargs))
+        return _CallSite(self.fn, tuple(args), kwargs, self.argnums)
+
+
+#: Arguments that hold no tensor: not flattened when looking for tensors to version-check.
+_ATOMS = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _name(where: str, k: int, flat: Sequence[Any], value: Any) -> str:
+    """How errors name leaf ``k`` of the argument ``where`` (the argument itself when it is one tensor)."""
+    return where if len(flat) == 1 and flat[0] is value else f"leaf {k} of {where}"
+
+
+def _other_arguments(args: Tuple[Any, ...], kwargs: Dict[str, Any], argnums: Tuple[int, ...]) -> List[Tuple[str, Any]]:
+    """The arguments that are not differentiated, with how errors name them."""
+    named = [(f"argument {k}", a) for k, a in enumerate(args) if k not in argnums]
+    return named + [(f"keyword argument {key!r}", a) for key, a in kwargs.items()]
+
+
+def _is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmapped batch (torch.func's or autograd's ``is_grads_batched``), not plain data."""
+    return is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter, or None where it has none (inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _rebuild(original: Any, leaves: Sequence[torch.Tensor], spec: Any) -> Any:
@@ -59,24 +133,78 @@ def _rebuild(original: Any, leaves: Sequence[torch.Tensor], spec: Any) -> Any:
 
 
 class _ZeroOrderFunction(torch.autograd.Function):
-    """Forward: f(theta). Backward: the ES estimate, scaled by the upstream gradient."""
+    """Forward: f(theta). Backward: the ES estimate, scaled by the upstream gradient.
+
+    Every tensor of the call is an input (the differentiated leaves first), so that autograd and
+    ``torch.func.vmap`` see all of them; only the leaves get gradients.
+    """
+
+    @classmethod
+    def apply(cls, *args: Any) -> torch.Tensor:  # type: ignore[override]
+        """``Function.apply`` without its per-call ``inspect.signature`` (forward has no defaults to bind).
+
+        That binding was most of the decorator's own cost per call; under a torch.func transform
+        the call goes through ``Function.apply`` unchanged.
+        """
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_if_dead(args))  # type: ignore[misc]
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, settings: Settings, state: EvaluatorState, site: _CallSite, *leaves: torch.Tensor
-    ) -> torch.Tensor:
-        output = v.check_output(site(leaves), "the function")
+    def forward(settings: Settings, state: EvaluatorState, site: _CallSite, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return v.check_output(site(tensors[: len(site.leaves)]), "the function")
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:  # noqa: D102
+        settings, state, site = inputs[:3]
         ctx.settings, ctx.state, ctx.site = settings, state, site
         ctx.f0 = output.detach()
-        ctx.save_for_backward(*leaves)
-        return output
+        ctx.save_for_backward(*inputs[3 : 3 + len(site.leaves)])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        site = ctx.site
+        needed = ctx.needs_input_grad[3 : 3 + len(site.leaves)]
+        nothing = (None,) * (3 + len(site.tensors))
+        if not any(needed):
+            return nothing
+        site.check_unmodified()
         leaves = ctx.saved_tensors
-        grads = estimate_gradients(ctx.site, leaves, ctx.f0, grad_out, ctx.settings, ctx.state)
-        needed = ctx.needs_input_grad[3:]
-        return (None, None, None, *(g if need else None for g, need in zip(grads, needed)))
+        if torch.is_grad_enabled():  # create_graph=True, or a torch.func transform (which always records)
+            why = "torch.func" if is_functorch_wrapped_tensor(grad_out) else "create_graph=True"
+            grads = recorded_gradients(site, leaves, ctx.f0, ctx.settings, ctx.state, why)
+            grads = [g * grad_out for g in grads]
+        elif _is_batched(grad_out):  # is_grads_batched=True: the estimate once, times each upstream gradient
+            unit = torch.ones((), dtype=ctx.f0.dtype, device=ctx.f0.device)
+            grads = [g * grad_out for g in estimate_gradients(site, leaves, ctx.f0, unit, ctx.settings, ctx.state)]
+        else:
+            grads = estimate_gradients(site, leaves, ctx.f0, grad_out, ctx.settings, ctx.state)
+        return (None, None, None, *(g if need else None for g, need in zip(grads, needed)), *nothing[3 + len(grads) :])
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: Tuple[Any, ...],
+        settings: Settings,
+        state: EvaluatorState,
+        site: _CallSite,
+        *tensors: torch.Tensor,
+    ) -> Tuple[torch.Tensor, int]:  # type: ignore[override]
+        """``torch.func.vmap``: one zero_order call per element of the batch (each its own estimate)."""
+        dims = in_dims[3:]
+        outputs = []
+        for b in range(info.batch_size):
+            sliced = [t if d is None else t.select(d, b) for t, d in zip(tensors, dims)]
+            outputs.append(_ZeroOrderFunction.apply(settings, state, site.with_tensors(sliced), *sliced))
+        return torch.stack(outputs), 0
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> torch.Tensor:  # noqa: D102
+        raise RuntimeError(
+            "zo_kernels.zero_order has no forward-mode derivative (torch.func.jvp, jacfwd, torch.func.hessian, "
+            "torch.autograd.forward_ad): differentiate it in reverse mode, e.g. "
+            "torch.func.jacrev(torch.func.jacrev(f)) or torch.autograd.functional.hessian(f, x) for a Hessian"
+        )
 
 
 def zero_order(
@@ -192,9 +320,11 @@ def decorate(settings: Settings, argnums: Tuple[int, ...]) -> Callable[[LossFn],
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
             site = _CallSite(fn, args, kwargs, v.resolve_argnums(argnums, len(args)))
+            if settings.inplace and any(is_functorch_wrapped_tensor(t) for t in site.leaves):
+                check_recordable(settings, "torch.func")  # a transform's tensors have no storage to perturb
             if settings.inplace:
                 v.check_disjoint(site.leaves, "inplace=True perturbs each differentiated tensor's own storage")
-            return _ZeroOrderFunction.apply(settings, state, site, *site.leaves)
+            return _ZeroOrderFunction.apply(settings, state, site, *site.tensors)
 
         return wrapped
 

@@ -34,9 +34,9 @@ class EvaluatorState:
 
 
 def evaluate_sample(
-    evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str
+    evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str, record: bool = False
 ) -> torch.Tensor:
-    """One perturbed loss, as a detached 0-dim tensor; errors say which sample raised."""
+    """One perturbed loss as a 0-dim tensor, detached unless ``record``; errors say which sample raised."""
     where = f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
     try:
         out = evaluate(params)
@@ -44,7 +44,8 @@ def evaluate_sample(
         if hasattr(exc, "add_note"):  # Python >= 3.11
             exc.add_note(f"zo_kernels: raised while evaluating {where}")
         raise
-    return check_output(out, where).detach()
+    out = check_output(out, where)
+    return out if record else out.detach()
 
 
 def stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -182,7 +183,8 @@ class _Batch:
                 self.plan.family.accumulate_rows(acc, z[: hi - lo], w)
 
 
-def _check_batched_output(out: object, rows: int, lo: int, hi: int) -> torch.Tensor:
+def check_batched_output(out: object, rows: int, lo: int, hi: int) -> torch.Tensor:
+    """Return ``out`` if it is the ``(rows,)`` floating-point losses of samples ``lo..hi-1`` under vmap."""
     if not isinstance(out, torch.Tensor) or out.shape != (rows,) or not out.dtype.is_floating_point:
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise RuntimeError(
@@ -192,7 +194,8 @@ def _check_batched_output(out: object, rows: int, lo: int, hi: int) -> torch.Ten
     return out
 
 
-def _record_vmap_failure(state: EvaluatorState, exc: BaseException, batch_size: Optional[int]) -> None:
+def record_vmap_failure(state: EvaluatorState, exc: BaseException, batch_size: Optional[int]) -> None:
+    """Remember on ``state`` that vmap cannot run the function, and warn once why."""
     state.vmap_failure = f"{type(exc).__name__}: {exc}".split("\n")[0]
     warnings.warn(
         f"zo_kernels: batch_size={batch_size} is ignored from now on for this function: torch.func.vmap "
@@ -222,7 +225,7 @@ def batched_blocks(
         try:
             out = batched(*leaves)
         except (RuntimeError, NotImplementedError) as exc:  # what torch raises for what vmap cannot run
-            _record_vmap_failure(state, exc, plan.settings.batch_size)
+            record_vmap_failure(state, exc, plan.settings.batch_size)
             break
         except Exception as exc:  # the function's own error (ValueError, KeyError, ...): not vmap's doing
             if hasattr(exc, "add_note"):  # Python >= 3.11
@@ -231,7 +234,7 @@ def batched_blocks(
                     f"(batch_size={plan.settings.batch_size}, seed={plan.seed})"
                 )
             raise
-        out = _check_batched_output(out, (hi - lo) * signs, lo, hi)
+        out = check_batched_output(out, (hi - lo) * signs, lo, hi)
         block = out.detach().to(torch.float64).view(hi - lo, signs).t()
         blocks.append(block)
         batch.accumulate(sums, weigh, block, lo, hi)

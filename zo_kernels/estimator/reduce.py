@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from .._validate import all_finite, values
 from ..reference.noise import accumulation_dtype
 from .plan import Plan
 from .settings import Settings
@@ -57,13 +58,15 @@ def sample_weights(plan: Plan, losses: torch.Tensor, weigh: Weigher) -> torch.Te
 
 def raise_if_not_finite(losses: torch.Tensor, f0: Optional[torch.Tensor], method: str, seed_text: str) -> None:
     """One device sync for the whole estimate; name the first sample whose loss is NaN or inf."""
-    finite = torch.isfinite(losses)
-    if f0 is not None and method == "forward" and not bool(torch.isfinite(f0)):
+    if f0 is not None and method == "forward" and not all_finite(f0):
         raise NonFiniteLossError(
-            f"zero_order: the unperturbed loss f(theta) is {f0.item()} (method 'forward' uses it as baseline)"
+            f"zero_order: the unperturbed loss f(theta) is {values(f0).reshape(-1).tolist()} (method 'forward' uses "
+            "it as baseline)"
         )
-    if bool(finite.all()):
+    if all_finite(losses):
         return
+    losses = values(losses)
+    finite = torch.isfinite(losses)
     flat = (~finite).reshape(-1).nonzero()[0].item()
     sign, index = divmod(flat, losses.shape[-1])
     raise NonFiniteLossError(
@@ -93,8 +96,9 @@ def gradients(
 def raise_if_estimate_not_finite(tensors: Sequence[torch.Tensor], sigma: float) -> None:
     """Every loss was finite, yet the estimate may overflow (weights ~ loss / (sigma N)): refuse to return it."""
     # max and min propagate NaN and see +-inf, without the n-byte mask torch.isfinite(t) would allocate.
-    extremes = [torch.stack([t.amax(), t.amin()]).to(torch.float64) for t in tensors if t.numel()]
-    if extremes and not bool(torch.isfinite(torch.cat([e.to(extremes[0].device) for e in extremes])).all()):
+    peeled = [values(t) for t in tensors]
+    extremes = [torch.stack([t.amax(), t.amin()]).to(torch.float64) for t in peeled if t.numel()]
+    if extremes and not all_finite(torch.cat([e.to(extremes[0].device) for e in extremes])):
         raise NonFiniteLossError(
             f"zero_order: every loss was finite but the gradient estimate overflows its dtype (its weights are "
             f"loss differences / (sigma * num_samples), with sigma={sigma}); raise sigma or scale the loss down"

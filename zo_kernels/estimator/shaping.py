@@ -19,6 +19,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from .._validate import all_finite
+
 Shaping = Callable[[torch.Tensor], torch.Tensor]
 #: The named shapings (``fitness_shaping=<name>``).
 NAMED = ("centered_ranks", "standardize")
@@ -43,9 +45,9 @@ def standardize(losses: torch.Tensor) -> torch.Tensor:
     """``(f - mean) / std`` (population std); all zeros when the std is 0 (no division by zero)."""
     centered = losses - losses.mean()
     std = centered.square().mean().sqrt()
-    if not bool(std > 0):
-        return torch.zeros_like(losses)
-    return centered / std
+    # torch.where rather than an if: no data-dependent control flow, so it runs under torch.func.vmap
+    positive = std > 0
+    return torch.where(positive, centered / torch.where(positive, std, torch.ones_like(std)), 0.0)
 
 
 _BY_NAME = {"centered_ranks": centered_ranks, "standardize": standardize}
@@ -88,6 +90,6 @@ def shape_losses(shaping: Union[Shaping, None], losses: torch.Tensor) -> torch.T
     if not out.dtype.is_floating_point:
         raise TypeError(f"fitness_shaping {name} must return a floating-point tensor, got {out.dtype}")
     out = out.to(device=losses.device, dtype=losses.dtype)
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise ValueError(f"fitness_shaping {name} returned non-finite values (NaN or inf); no gradient is written")
     return out
