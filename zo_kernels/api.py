@@ -233,6 +233,14 @@ def zero_order(
     - ``'forward'``: ``1/sigma * mean_i (f(theta + sigma z_i) - f(theta)) z_i``
     - ``'antithetic'``: ``1/(2 sigma) * mean_i (f(theta + sigma z_i) - f(theta - sigma z_i)) z_i``
 
+    The perturbed evaluations run at backward time, with the arguments as they are then: a tensor of
+    the call modified in place before ``backward()`` raises autograd's "modified by an inplace
+    operation" ``RuntimeError`` naming it. Under ``create_graph=True`` (and ``torch.func.grad`` /
+    ``jacrev``, which always record) the evaluations are recorded by autograd, so the estimate is a
+    differentiable function of the parameters (for 'antithetic' its derivative is the Stein
+    second-order estimate); ``torch.func.vmap`` runs one call per batch element. Forward-mode AD is
+    refused (docs/meta_learning.md).
+
     Args:
         distribution: where ``z`` comes from. ``zo_kernels.distributions.Normal()``,
             ``Rademacher()`` or ``Sphere()`` (and a scalar ``torch.distributions.Normal(0, 1)``)
