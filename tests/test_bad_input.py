@@ -329,7 +329,7 @@ def test_module_unknown_keyword_and_unusable_parameters():
 
     x = torch.randn(4, 3)
     for param, exc, match in [
-        (torch.nn.Parameter(torch.ones(2, dtype=torch.int64), requires_grad=False), TypeError, r"'extra' .*dtype"),
+        (torch.nn.Parameter(torch.ones(2, dtype=torch.complex64)), TypeError, r"'extra' .*dtype"),
         (torch.nn.Parameter(torch.ones(2, device="meta")), ValueError, r"parameter 'extra' of Net is on the meta"),
     ]:
         net = make_module(param)

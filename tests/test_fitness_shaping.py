@@ -5,7 +5,7 @@ import torch
 
 import zo_kernels
 from zo_kernels import distributions
-from zo_kernels.estimator.shaping import centered_ranks, standardize
+from zo_kernels.shaping import centered_ranks, standardize
 
 METHODS = ["naive", "forward", "antithetic"]
 

@@ -8,7 +8,7 @@ import torch
 
 import zo_kernels
 from zo_kernels import backends, distributions
-from zo_kernels.estimator.lowrank import FACTOR_BASE
+from zo_kernels.noise.lowrank import FACTOR_BASE
 from zo_kernels.reference import noise
 
 BACKENDS = [name for name in ("reference", "cpu", "triton") if backends.available()[name] == "available"]
@@ -186,7 +186,7 @@ def _mlp_problem():
 
 @pytest.mark.parametrize("method", ["naive", "antithetic"])
 def test_batched_population_equals_the_loop(method):
-    pytest.importorskip("zo_kernels.estimator.lowrank_rewrite")
+    pytest.importorskip("zo_kernels.noise.shared_weights")
     f, params = _mlp_problem()
     opts = dict(distribution=distributions.LowRank(2), method=method, num_samples=9, sigma=0.05, seed=8)
     loop = zo_kernels.estimate(f, params, **opts)
@@ -198,7 +198,7 @@ def test_batched_population_equals_the_loop(method):
 
 def test_batched_members_receive_the_shared_weights():
     """Under batch_size, a matrix reaches the function as the unperturbed tensor itself (no copy per member)."""
-    pytest.importorskip("zo_kernels.estimator.lowrank_rewrite")
+    pytest.importorskip("zo_kernels.noise.shared_weights")
     f, params = _mlp_problem()
     seen = []
 
@@ -212,7 +212,7 @@ def test_batched_members_receive_the_shared_weights():
 
 
 def test_an_unsupported_use_is_exact_and_warns_once():
-    rewrite = pytest.importorskip("zo_kernels.estimator.lowrank_rewrite")
+    rewrite = pytest.importorskip("zo_kernels.noise.shared_weights")
     f, params = _mlp_problem()
 
     def penalized(p):
@@ -228,7 +228,7 @@ def test_an_unsupported_use_is_exact_and_warns_once():
 
 
 def test_an_exception_inside_a_member_propagates_and_leaves_nothing_behind():
-    pytest.importorskip("zo_kernels.estimator.lowrank_rewrite")
+    pytest.importorskip("zo_kernels.noise.shared_weights")
     f, params = _mlp_problem()
     before = {k: v.clone() for k, v in params.items()}
 

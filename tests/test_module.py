@@ -146,3 +146,27 @@ def test_invalid_class_keywords_fail_at_class_creation():
 
 def test_importable_from_the_top_level():
     assert zo_kernels.ZeroOrderGradientModule is ZeroOrderGradientModule
+
+
+def test_frozen_parameters_are_neither_perturbed_nor_estimated():
+    """Only the parameters that require grad are perturbed (TorchOpt perturbs every parameter)."""
+    seen = []
+
+    class Net(ZeroOrderGradientModule, method="antithetic", num_samples=4, sigma=0.1):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+            self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+            self.steps = nn.Parameter(torch.zeros((), dtype=torch.int64), requires_grad=False)
+
+        def forward(self, x):
+            seen.append(self.frozen.detach().clone())
+            return (self.fc(x * self.frozen) ** 2).mean()
+
+        def sample(self, sample_shape=torch.Size()):
+            return torch.randn(sample_shape)
+
+    net = Net()
+    net(torch.randn(8, 3)).backward()
+    assert len(seen) == 1 + 2 * 4 and all(torch.equal(s, torch.ones(3)) for s in seen)
+    assert net.frozen.grad is None and net.fc.weight.grad is not None

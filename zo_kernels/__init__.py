@@ -1,6 +1,6 @@
 """zo_kernels: fast, lean zero-order (evolution-strategy) gradient estimation for PyTorch."""
 
-from . import backends, diff, distributions, nn, optim
+from . import backends, diff, distributions, nn, optim, shaping
 from ._version import __version__ as __version__  # the one source of the version (setup.py reads it too)
 from .api import zero_order
 from .estimator import NonFiniteLossError
@@ -17,5 +17,6 @@ __all__ = [
     "estimate",
     "nn",
     "optim",
+    "shaping",
     "zero_order",
 ]

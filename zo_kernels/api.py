@@ -10,10 +10,10 @@ from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedte
 from torch._functorch.utils import unwrap_dead_wrappers as unwrap_if_dead
 from torch.utils import _pytree as pytree
 
-from . import _validate as v
-from .estimator import EvaluatorState, Settings, estimate_gradients, make_settings
+from . import config as v
+from .config import Config, check_argnums, make_config
+from .estimator import EvaluatorState, estimate_gradients
 from .estimator.recorded import check_recordable, recorded_gradients
-from .estimator.settings import check_argnums
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -151,13 +151,13 @@ class _ZeroOrderFunction(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*unwrap_if_dead(args))  # type: ignore[misc]
 
     @staticmethod
-    def forward(settings: Settings, state: EvaluatorState, site: _CallSite, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(config: Config, state: EvaluatorState, site: _CallSite, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return v.check_output(site(tensors[: len(site.leaves)]), "the function")
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:  # noqa: D102
-        settings, state, site = inputs[:3]
-        ctx.settings, ctx.state, ctx.site = settings, state, site
+        config, state, site = inputs[:3]
+        ctx.config, ctx.state, ctx.site = config, state, site
         ctx.f0 = output.detach()
         ctx.save_for_backward(*inputs[3 : 3 + len(site.leaves)])
 
@@ -172,20 +172,20 @@ class _ZeroOrderFunction(torch.autograd.Function):
         leaves = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True, or a torch.func transform (which always records)
             why = "torch.func" if is_functorch_wrapped_tensor(grad_out) else "create_graph=True"
-            grads = recorded_gradients(site, leaves, ctx.f0, ctx.settings, ctx.state, why)
+            grads = recorded_gradients(site, leaves, ctx.f0, ctx.config, ctx.state, why)
             grads = [g * grad_out for g in grads]
         elif _is_batched(grad_out):  # is_grads_batched=True: the estimate once, times each upstream gradient
             unit = torch.ones((), dtype=ctx.f0.dtype, device=ctx.f0.device)
-            grads = [g * grad_out for g in estimate_gradients(site, leaves, ctx.f0, unit, ctx.settings, ctx.state)]
+            grads = [g * grad_out for g in estimate_gradients(site, leaves, ctx.f0, unit, ctx.config, ctx.state)]
         else:
-            grads = estimate_gradients(site, leaves, ctx.f0, grad_out, ctx.settings, ctx.state)
+            grads = estimate_gradients(site, leaves, ctx.f0, grad_out, ctx.config, ctx.state)
         return (None, None, None, *(g if need else None for g, need in zip(grads, needed)), *nothing[3 + len(grads) :])
 
     @staticmethod
     def vmap(
         info: Any,
         in_dims: Tuple[Any, ...],
-        settings: Settings,
+        config: Config,
         state: EvaluatorState,
         site: _CallSite,
         *tensors: torch.Tensor,
@@ -195,7 +195,7 @@ class _ZeroOrderFunction(torch.autograd.Function):
         outputs = []
         for b in range(info.batch_size):
             sliced = [t if d is None else t.select(d, b) for t, d in zip(tensors, dims)]
-            outputs.append(_ZeroOrderFunction.apply(settings, state, site.with_tensors(sliced), *sliced))
+            outputs.append(_ZeroOrderFunction.apply(config, state, site.with_tensors(sliced), *sliced))
         return torch.stack(outputs), 0
 
     @staticmethod
@@ -311,14 +311,14 @@ def zero_order(
         zo_kernels.NonFiniteLossError: at backward time, if a perturbed loss is NaN or infinite
             (the message names the sample index and the seed). Gradients are then not written.
     """
-    settings = make_settings(
+    config = make_config(
         distribution, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size, fitness_shaping
     )
-    return decorate(settings, check_argnums(argnums))
+    return decorate(config, check_argnums(argnums))
 
 
-def decorate(settings: Settings, argnums: Tuple[int, ...]) -> Callable[[LossFn], LossFn]:
-    """The ``zero_order`` decorator for checked ``settings`` and ``argnums``."""
+def decorate(config: Config, argnums: Tuple[int, ...]) -> Callable[[LossFn], LossFn]:
+    """The ``zero_order`` decorator for checked ``config`` and ``argnums``."""
 
     def decorator(fn: LossFn) -> LossFn:
         if not callable(fn):
@@ -328,11 +328,11 @@ def decorate(settings: Settings, argnums: Tuple[int, ...]) -> Callable[[LossFn],
         @functools.wraps(fn)
         def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
             site = _CallSite(fn, args, kwargs, v.resolve_argnums(argnums, len(args)))
-            if settings.inplace and any(is_functorch_wrapped_tensor(t) for t in site.leaves):
-                check_recordable(settings, "torch.func")  # a transform's tensors have no storage to perturb
-            if settings.inplace:
+            if config.inplace and any(is_functorch_wrapped_tensor(t) for t in site.leaves):
+                check_recordable(config, "torch.func")  # a transform's tensors have no storage to perturb
+            if config.inplace:
                 v.check_disjoint(site.leaves, "inplace=True perturbs each differentiated tensor's own storage")
-            return _ZeroOrderFunction.apply(settings, state, site, *site.tensors)
+            return _ZeroOrderFunction.apply(config, state, site, *site.tensors)
 
         return wrapped
 

@@ -3,177 +3,23 @@
 Passed to :func:`zo_kernels.zero_order`, these never materialize noise: the backends regenerate
 ``z(seed, i, j)`` inside their perturb and reduce kernels. They also behave as ordinary samplable
 objects (``.sample(shape)``), so code written against TorchOpt's ``Samplable`` protocol accepts them.
+Each is its own noise in an estimate: the implementations live in :mod:`zo_kernels.noise`.
 """
 
-from __future__ import annotations
+from typing import Optional
 
-import math
-from typing import Optional, Sequence, Union
+from .noise import FusedDistribution, LowRank, Normal, Rademacher, Sphere, standard_normal
+from .noise.base import draw_seed
 
-import torch
-
-from .reference import noise as _noise
-
-ShapeLike = Union[torch.Size, Sequence[int], int]
-
-
-def _as_size(sample_shape: ShapeLike) -> torch.Size:
-    """``sample_shape`` as a ``torch.Size``; TypeError/ValueError naming it unless it is ints >= 0."""
-    dims = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
-    try:
-        dims = tuple(dims)
-    except TypeError:
-        raise TypeError(f"sample_shape must be an int or a sequence of ints, got {sample_shape!r}") from None
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-        raise TypeError(f"sample_shape must be an int or a sequence of ints, got {sample_shape!r}")
-    if any(d < 0 for d in dims):
-        raise ValueError(f"sample_shape must not have negative sizes, got {tuple(dims)}")
-    return torch.Size(dims)
-
-
-class FusedDistribution:
-    """A distribution whose samples are the counter-based stream ``z(seed, i, j)``.
-
-    Subclasses set :attr:`stream` (``'normal'`` or ``'rademacher'``) and :attr:`sphere` (scale each
-    sample to norm ``sqrt(n)`` over the whole flattened parameter vector).
-    """
-
-    stream: str = _noise.NORMAL
-    sphere: bool = False
-
-    def sample(
-        self,
-        sample_shape: ShapeLike = torch.Size(),
-        *,
-        seed: Optional[int] = None,
-        device: Optional[Union[str, torch.device]] = None,
-    ) -> torch.Tensor:
-        """Draw one float32 sample of ``sample_shape`` from the stream (sample id 0).
-
-        ``seed`` defaults to one draw from PyTorch's default generator, so ``torch.manual_seed``
-        makes the result reproducible.
-        """
-        from . import backends  # late: backends imports the kernels, which import this module's siblings
-
-        shape = _as_size(sample_shape)
-        seed = _check_seed(seed)
-        where = torch.device(device) if device is not None else torch.device("cpu")
-        z = backends.select(where, torch.float32).sample(self.stream, seed, 0, 0, shape.numel(), where)
-        if self.sphere and z.numel() > 0:
-            z = z * (math.sqrt(z.numel()) / torch.linalg.vector_norm(z.double()).item())
-        return z.reshape(shape)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
-
-
-class Normal(FusedDistribution):
-    """Standard normal noise, z ~ N(0, I) (Philox4x32-10 + Box-Muller)."""
-
-    stream = _noise.NORMAL
-
-
-class Rademacher(FusedDistribution):
-    """Random signs, z in {-1, +1}^n with equal probability (one Philox bit per element)."""
-
-    stream = _noise.RADEMACHER
-
-
-class Sphere(FusedDistribution):
-    """Uniform directions scaled to radius ``sqrt(n)``: z = sqrt(n) g / |g| with g ~ N(0, I).
-
-    ``n`` is the size of the whole flattened parameter vector, so ``E[z_j**2] = 1`` exactly as for
-    :class:`Normal`, and the estimator scale needs no change between the two.
-    """
-
-    stream = _noise.NORMAL
-    sphere = True
-
-
-class LowRank(FusedDistribution):
-    """Low-rank noise (EGGROLL, arXiv 2511.16652): each matrix perturbed by ``A B^T / sqrt(rank)``.
-
-    A tensor with ``ndim >= 2`` is a matrix ``(shape[0], numel // shape[0])``; each sample draws
-    standard normal factors ``A`` ``(m, rank)`` and ``B`` ``(n, rank)`` from the counter-based
-    stream (their layout: ``docs/noise.md``) and perturbs it by ``A B^T / sqrt(rank)``, which has
-    mean 0, variance 1 per element and identity covariance, so every method keeps its formula.
-    Tensors with ``ndim < 2`` get standard normal noise as with :class:`Normal`.
-
-    With ``batch_size``, the members of a vmapped call share the weights: ``F.linear``, matmul,
-    ``addmm`` and ``F.embedding`` on a perturbed matrix become the shared product plus each
-    member's low-rank term (``docs/lowrank.md``), so a population costs about one batched
-    forward pass. A ``rank >= min(m, n)`` is allowed but wasteful: the factors then cost more than
-    full-rank noise.
-
-    Args:
-        rank: the rank ``r`` of each matrix's perturbation, an int >= 1.
-    """
-
-    stream = _noise.NORMAL
-
-    def __init__(self, rank: int = 1) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int >= 1, got {type(rank).__name__} {rank!r}")
-        if rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {rank}")
-        self.rank = rank
-
-    def sample(
-        self,
-        sample_shape: ShapeLike = torch.Size(),
-        *,
-        seed: Optional[int] = None,
-        device: Optional[Union[str, torch.device]] = None,
-    ) -> torch.Tensor:
-        """One float32 sample (sample id 0) for a tensor of ``sample_shape`` at flat offset 0: ``A B^T / sqrt(r)``."""
-        from .estimator.lowrank import lowrank_noise  # late: the estimator imports this module
-
-        shape = _as_size(sample_shape)
-        seed = _check_seed(seed)
-        where = torch.device(device) if device is not None else torch.device("cpu")
-        return lowrank_noise(self.rank, seed, 0, shape, where)
-
-    def __repr__(self) -> str:
-        return f"LowRank(rank={self.rank})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.rank == other.rank  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.rank))
-
-
-def _check_seed(seed: Optional[int]) -> int:
-    """``seed`` checked (an int in [0, 2**64)), or one draw from PyTorch's default generator when None."""
-    if seed is None:
-        return draw_seed()
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int in [0, 2**64) or None, got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64) or None, got {seed!r}")
-    return seed
-
-
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """One 63-bit seed from ``generator`` (PyTorch's default CPU generator when None)."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator).item())
+__all__ = ["FusedDistribution", "LowRank", "Normal", "Rademacher", "Sphere", "as_fused", "draw_seed"]
 
 
 def as_fused(distribution: object) -> Optional[FusedDistribution]:
     """The built-in distribution equivalent to ``distribution``, or None when there is none.
 
-    Besides instances of :class:`FusedDistribution`, a scalar ``torch.distributions.Normal(0, 1)``
-    is routed to :class:`Normal`: same distribution, drawn from the fused stream.
+    Besides the built-in distributions themselves, a scalar ``torch.distributions.Normal(0, 1)`` is
+    routed to :class:`Normal`: same distribution, drawn from the fused stream.
     """
     if isinstance(distribution, FusedDistribution):
         return distribution
-    if type(distribution) is torch.distributions.Normal and distribution.batch_shape == torch.Size():
-        if float(distribution.loc) == 0.0 and float(distribution.scale) == 1.0:
-            return Normal()
-    return None
+    return standard_normal(distribution)

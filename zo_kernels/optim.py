@@ -13,7 +13,7 @@ from typing import Any, List
 import torch
 from torch.utils import _pytree as pytree
 
-from .estimator.settings import check_real
+from .config import check_real
 from .reference.noise import accumulation_dtype
 from .seed_gradient import SeedGradient
 

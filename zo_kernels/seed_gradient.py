@@ -15,12 +15,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch.utils import _pytree as pytree
 
-from . import _validate as v
 from . import backends as _backends
+from . import config as v
+from .config import check_real, check_regenerable, check_sigma, make_config
 from .distributions import FusedDistribution, Normal
-from .estimator import EvaluatorState, estimate_weights, make_settings, raise_if_estimate_not_finite
-from .estimator.families import stream_family
-from .estimator.settings import check_real, check_regenerable, check_sigma
+from .estimator import EvaluatorState, estimate_weights, raise_if_estimate_not_finite
+from .noise import from_stream
 from .reference.noise import STREAMS, accumulation_dtype
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
@@ -116,7 +116,7 @@ class SeedGradient:
             where = torch.device(device) if device is not None else torch.device("cpu")
         except (RuntimeError, TypeError, ValueError) as exc:
             raise TypeError(f"device must be a torch.device, a device string or None, got {device!r}") from exc
-        grads, offset, family = [], 0, stream_family(self.stream, self.rank)
+        grads, offset, family = [], 0, from_stream(self.stream, self.rank)
         for shape, dtype in zip(self.shapes, self.dtypes):
             g = torch.zeros(shape, dtype=dtype, device=where)
             w = self.weights.to(device=where, dtype=accumulation_dtype(dtype))
@@ -143,7 +143,7 @@ class SeedGradient:
                 raise ValueError(
                     f"apply_ updates parameters in place: every parameter must be contiguous, but leaf {k} is not"
                 )
-        offset, family = 0, stream_family(self.stream, self.rank)
+        offset, family = 0, from_stream(self.stream, self.rank)
         for p in leaves:
             w = self.weights.to(device=p.device, dtype=accumulation_dtype(p.dtype))
             backend = _backends.select(p.device, p.dtype)
@@ -266,7 +266,7 @@ def estimate(
     if not callable(fn):
         raise TypeError(f"fn must be a function (the loss), got {type(fn).__name__}")
     noise = check_regenerable(distribution if distribution is not None else Normal())
-    settings = make_settings(
+    settings = make_config(
         noise, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size, fitness_shaping
     )
     leaves, spec = pytree.tree_flatten(params)
@@ -289,9 +289,9 @@ def estimate(
         sample_ids=done.sample_ids.cpu(),
         weights=weights,
         sigma=settings.sigma,
-        stream=settings.family.stream,
+        stream=settings.noise.stream,
         shapes=[p.shape for p in leaves],
         dtypes=[p.dtype for p in leaves],
         loss=float(f0),
-        rank=getattr(settings.family, "rank", None),
+        rank=getattr(settings.noise, "rank", None),
     )

@@ -1,94 +1,24 @@
 """The evolution-strategy gradient estimate in three steps: plan, evaluate, reduce.
 
-- :mod:`.settings`: the estimator's arguments, validated once (``zero_order``, ``estimate``, the
-  module API and the optimizers use its checks).
-- :mod:`.families`: noise families (how a distribution perturbs and sums its noise).
-- :mod:`.plan`: seed, this rank's sample ids, the parameter layout in segments, backends, kept noise.
-- :mod:`.evaluate`: the perturbed losses (loop, vmapped batches, in place) as blocks.
-- :mod:`.reduce`: weights from the method, then ``sum_i w_i z_i``.
+- :mod:`.plan`: seed, this rank's sample ids, the parameter layout in segments, backends, kept noise;
+- :mod:`.evaluate`: the perturbed losses (loop, vmapped batches, in place) as blocks;
+- :mod:`.reduce`: weights from the method (and fitness shaping), then ``sum_i w_i z_i``;
+- :mod:`.distributed`: the samples spread over a ``torch.distributed`` group;
+- :mod:`.pipeline`: the three in a row (the fused path); :mod:`.recorded`: the differentiable estimate
+  (``create_graph=True``, ``torch.func``).
 
-Noise is never materialized as an ``N x n`` tensor: per sample, a backend writes ``theta + sigma
-z_i`` into a scratch buffer (or the parameters themselves), and one ``reduce`` regenerates ``z_i``
-at the end, unless the family keeps each sample's noise while evaluating (user distributions, and
-where a backend prefers it).
+What perturbs is the noise (:mod:`zo_kernels.noise`); the arguments are checked once in
+:mod:`zo_kernels.config`.
 """
 
-from __future__ import annotations
-
-from typing import List, Sequence, Tuple
-
-import torch
-
-from . import lowrank as _lowrank  # noqa: F401  (registers the LowRank family)
-from .evaluate import Evaluate, EvaluatorState, Sums, evaluate_share
-from .plan import Plan, make_plan
-from .reduce import (
-    NonFiniteLossError,
-    Weigher,
-    gradients,
-    raise_if_estimate_not_finite,
-    raise_if_not_finite,
-    sample_weights,
-)
-from .settings import Settings, make_settings
+from .evaluate import EvaluatorState
+from .pipeline import estimate_gradients, estimate_weights
+from .reduce import NonFiniteLossError, raise_if_estimate_not_finite
 
 __all__ = [
     "EvaluatorState",
     "NonFiniteLossError",
-    "Settings",
     "estimate_gradients",
     "estimate_weights",
-    "make_settings",
     "raise_if_estimate_not_finite",
 ]
-
-
-def _evaluate(
-    plan: Plan, evaluate: Evaluate, weigh: Weigher, state: EvaluatorState, f0: torch.Tensor
-) -> Tuple[torch.Tensor, Sums]:
-    """Every rank's losses ``(signs, N)`` (checked finite) and this rank's complete kept sums.
-
-    A rank whose function raised still takes part in the exchange (``RankShare.attempt``), which
-    then raises on every rank; so past ``gather`` the evaluation succeeded everywhere.
-    """
-    done, failure = plan.share.attempt(lambda: evaluate_share(plan, evaluate, weigh, state))
-    blocks, sums = done if done is not None else (None, [])
-    losses = plan.share.gather(blocks, failure, len(plan.signs), f0.device)
-    raise_if_not_finite(losses, f0, plan.settings.method, plan.seed_text)
-    return losses, sums
-
-
-def estimate_gradients(
-    evaluate: Evaluate,
-    leaves: Sequence[torch.Tensor],
-    f0: torch.Tensor,
-    grad_out: torch.Tensor,
-    s: Settings,
-    state: EvaluatorState,
-) -> List[torch.Tensor]:
-    """The ES estimate of ``grad_out * d f / d leaves`` for the smoothed objective, one tensor per leaf.
-
-    ``evaluate`` maps a list of tensors shaped like ``leaves`` to the scalar loss; ``f0`` is the
-    unperturbed loss (the 'forward' method's baseline); ``state`` is the decorated function's.
-    """
-    weigh = Weigher(f0, grad_out, s)
-    with s.family.session(s.seed, leaves) as seed:
-        # shaped weights need every loss first: regenerable noise is not kept and summed while
-        # evaluating (the reducer regenerates it); a user distribution's is kept until the end
-        keep = s.fitness_shaping is None or not s.family.regenerable
-        plan = make_plan(s, leaves, seed, state.vmap_failure is not None, accumulate=keep)
-        losses, sums = _evaluate(plan, evaluate, weigh, state, f0)
-    grads = gradients(plan, losses, sums, weigh)
-    raise_if_estimate_not_finite(grads, s.sigma)
-    return grads
-
-
-def estimate_weights(
-    evaluate: Evaluate, leaves: Sequence[torch.Tensor], f0: torch.Tensor, s: Settings, state: EvaluatorState
-) -> Tuple[Plan, torch.Tensor]:
-    """The plan and the N float64 weights of a seed-compressed estimate (upstream gradient 1)."""
-    weigh = Weigher(f0, torch.ones((), dtype=torch.float64), s)
-    with s.family.session(s.seed, leaves) as seed:
-        plan = make_plan(s, leaves, seed, state.vmap_failure is not None, accumulate=False)
-        losses, _ = _evaluate(plan, evaluate, weigh, state, f0)
-    return plan, sample_weights(plan, losses, weigh)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .._validate import check_output
+from ..config import check_output
 from .plan import Plan, samples_per_call
 
 Evaluate = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -58,49 +58,49 @@ def stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
 def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: Iterable[int]) -> List[torch.Tensor]:
     """One evaluation per call of the function, into the scratch copy: the ``(signs, 1)`` blocks of ``ids``.
 
-    A family's perturbation writes a segment's scratch ``views`` (returning None), or returns new
+    A noise's perturbation writes a segment's scratch ``views`` (returning None), or returns new
     tensors for the segment's leaves. Where ``sums[k]`` is a tensor, each sample's noise is kept
     while perturbing (the antithetic twin is formed from it) and ``w_i z_i`` accumulated into it at
     once, in sample order. With fitness shaping the weights need every loss first, so each sample's
     kept noise is held (new buffers per sample) and summed after the last evaluation.
     """
-    family, sigma = plan.family, plan.settings.sigma
+    noise, sigma = plan.noise, plan.config.sigma
     deferred: List[Tuple[int, list]] = []  # (sample, its kept noise per segment) while shaping
-    shaping = plan.settings.fitness_shaping is not None
-    kept = [None if acc is None else family.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
-    perturbers = [family.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
+    shaping = plan.config.fitness_shaping is not None
+    kept = [None if acc is None else noise.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
+    perturbers = [noise.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
     blocks = []
     for i in ids:
         if shaping and any(z is not None for z in kept) and deferred:
-            kept = [None if acc is None else family.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
-            perturbers = [family.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
+            kept = [None if acc is None else noise.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
+            perturbers = [noise.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
         sample_losses = []
         for k, sign in enumerate(plan.signs):
             scale = sign * sigma * plan.scales[i]
             inputs: List[torch.Tensor] = []
             for perturb, seg, z in zip(perturbers, plan.segments, kept):
                 # the antithetic twin, theta - sigma z, from the kept z
-                made = family.twin(seg, z, scale) if k > 0 and z is not None else perturb(i, scale)
+                made = noise.twin(seg, z, scale) if k > 0 and z is not None else perturb(i, scale)
                 inputs.extend(seg.views if made is None else made)
             sample_losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
         blocks.append(stack_losses(sample_losses)[:, None])
         if shaping and any(z is not None for z in kept):
             deferred.append((i, kept))
         elif any(z is not None for z in kept):
-            _accumulate_kept(family, sums, kept, weigh(blocks[-1], plan.scales[i])[0])
+            _accumulate_kept(noise, sums, kept, weigh(blocks[-1], plan.scales[i])[0])
     if deferred:
         scales = torch.tensor([plan.scales[i] for i, _ in deferred], dtype=torch.float64)
         weights = weigh(torch.cat(blocks, dim=1), scales.to(blocks[0].device))
         for (_, z), w in zip(deferred, weights):
-            _accumulate_kept(family, sums, z, w)
+            _accumulate_kept(noise, sums, z, w)
     return blocks
 
 
-def _accumulate_kept(family, sums: Sums, kept: list, weight: torch.Tensor) -> None:
+def _accumulate_kept(noise, sums: Sums, kept: list, weight: torch.Tensor) -> None:
     """``sums[k] += weight * z_k`` for each segment whose noise is kept."""
     for acc, z in zip(sums, kept):
         if acc is not None and z is not None:
-            family.accumulate(acc, z, weight)
+            noise.accumulate(acc, z, weight)
 
 
 def inplace_blocks(plan: Plan, evaluate: Evaluate, ids: Iterable[int]) -> List[torch.Tensor]:
@@ -108,8 +108,8 @@ def inplace_blocks(plan: Plan, evaluate: Evaluate, ids: Iterable[int]) -> List[t
 
     Restoration happens after every sample, also when the function raises.
     """
-    sigma = plan.settings.sigma
-    perturbers = [plan.family.perturber(seg, plan.seed, None) for seg in plan.segments]
+    sigma = plan.config.sigma
+    perturbers = [plan.noise.perturber(seg, plan.seed, None) for seg in plan.segments]
     blocks = []
     for i in ids:
         sample_losses = []
@@ -133,16 +133,16 @@ class _Batch:
     """The buffers of batched evaluation: ``width`` samples' rows per segment (and their kept noise)."""
 
     def __init__(self, plan: Plan, sums: Sums, width: int) -> None:
-        signs, family = len(plan.signs), plan.family
+        signs, noise = len(plan.signs), plan.noise
         self.plan, self.width = plan, width
-        self.buffers = [family.batch_buffer(seg, width * signs) for seg in plan.segments]
-        self.kept = [None if acc is None else family.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)]
+        self.buffers = [noise.batch_buffer(seg, width * signs) for seg in plan.segments]
+        self.kept = [None if acc is None else noise.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)]
         self.scales = torch.tensor(plan.scales, dtype=torch.float64)
-        self.sign_scales = torch.tensor([sign * plan.settings.sigma for sign in plan.signs], dtype=torch.float64)
+        self.sign_scales = torch.tensor([sign * plan.config.sigma for sign in plan.signs], dtype=torch.float64)
         self.counts: List[int] = []  # how many of the vmapped tensors each segment contributes
 
     def perturb(self, lo: int, hi: int) -> List[torch.Tensor]:
-        """The tensors vmap maps over for samples ``lo..hi-1`` (each family's ``batch_inputs``, segment by segment)."""
+        """The tensors vmap maps over for samples ``lo..hi-1`` (each noise's ``batch_inputs``, segment by segment)."""
         ids = torch.arange(lo, hi, dtype=torch.int64)
         row_scales = self.scales[lo:hi, None] * self.sign_scales
         rows = (hi - lo) * len(self.plan.signs)
@@ -150,7 +150,7 @@ class _Batch:
         self.counts = []
         for seg, buf, z in zip(self.plan.segments, self.buffers, self.kept):
             keep = None if z is None else z[: hi - lo]
-            made = self.plan.family.batch_inputs(
+            made = self.plan.noise.batch_inputs(
                 seg, None if buf is None else buf[:rows], self.plan.seed, ids, row_scales, keep
             )
             self.counts.append(len(made))
@@ -159,16 +159,16 @@ class _Batch:
 
     def member(self, evaluate: Evaluate) -> Callable[..., torch.Tensor]:
         """The function vmap runs: one member's slices of the inputs -> the leaves -> ``evaluate``."""
-        family, segments = self.plan.family, self.plan.segments
+        noise, segments = self.plan.noise, self.plan.segments
 
         def run(*tensors: torch.Tensor) -> torch.Tensor:
             rewrites: dict = {}
             leaves: List[torch.Tensor] = []
             start = 0
             for seg, count in zip(segments, self.counts):
-                leaves.extend(family.member_leaves(seg, tensors[start : start + count], rewrites))
+                leaves.extend(noise.member_leaves(seg, tensors[start : start + count], rewrites))
                 start += count
-            with family.member_context(rewrites):
+            with noise.member_context(rewrites):
                 return evaluate(leaves)
 
         return run
@@ -180,7 +180,7 @@ class _Batch:
         w = weigh(block, self.scales[lo:hi].to(block.device))
         for acc, z in zip(sums, self.kept):
             if acc is not None and z is not None:
-                self.plan.family.accumulate_rows(acc, z[: hi - lo], w)
+                self.plan.noise.accumulate_rows(acc, z[: hi - lo], w)
 
 
 def check_batched_output(out: object, rows: int, lo: int, hi: int) -> torch.Tensor:
@@ -216,7 +216,7 @@ def batched_blocks(
     cannot run the function; that is recorded on ``state`` and warned about once.
     """
     first, count, signs = plan.share.first, plan.share.count, len(plan.signs)
-    batch = _Batch(plan, sums, samples_per_call(plan.settings, count))
+    batch = _Batch(plan, sums, samples_per_call(plan.config, count))
     batched = torch.func.vmap(batch.member(evaluate))
     blocks: List[torch.Tensor] = []
     for lo in range(first, first + count, batch.width):
@@ -225,13 +225,13 @@ def batched_blocks(
         try:
             out = batched(*leaves)
         except (RuntimeError, NotImplementedError) as exc:  # what torch raises for what vmap cannot run
-            record_vmap_failure(state, exc, plan.settings.batch_size)
+            record_vmap_failure(state, exc, plan.config.batch_size)
             break
         except Exception as exc:  # the function's own error (ValueError, KeyError, ...): not vmap's doing
             if hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note(
                     f"zo_kernels: raised while evaluating samples {lo}..{hi - 1} together under torch.func.vmap "
-                    f"(batch_size={plan.settings.batch_size}, seed={plan.seed})"
+                    f"(batch_size={plan.config.batch_size}, seed={plan.seed})"
                 )
             raise
         out = check_batched_output(out, (hi - lo) * signs, lo, hi)
@@ -250,7 +250,7 @@ def evaluate_share(
     reducer regenerates every sample's noise) and the loop evaluates the rest without keeping any.
     """
     first, count = plan.share.first, plan.share.count
-    if plan.settings.inplace:
+    if plan.config.inplace:
         return inplace_blocks(plan, evaluate, range(first, first + count)), plan.sums
     if not plan.batching:
         return loop_blocks(plan, evaluate, weigh, plan.sums, range(first, first + count)), plan.sums

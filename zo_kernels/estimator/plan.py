@@ -1,7 +1,7 @@
-"""The plan of one estimate: seed, sample ids, parameter layout, backends, noise family, kept noise.
+"""The plan of one estimate: seed, sample ids, parameter layout, backends, noise, kept noise.
 
 The plan holds the seed, this rank's sample ids, the parameter layout in segments, a backend per
-segment, the noise family, and which segments keep their noise.
+segment, the noise, and which segments keep their noise.
 
 Nothing is evaluated here; the evaluators (``evaluate.py``) and the reducer (``reduce.py``) read
 the plan and never change it, except the kept-noise sums an evaluator accumulates into.
@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._validate import check_inplace_leaves
-from ..distributed import RankShare
+from ..config import Config, check_inplace_leaves
+from ..noise import Noise
 from ..reference.noise import accumulation_dtype
-from .families import NoiseFamily
-from .settings import Settings
+from .distributed import RankShare
 
 if TYPE_CHECKING:
     from ..kernels.base import Backend
@@ -46,8 +45,8 @@ class Segment:
 class Plan:
     """What one estimate evaluates and reduces; see the module docstring."""
 
-    settings: Settings
-    family: NoiseFamily
+    config: Config
+    noise: Noise
     seed: Optional[int]
     share: RankShare
     sample_ids: torch.Tensor  # int64, CPU: all N ids (every rank reduces all of them)
@@ -60,12 +59,12 @@ class Plan:
     @property
     def seed_text(self) -> str:
         """How error messages name the noise."""
-        return self.family.seed_text(self.seed)
+        return self.noise.seed_text(self.seed)
 
     @property
     def signs(self) -> Tuple[float, ...]:
         """The signs of the evaluations of one sample."""
-        return self.settings.signs
+        return self.config.signs
 
 
 def _groups(leaves: Sequence[torch.Tensor], chosen: Sequence[Optional[Backend]], join: bool) -> List[List[int]]:
@@ -134,13 +133,13 @@ def inplace_segments(
     return segments, [p.data for p in leaves]
 
 
-def samples_per_call(settings: Settings, count: int) -> int:
+def samples_per_call(config: Config, count: int) -> int:
     """Samples per vmapped call: ``batch_size`` evaluations, an antithetic pair never split."""
-    return max(1, min(count, (settings.batch_size or 1) // len(settings.signs)))
+    return max(1, min(count, (config.batch_size or 1) // len(config.signs)))
 
 
 def _kept_sums(
-    s: Settings, family: NoiseFamily, segments: Sequence[Segment], rows: int, accumulate: bool, distributed: bool
+    s: Config, noise: Noise, segments: Sequence[Segment], rows: int, accumulate: bool, distributed: bool
 ) -> List[Optional[torch.Tensor]]:
     """Keep each sample's noise and accumulate it at once where that beats regenerating it in ``reduce``.
 
@@ -149,34 +148,34 @@ def _kept_sums(
     keep = accumulate and not s.inplace and not distributed
     return [
         torch.zeros(seg.theta.shape, dtype=accumulation_dtype(seg.theta.dtype), device=seg.theta.device)
-        if keep and family.keeps_noise(seg, rows)
+        if keep and noise.keeps_noise(seg, rows)
         else None
         for seg in segments
     ]
 
 
 def make_plan(
-    s: Settings, leaves: Sequence[torch.Tensor], seed: Optional[int], vmap_failed: bool, accumulate: bool
+    s: Config, leaves: Sequence[torch.Tensor], seed: Optional[int], vmap_failed: bool, accumulate: bool
 ) -> Plan:
-    """The plan of one estimate of ``leaves`` with ``seed`` (from the family's session).
+    """The plan of one estimate of ``leaves`` with ``seed`` (from the noise's session).
 
     ``vmap_failed``: batched evaluation already failed on this function; ``accumulate``: keep noise
     where a backend prefers that (False when only the weights are wanted).
     """
-    family = s.family
+    noise = s.noise
     device = leaves[0].device if leaves else torch.device("cpu")
     seed, share = RankShare.of(s.process_group, seed, s.num_samples, device)
-    chosen = [family.backend(p.device, p.dtype, s.backend) for p in leaves]
+    chosen = [noise.backend(p.device, p.dtype, s.backend) for p in leaves]
     offsets = [0]
     for p in leaves:
         offsets.append(offsets[-1] + p.numel())
     ids = torch.arange(s.num_samples, dtype=torch.int64)
-    scales = family.sample_scales(chosen[0] if leaves else None, seed, ids, offsets[-1], device)
+    scales = noise.sample_scales(chosen[0] if leaves else None, seed, ids, offsets[-1], device)
     if s.inplace:
         segments, scratch = inplace_segments(leaves, offsets, chosen)
     else:
-        segments, scratch = scratch_segments(leaves, offsets, chosen, family.joins_leaves, family.uses_scratch)
+        segments, scratch = scratch_segments(leaves, offsets, chosen, noise.joins_leaves, noise.uses_scratch)
     batching = s.batch_size is not None and not vmap_failed
     rows = samples_per_call(s, share.count) if batching else 1  # samples whose noise one accumulation reads
-    sums = _kept_sums(s, family, segments, rows, accumulate, share.group is not None)
-    return Plan(s, family, seed, share, ids, scales, segments, scratch, sums, batching)
+    sums = _kept_sums(s, noise, segments, rows, accumulate, share.group is not None)
+    return Plan(s, noise, seed, share, ids, scales, segments, scratch, sums, batching)

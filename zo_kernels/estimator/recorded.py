@@ -5,7 +5,7 @@ kernels and regenerates ``z_i`` in the reducer: nothing it computes can be diffe
 backward pass is itself differentiated (``torch.autograd.grad(..., create_graph=True)``,
 ``torch.autograd.functional.hessian``, ``torch.func.grad`` / ``jacrev``, which always record), the
 estimate must be a differentiable function of the parameters, as TorchOpt's is. Here each sample's
-noise is generated once by the family (the same stream elements as the fused path, so the same
+noise is generated once by the noise (the same stream elements as the fused path, so the same
 estimate for the same seed up to rounding), ``theta + s sigma z_i`` is formed by autograd ops on the
 leaves, the function is evaluated with its graph recorded, and ``sum_i w_i z_i`` keeps the weights'
 dependence on the leaves. For 'antithetic' the derivative of the estimate is the Stein second-order
@@ -22,18 +22,17 @@ from typing import List, Sequence
 
 import torch
 
-from .._validate import check_output
+from ..config import Config, check_output
 from ..kernels.dtypes import accumulation_dtype
 from .evaluate import Evaluate, EvaluatorState, check_batched_output, evaluate_sample, record_vmap_failure
 from .plan import Plan, make_plan, samples_per_call
 from .reduce import method_weights, raise_if_estimate_not_finite, raise_if_not_finite
-from .settings import Settings
 
 #: Rows of noise per leaf: ``(N, *leaf.shape)`` in the leaf's accumulation dtype, scale included.
 Noise = List[torch.Tensor]
 
 
-def check_recordable(s: Settings, why: str) -> None:
+def check_recordable(s: Config, why: str) -> None:
     """RuntimeError if an estimate with ``s`` cannot be recorded by autograd (``why``: what asked for it)."""
     refused = (
         ("inplace=True", s.inplace, "it perturbs the parameters' own storage, which autograd cannot record"),
@@ -53,12 +52,12 @@ def _noise(plan: Plan) -> Noise:
 
     The plan is over zero tensors, so a perturbation ``0 + scale * z_i`` is exactly the scaled noise.
     """
-    family, ids = plan.family, range(plan.share.first, plan.share.first + plan.share.count)
+    noise, ids = plan.noise, range(plan.share.first, plan.share.first + plan.share.count)
     rows = [
         torch.empty((len(ids), *p.shape), dtype=p.dtype, device=p.device) for seg in plan.segments for p in seg.leaves
     ]
-    keeps = [None if family.regenerable else family.keep_buffer(seg) for seg in plan.segments]
-    perturbers = [family.perturber(seg, plan.seed, keep) for seg, keep in zip(plan.segments, keeps)]
+    keeps = [None if noise.regenerable else noise.keep_buffer(seg) for seg in plan.segments]
+    perturbers = [noise.perturber(seg, plan.seed, keep) for seg, keep in zip(plan.segments, keeps)]
     for i in ids:
         made: List[torch.Tensor] = []
         for perturb, seg in zip(perturbers, plan.segments):
@@ -78,7 +77,7 @@ def _loop(
     evaluate: Evaluate, leaves: Sequence[torch.Tensor], noise: Noise, plan: Plan, ids: range
 ) -> List[torch.Tensor]:
     """The recorded losses of samples ``ids``, one call per evaluation: ``(signs,)`` per sample."""
-    sigma = plan.settings.sigma
+    sigma = plan.config.sigma
     return [
         torch.stack(
             [
@@ -94,8 +93,8 @@ def _batched(
     evaluate: Evaluate, leaves: Sequence[torch.Tensor], noise: Noise, plan: Plan, state: EvaluatorState
 ) -> List[torch.Tensor]:
     """The recorded losses, ``batch_size`` evaluations per ``torch.func.vmap`` call; the loop where vmap fails."""
-    signs, sigma, count = plan.signs, plan.settings.sigma, plan.share.count
-    width = samples_per_call(plan.settings, count)
+    signs, sigma, count = plan.signs, plan.config.sigma, plan.share.count
+    width = samples_per_call(plan.config, count)
     batched = torch.func.vmap(lambda *tensors: evaluate(list(tensors)))
     losses: List[torch.Tensor] = []
     for lo in range(0, count, width):
@@ -107,7 +106,7 @@ def _batched(
         try:
             out = batched(*rows)
         except (RuntimeError, NotImplementedError) as exc:  # what torch raises for what vmap cannot run
-            record_vmap_failure(state, exc, plan.settings.batch_size)
+            record_vmap_failure(state, exc, plan.config.batch_size)
             return losses + _loop(evaluate, leaves, noise, plan, range(lo, count))
         out = check_batched_output(out, (hi - lo) * len(signs), lo, hi).to(torch.float64)
         losses.extend(out.view(hi - lo, len(signs)).unbind(0))
@@ -118,7 +117,7 @@ def recorded_gradients(
     evaluate: Evaluate,
     leaves: Sequence[torch.Tensor],
     f0: torch.Tensor,
-    s: Settings,
+    s: Config,
     state: EvaluatorState,
     why: str,
 ) -> List[torch.Tensor]:
@@ -131,7 +130,7 @@ def recorded_gradients(
     # the noise is plain data: generated with torch.func's transforms (if any) set aside, as the kernels need
     with torch._C._DisableFuncTorch():
         zeros = [torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device) for p in leaves]
-        with s.family.session(s.seed, zeros) as seed:
+        with s.noise.session(s.seed, zeros) as seed:
             plan = make_plan(s, zeros, seed, vmap_failed=True, accumulate=False)
             noise = _noise(plan)
     batching = s.batch_size is not None and state.vmap_failure is None

@@ -1,19 +1,34 @@
-"""The reducer: the weights ``w_i`` from the method, then ``sum_i w_i z_i`` by the family's reduce (or the kept sums).
+"""The reducer: the weights ``w_i`` from the method, then ``sum_i w_i z_i`` by the noise's reduce (or the kept sums).
 
 Also the checks that refuse non-finite losses and an overflowing estimate.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
+from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
-from .._validate import all_finite, values
+from ..config import Config
 from ..reference.noise import accumulation_dtype
 from .plan import Plan
-from .settings import Settings
-from .shaping import shape_losses
+
+
+def values(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s data with torch.func's wrappers peeled off (a vmapped batch: every element's), for checks.
+
+    Under ``torch.func.vmap`` a check's ``bool(...)`` is data-dependent control flow, which vmap
+    refuses; the estimate's checks read the plain data instead, so they hold for every element.
+    """
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t.detach()
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` (of every element of a vmapped batch) is finite: one device sync."""
+    return bool(torch.isfinite(values(t)).all())
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -24,7 +39,7 @@ def _coefficient(method: str, sigma: float, num_samples: int) -> float:
     return (0.5 if method == "antithetic" else 1.0) / (sigma * num_samples)
 
 
-def method_weights(losses: torch.Tensor, f0: torch.Tensor, grad_out: torch.Tensor, s: Settings) -> torch.Tensor:
+def method_weights(losses: torch.Tensor, f0: torch.Tensor, grad_out: torch.Tensor, s: Config) -> torch.Tensor:
     """Per-sample weights ``w_i`` so that the estimate is ``sum_i w_i z_i`` (chain rule included).
 
     With fitness shaping, ``losses`` must be all of the estimate's (see :mod:`.shaping`).
@@ -43,11 +58,11 @@ def method_weights(losses: torch.Tensor, f0: torch.Tensor, grad_out: torch.Tenso
 class Weigher:
     """``weigh(block, scales)``: the weights of a ``(signs, k)`` block of losses whose noise has ``scales``."""
 
-    def __init__(self, f0: torch.Tensor, grad_out: torch.Tensor, s: Settings) -> None:
-        self.f0, self.grad_out, self.settings = f0, grad_out, s
+    def __init__(self, f0: torch.Tensor, grad_out: torch.Tensor, s: Config) -> None:
+        self.f0, self.grad_out, self.config = f0, grad_out, s
 
     def __call__(self, block: torch.Tensor, scales: Union[float, torch.Tensor]) -> torch.Tensor:  # noqa: D102
-        return method_weights(block, self.f0, self.grad_out, self.settings) * scales
+        return method_weights(block, self.f0, self.grad_out, self.config) * scales
 
 
 def sample_weights(plan: Plan, losses: torch.Tensor, weigh: Weigher) -> torch.Tensor:
@@ -78,7 +93,7 @@ def raise_if_not_finite(losses: torch.Tensor, f0: Optional[torch.Tensor], method
 def gradients(
     plan: Plan, losses: torch.Tensor, sums: Sequence[Optional[torch.Tensor]], weigh: Weigher
 ) -> List[torch.Tensor]:
-    """One gradient tensor per leaf: a kept sum where the evaluator formed it, else the family's reduce."""
+    """One gradient tensor per leaf: a kept sum where the evaluator formed it, else the noise's reduce."""
     if any(acc is None for acc in sums):
         weights = sample_weights(plan, losses, weigh)
     grads = []
@@ -88,7 +103,7 @@ def gradients(
         else:
             g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
             w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
-            plan.family.reduce(seg.backend, g, w, plan.sample_ids.to(g.device), plan.seed, seg.offset, seg.parts)
+            plan.noise.reduce(seg.backend, g, w, plan.sample_ids.to(g.device), plan.seed, seg.offset, seg.parts)
         grads.extend(g[lo:hi].view(shape) for lo, hi, shape in seg.parts)
     return grads
 
@@ -103,3 +118,28 @@ def raise_if_estimate_not_finite(tensors: Sequence[torch.Tensor], sigma: float) 
             f"zero_order: every loss was finite but the gradient estimate overflows its dtype (its weights are "
             f"loss differences / (sigma * num_samples), with sigma={sigma}); raise sigma or scale the loss down"
         )
+
+
+def shape_losses(shaping: Optional[Callable[[torch.Tensor], torch.Tensor]], losses: torch.Tensor) -> torch.Tensor:
+    """``shaping(losses)``, checked: a floating-point tensor of the same shape, every value finite.
+
+    A user function's errors propagate (nothing has been written yet); its result is returned in
+    ``losses``' dtype and device.
+    """
+    if shaping is None:
+        return losses
+    out = shaping(losses.clone())  # the caller's function cannot change the losses it was given
+    name = getattr(shaping, "__name__", type(shaping).__name__)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fitness_shaping {name} must return a tensor, got {type(out).__name__}")
+    if out.shape != losses.shape:
+        raise ValueError(
+            f"fitness_shaping {name} must return a tensor of the losses' shape {tuple(losses.shape)}, "
+            f"got {tuple(out.shape)}"
+        )
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"fitness_shaping {name} must return a floating-point tensor, got {out.dtype}")
+    out = out.to(device=losses.device, dtype=losses.dtype)
+    if not all_finite(out):
+        raise ValueError(f"fitness_shaping {name} returned non-finite values (NaN or inf); no gradient is written")
+    return out

@@ -6,30 +6,32 @@ import abc
 import contextlib
 import dataclasses
 import functools
+import weakref
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..api import decorate
-from ..estimator.families import family_of
-from ..estimator.settings import make_settings
+from ..config import Config, make_config
+from ..noise import Sampled
 
 _ENABLED_FLAG = "__zero_order_gradients_enabled__"
 
 
 def _parameter_slots(module: nn.Module) -> Tuple[List[nn.Parameter], List[List[Tuple[nn.Module, str]]]]:
-    """Distinct parameters in ``named_parameters`` order, each with every (module, name) that holds it.
+    """Distinct parameters that require grad, in ``named_parameters`` order, each with every (module, name) holding it.
 
     Tied parameters appear once and are replaced at every place they are held, so tying survives
-    perturbation.
+    perturbation. Frozen parameters (``requires_grad=False``) are neither perturbed nor estimated:
+    their noise would only add variance to the trainable ones' estimate.
     """
     params: List[nn.Parameter] = []
     slots: List[List[Tuple[nn.Module, str]]] = []
     index: Dict[int, int] = {}
     for sub in module.modules():
         for name, p in sub._parameters.items():
-            if p is None:
+            if p is None or not p.requires_grad:
                 continue
             if id(p) not in index:
                 index[id(p)] = len(params)
@@ -65,10 +67,12 @@ def enable_zero_order_gradients(
     """
     if getattr(cls, _ENABLED_FLAG, False):
         raise TypeError("Zero-order gradient estimation is already enabled for the `forward` method.")
-    # Validate the keywords once, at class-creation time; each forward only names its distribution (the module).
-    settings = make_settings(
+    # The keywords are checked once, here; each instance is its own distribution, so its config
+    # (the same checked keywords with the instance as noise) is made once per instance, on first use.
+    template = make_config(
         lambda shape: shape, method, num_samples, sigma, None, None, False, None, None, fitness_shaping
     )
+    configs: weakref.WeakKeyDictionary[nn.Module, Config] = weakref.WeakKeyDictionary()
     original_forward = cls.forward
 
     @functools.wraps(original_forward)
@@ -85,8 +89,10 @@ def enable_zero_order_gradients(
                 )
             if p.device.type == "meta":
                 raise ValueError(f"parameter {name!r} of {type(sub).__name__} is on the meta device: it has no values")
+        if self not in configs:
+            configs[self] = dataclasses.replace(template, noise=Sampled(self))
 
-        @decorate(dataclasses.replace(settings, family=family_of(self).validated()), (0,))
+        @decorate(configs[self], (0,))
         def loss(flat_params: Tuple[torch.Tensor, ...], *inner_args: Any, **inner_kwargs: Any) -> torch.Tensor:
             with _swapped(slots, flat_params):
                 return original_forward(self, *inner_args, **inner_kwargs)

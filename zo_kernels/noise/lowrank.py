@@ -1,4 +1,4 @@
-"""The low-rank noise family (``LowRank(rank)``, EGGROLL-style): matrices perturbed by ``A B^T / sqrt(r)``.
+"""Low-rank noise (``LowRank(rank)``, EGGROLL-style): matrices perturbed by ``A B^T / sqrt(r)``.
 
 A differentiated tensor with ``ndim >= 2`` is a matrix ``(m, n) = (shape[0], numel // shape[0])``;
 sample ``i`` perturbs it by ``z_i = A_i B_i^T / sqrt(r)``, with ``A_i`` ``(m, r)`` and ``B_i``
@@ -19,24 +19,26 @@ Reduce and step are one matrix product of the stacked factors per chunk of sampl
 ``O(chunk * r * (m + n))``. Under ``batch_size`` the members of a call share the weights: vmap
 runs over their factors and :class:`.lowrank_rewrite.SharedWeights` rewrites the uses of each
 matrix (``F.linear``, matmul, ``addmm``, ``F.embedding``) into the shared product plus the member's
-low-rank term.
+low-rank term (:mod:`.shared_weights`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..distributions import LowRank
+from .. import backends
 from ..kernels.dtypes import accumulation_dtype
-from .families import Parts, Perturb, StreamFamily, register_family
+from .base import Parts, Perturb, ShapeLike, as_size, sample_seed
+from .shared_weights import SharedWeights
+from .stream import FusedDistribution
 
 if TYPE_CHECKING:
+    from ..estimator.plan import Segment
     from ..kernels.base import Backend
-    from .plan import Segment
 
 #: The first stream element of the factor ranges: above any full-rank element (offsets < 2**62).
 FACTOR_BASE = 1 << 62
@@ -75,8 +77,6 @@ def factors(
 
 def lowrank_noise(rank: int, seed: int, sample_id: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """The float32 noise ``A B^T / sqrt(r)`` of one sample of a tensor of ``shape`` at offset 0 (``LowRank.sample``)."""
-    from .. import backends
-
     mn = matrix_shape(shape)
     backend = backends.select(device, torch.float32)
     if mn is None:
@@ -85,19 +85,61 @@ def lowrank_noise(rank: int, seed: int, sample_id: int, shape: torch.Size, devic
     return (a[0] @ b[0].t()).div_(math.sqrt(rank)).view(shape)
 
 
-class LowRankFamily(StreamFamily):
-    """``LowRank(rank)``: matrices get ``A B^T / sqrt(r)`` from their factor range, other tensors full-rank normals.
+class LowRank(FusedDistribution):
+    """Low-rank noise (EGGROLL, arXiv 2511.16652): each matrix perturbed by ``A B^T / sqrt(rank)``.
 
-    Segments hold one leaf each (``joins_leaves = False``), so a segment is a matrix or a vector;
-    vectors take every method of :class:`StreamFamily` unchanged.
+    A tensor with ``ndim >= 2`` is a matrix ``(shape[0], numel // shape[0])``; each sample draws
+    standard normal factors ``A`` ``(m, rank)`` and ``B`` ``(n, rank)`` from the counter-based
+    stream (their layout: ``docs/noise.md``) and perturbs it by ``A B^T / sqrt(rank)``, which has
+    mean 0, variance 1 per element and identity covariance, so every method keeps its formula.
+    Tensors with ``ndim < 2`` get standard normal noise as with :class:`Normal`.
+
+    With ``batch_size``, the members of a vmapped call share the weights: ``F.linear``, matmul,
+    ``addmm`` and ``F.embedding`` on a perturbed matrix become the shared product plus each
+    member's low-rank term (``docs/lowrank.md``), so a population costs about one batched
+    forward pass. A ``rank >= min(m, n)`` is allowed but wasteful: the factors then cost more than
+    full-rank noise.
+
+    Args:
+        rank: the rank ``r`` of each matrix's perturbation, an int >= 1.
     """
 
+    stream = "normal"
+    #: Segments hold one leaf each, so a segment is a matrix or a vector; vectors take every method
+    #: of :class:`~.stream.FusedDistribution` unchanged.
     joins_leaves = False
 
-    def __init__(self, rank: int) -> None:
-        super().__init__("normal")
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """How errors name the noise."""
+        return f"LowRank(rank={self.rank})"
+
+    def __init__(self, rank: int = 1) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int >= 1, got {type(rank).__name__} {rank!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {rank}")
         self.rank = rank
-        self.name = f"LowRank(rank={rank})"
+
+    def sample(
+        self,
+        sample_shape: ShapeLike = torch.Size(),
+        *,
+        seed: Optional[int] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> torch.Tensor:
+        """One float32 sample (sample id 0) for a tensor of ``sample_shape`` at flat offset 0: ``A B^T / sqrt(r)``."""
+        where = torch.device(device) if device is not None else torch.device("cpu")
+        return lowrank_noise(self.rank, sample_seed(seed), 0, as_size(sample_shape), where)
+
+    def __repr__(self) -> str:
+        return f"LowRank(rank={self.rank})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.rank == other.rank  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.rank))
 
     def _matrix(self, segment: Segment) -> Optional[Tuple[int, int]]:
         return matrix_shape(segment.parts[0][2]) if len(segment.parts) == 1 else None
@@ -190,8 +232,6 @@ class LowRankFamily(StreamFamily):
         """The mode that rewrites the members' uses of the shared matrices."""
         if not rewrites:
             return contextlib.nullcontext()
-        from .lowrank_rewrite import SharedWeights
-
         return SharedWeights(rewrites)
 
     # -- reduce and step: one matrix product per chunk of samples ---------------------------------
@@ -230,6 +270,3 @@ class LowRankFamily(StreamFamily):
         if mn is None:
             return super().step(backend, theta, weights, ids, seed, lr, offset, parts)
         self._accumulate(backend, theta, weights, ids, seed, offset, mn, -lr)
-
-
-register_family(LowRank, lambda d: LowRankFamily(d.rank))

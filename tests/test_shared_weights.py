@@ -10,8 +10,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import _get_current_function_mode_stack
 
-from zo_kernels.estimator import lowrank_rewrite
-from zo_kernels.estimator.lowrank_rewrite import FAST_OPS, SharedWeights, materialized, reset_warnings
+from zo_kernels.noise import shared_weights
+from zo_kernels.noise.shared_weights import FAST_OPS, SharedWeights, materialized, reset_warnings
 
 MEMBERS, RANK = 3, 2
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
@@ -47,8 +47,8 @@ def warned_ops(caught):
 def count_materialized(monkeypatch):
     """Counts the mode's calls of ``materialized`` (the loop's own calls go through the imported name)."""
     calls = []
-    original = lowrank_rewrite.materialized
-    monkeypatch.setattr(lowrank_rewrite, "materialized", lambda *a: calls.append(1) or original(*a))
+    original = shared_weights.materialized
+    monkeypatch.setattr(shared_weights, "materialized", lambda *a: calls.append(1) or original(*a))
     return calls
 
 

@@ -1,8 +1,10 @@
-"""The settings of one estimator and their validation: every check of an estimator argument lives here.
+"""Every check of what a user passes: the estimator's arguments, once, into one frozen :class:`Config`.
 
 ``zero_order``, ``estimate``, the module API and the optimizers validate their arguments with these
-functions; each error names the argument and what was expected. :func:`make_settings` checks them
-all, in a fixed order, before anything is evaluated, and :class:`Settings` is the frozen result.
+functions; each error names the argument and what was expected. :func:`make_config` checks them
+all, in a fixed order, before anything is evaluated, and :class:`Config` is the frozen result. The
+checks of a call's own arguments and results (its differentiated leaves, its output, aliasing) are
+here too; the kernels' argument checks, which guard the bindings, are in :mod:`zo_kernels.ops`.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 
-from ..backends import get as _get_backend
-from ..distributed import check_process_group
-from ..distributions import draw_seed
-from .families import NoiseFamily, family_of
-from .shaping import Shaping, check_fitness_shaping
+from .backends import get as _get_backend
+from .noise import FusedDistribution, Noise, as_noise, standard_normal
+from .shaping import BY_NAME
+
+Shaping = Callable[[torch.Tensor], torch.Tensor]
 
 METHODS = ("naive", "forward", "antithetic")
 
@@ -115,13 +118,6 @@ def check_seed(seed: object) -> Seed:
     return int(seed)
 
 
-def resolve_seed(seed: Seed) -> int:
-    """The 64-bit seed of one estimate (``seed`` checked by :func:`check_seed`): itself, or one draw."""
-    if isinstance(seed, int):
-        return seed
-    return draw_seed(seed)
-
-
 def check_backend(backend: Optional[str]) -> Optional[str]:
     """Return ``backend`` if it is None or the name of an available backend."""
     if backend is None:
@@ -133,7 +129,7 @@ def check_backend(backend: Optional[str]) -> Optional[str]:
 
 
 @dataclass(frozen=True)
-class Settings:
+class Config:
     """Everything about an estimate that is fixed when the decorator is applied."""
 
     method: str
@@ -141,7 +137,7 @@ class Settings:
     sigma: float
     seed: Seed
     backend: Optional[str]
-    family: NoiseFamily
+    noise: Noise
     inplace: bool = False
     #: A weak reference to the ``torch.distributed`` group: holding the group itself would keep a
     #: destroyed group's transport alive until interpreter exit, where gloo can abort the process.
@@ -169,9 +165,10 @@ class Settings:
         return (1.0, -1.0) if self.method == "antithetic" else (1.0,)
 
 
-def check_regenerable(distribution: Any) -> Any:
-    """Return ``distribution`` if its noise can be regenerated from a seed (what a seed-compressed gradient needs)."""
-    if not family_of(distribution).regenerable:
+def check_regenerable(distribution: Any) -> FusedDistribution:
+    """The built-in distribution of ``distribution``, whose noise a seed-compressed gradient can regenerate."""
+    fused = distribution if isinstance(distribution, FusedDistribution) else standard_normal(distribution)
+    if fused is None:
         given = (
             f"the class {distribution.__name__} (pass an instance)"
             if isinstance(distribution, type)
@@ -184,13 +181,11 @@ def check_regenerable(distribution: Any) -> Any:
     return distribution
 
 
-def _check_regenerable_options(
-    family: NoiseFamily, inplace: bool, process_group: Any, batch_size: Optional[int]
-) -> None:
+def _check_regenerable_options(noise: Noise, inplace: bool, process_group: Any, batch_size: Optional[int]) -> None:
     """The options that regenerate the noise from its seed need a family that can."""
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if not family.regenerable:
+    if not noise.regenerable:
         for name, given in (("inplace=True", inplace), ("batch_size", batch_size), ("process_group", process_group)):
             if given is not None and given is not False:
                 raise ValueError(
@@ -203,7 +198,7 @@ def _check_regenerable_options(
             raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
 
 
-def make_settings(
+def make_config(
     distribution: Any,
     method: str,
     num_samples: int,
@@ -214,20 +209,125 @@ def make_settings(
     process_group: Any,
     batch_size: Optional[int],
     fitness_shaping: Any = None,
-) -> Settings:
+) -> Config:
     """Validate every estimator argument (each error names it) into the settings of one estimator."""
-    family = family_of(distribution)
-    _check_regenerable_options(family, inplace, process_group, batch_size)
+    noise = as_noise(distribution)
+    _check_regenerable_options(noise, inplace, process_group, batch_size)
     shaping = check_fitness_shaping(fitness_shaping)
-    return Settings(
+    return Config(
         method=check_method(method),
         num_samples=check_num_samples(num_samples, maximum=MAX_NUM_SAMPLES),
         sigma=check_sigma(sigma),
         seed=check_seed(seed),
         backend=check_backend(backend),
-        family=family.validated(),
+        noise=noise,
         inplace=inplace,
         group_ref=None if process_group is None else weakref.ref(check_process_group(process_group)),
         batch_size=batch_size,
         fitness_shaping=shaping,
     )
+
+
+def check_process_group(group: Any) -> Any:
+    """``group`` if it is None or usable: torch.distributed available and initialized."""
+    if group is None:
+        return None
+    if not dist.is_available():
+        raise RuntimeError("process_group was given, but this PyTorch build has no torch.distributed")
+    if not isinstance(group, dist.ProcessGroup):
+        kind = type(group).__name__
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), got {kind}")
+    if not dist.is_initialized():
+        raise RuntimeError("process_group was given, but torch.distributed.init_process_group() has not been called")
+    return group
+
+
+def check_fitness_shaping(value: object) -> Optional[Shaping]:
+    """The shaping function of ``fitness_shaping=value``: None, one of :data:`NAMED`, or a callable."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in BY_NAME:
+            options = ", ".join(repr(n) for n in BY_NAME)
+            raise ValueError(f"fitness_shaping must be None, {options} or a callable; got {value!r}")
+        return BY_NAME[value]
+    if callable(value):
+        return value  # type: ignore[return-value]
+    raise TypeError(
+        f"fitness_shaping must be None, {', '.join(repr(n) for n in BY_NAME)} or a callable "
+        f"(losses -> shaped losses of the same shape); got {type(value).__name__}"
+    )
+
+
+def resolve_argnums(argnums: Tuple[int, ...], num_args: int) -> Tuple[int, ...]:
+    """Map (possibly negative) ``argnums`` onto ``range(num_args)``; ValueError when out of range or repeated."""
+    resolved = []
+    for a in argnums:
+        if not -num_args <= a < num_args:
+            raise ValueError(f"argnums={argnums!r} is out of range for a call with {num_args} positional argument(s)")
+        resolved.append(a % num_args)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"argnums={argnums!r} names the same positional argument twice")
+    return tuple(resolved)
+
+
+def check_leaf(leaf: object, where: str) -> torch.Tensor:
+    """Return ``leaf`` if it is a floating-point tensor with values; TypeError/ValueError naming ``where`` otherwise."""
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"{where} must be a floating-point tensor, got {type(leaf).__name__}")
+    if not leaf.dtype.is_floating_point:
+        raise TypeError(f"{where} must be a floating-point tensor, got dtype {leaf.dtype}")
+    if leaf.device.type == "meta":
+        raise ValueError(f"{where} is on the meta device: it has no values to perturb or evaluate")
+    return leaf
+
+
+def check_disjoint(leaves: Sequence[torch.Tensor], what: str) -> None:
+    """ValueError if two of ``leaves`` share memory (``what`` says why that is refused).
+
+    Perturbing storage in place twice through two aliases would give the function ``theta + sigma
+    (z_a + z_b)`` for both, and a wrong gradient; so ``inplace=True`` refuses aliased leaves.
+    """
+    spans = []
+    for k, p in enumerate(leaves):
+        if p.numel() == 0:
+            continue
+        start = p.storage_offset()
+        stop = start + 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+        size = p.element_size()
+        spans.append((p.untyped_storage().data_ptr(), start * size, stop * size, k))
+    spans.sort()
+    for (ptr_a, _, stop_a, a), (ptr_b, start_b, _, b) in zip(spans, spans[1:]):
+        if ptr_a == ptr_b and start_b < stop_a:
+            raise ValueError(f"{what}, but leaves {min(a, b)} and {max(a, b)} share memory")
+
+
+def check_output(output: object, where: str) -> torch.Tensor:
+    """Return ``output`` if it is a floating-point scalar (0-dim) tensor."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{where} must return a floating-point scalar tensor, got {type(output).__name__}")
+    if output.ndim != 0:
+        raise RuntimeError(f"{where} must return a scalar (0-dim) tensor, got shape {tuple(output.shape)}")
+    if not output.dtype.is_floating_point:
+        raise TypeError(f"{where} must return a floating-point scalar tensor, got dtype {output.dtype}")
+    return output
+
+
+#: Parameter dtypes that ``inplace=True`` accepts. Restoring ``theta + sigma z - sigma z`` rounds
+#: twice per perturbation: about 1e-7 relative per cycle in float32, but up to 2**-8 in bfloat16 and
+#: 2**-11 in float16 (tests/test_inplace.py measures both), which would visibly move the weights
+#: after a few hundred samples. Half-precision parameters are refused rather than silently drifting.
+INPLACE_DTYPES = (torch.float32, torch.float64)
+
+
+def check_inplace_leaves(leaves: Sequence[torch.Tensor]) -> None:
+    """Raise unless every leaf can be perturbed and restored in place."""
+    for k, p in enumerate(leaves):
+        if p.dtype not in INPLACE_DTYPES:
+            raise TypeError(
+                f"inplace=True needs float32 or float64 parameters, but leaf {k} is {p.dtype}: perturbing and "
+                "restoring half-precision storage drifts by up to one rounding of that dtype per sample; "
+                "use inplace=False (one scratch copy of the parameters) for such parameters"
+            )
+        if not p.is_contiguous():
+            raise ValueError(f"inplace=True needs contiguous parameters, but leaf {k} is not contiguous")

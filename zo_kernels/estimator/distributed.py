@@ -15,22 +15,6 @@ import torch
 T = TypeVar("T")
 
 
-def check_process_group(group: Any) -> Any:
-    """``group`` if it is None or usable: torch.distributed available and initialized."""
-    if group is None:
-        return None
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        raise RuntimeError("process_group was given, but this PyTorch build has no torch.distributed")
-    if not isinstance(group, dist.ProcessGroup):
-        kind = type(group).__name__
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.group.WORLD), got {kind}")
-    if not dist.is_initialized():
-        raise RuntimeError("process_group was given, but torch.distributed.init_process_group() has not been called")
-    return group
-
-
 def share(num_samples: int, group: Any) -> Tuple[int, int]:
     """``(first id, count)`` of this rank's contiguous share of ``num_samples`` ids (uneven splits allowed)."""
     import torch.distributed as dist
