@@ -3,7 +3,7 @@
 // The operations and their Python signatures are csrc/bindings.h's, shared with zo_kernels._C_cuda;
 // this file maps them onto the OpenMP kernels of csrc/cpu/kernels.h. Arguments are raw addresses,
 // element counts and dtype ids, never libtorch types: the module links no PyTorch library, so one
-// built wheel imports under any PyTorch version. zo_kernels/kernels/operations.py validates every tensor
+// built wheel imports under any PyTorch version. zo_kernels/ops/spec.py validates every tensor
 // before calling in.
 #include "bindings.h"
 

@@ -6,9 +6,9 @@
 // one built wheel imports under any PyTorch version), then `launch`, a tuple of the device's launch
 // arguments: (threads,) on the CPU, (device index, cudaStream_t) on CUDA. A device's `Ops` struct maps
 // each operation onto its kernels; an argument a device has no use for (the CPU's workspaces, CUDA's
-// kept noise) must be 0 there. zo_kernels/kernels/operations.py validates every argument before calling in;
+// kept noise) must be 0 there. zo_kernels/ops/spec.py validates every argument before calling in;
 // the GIL is released while a kernel runs. Changing an operation here changes both modules: bump
-// ABI_VERSION in zo_kernels/kernels/abi.py, which CMakeLists.txt passes to both as ZO_ABI_VERSION.
+// ABI_VERSION in zo_kernels/ops/spec.py, which CMakeLists.txt passes to both as ZO_ABI_VERSION.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -131,7 +131,7 @@ void def_noise_ops(py::module_& m) {
 // Every kernel operation of `Ops`, and the ABI version they make up, into m.
 template <typename Ops>
 void def_ops(py::module_& m) {
-  m.attr("ABI_VERSION") = ZO_ABI_VERSION;  // zo_kernels/kernels/native.py checks it at load
+  m.attr("ABI_VERSION") = ZO_ABI_VERSION;  // zo_kernels/ops/native.py checks it at load
   def_perturb_ops<Ops>(m);
   def_sum_ops<Ops>(m);
   def_noise_ops<Ops>(m);

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zo_kernels import backends
-from zo_kernels.reference import noise
+from zo_kernels.ops import reference
 
 from helpers import assert_close
 
@@ -21,7 +21,7 @@ def cpu():
     return backends.get("cpu")
 
 
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 def test_deterministic_across_runs_and_thread_counts(cpu, stream):
     n, num = 50_000, 32
     weights, ids = torch.randn(num, dtype=torch.float64), torch.arange(num)

@@ -11,10 +11,9 @@ import subprocess
 import pytest
 import torch
 
-from zo_kernels.kernels.abi import ABI_VERSION
-from zo_kernels.kernels.checks import DTYPE_IDS, STREAM_IDS, Placement
-from zo_kernels.kernels.native import NativeCudaBackend, load_backend, load_extension
-from zo_kernels.reference import noise
+from zo_kernels.ops import reference
+from zo_kernels.ops.native import NativeCudaBackend, load_backend, load_extension
+from zo_kernels.ops.spec import ABI_VERSION, DTYPE_IDS, STREAM_IDS, Placement
 
 from helpers import assert_close
 
@@ -125,7 +124,7 @@ def test_compiles_for_sm90_without_warnings(source, tmp_path):
         nvcc, "-std=c++17", "-arch=sm_90", "-O3", "-c", source, "-I", CSRC, "-o", str(tmp_path / "out.o"),
         "--keep", "--keep-dir", str(tmp_path),  # keeps the PTX for the check below
         "-Xptxas=-warn-spills",  # a register spill in a kernel is a performance bug
-        "-Xcompiler=-Wall,-Wextra,-Wno-unknown-pragmas",  # philox.h's `#pragma unroll` is for nvcc
+        "-Xcompiler=-Wall,-Wextra,-Wno-unknown-pragmas",  # reference.h's `#pragma unroll` is for nvcc
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     output = result.stdout + result.stderr
@@ -222,7 +221,7 @@ def test_emulated_perturb_matches_the_reference(emu, dt, stream, shift):
                 out.data_ptr(), theta.data_ptr(), n, DTYPE_IDS[dt], STREAM_IDS[stream], 42, 9, -0.37, offset
             )
             ref = torch.empty_like(theta)
-            noise.perturb(ref, theta, stream, 42, 9, -0.37, offset)
+            reference.perturb(ref, theta, stream, 42, 9, -0.37, offset)
             assert_close(out, ref, dt)
             emu.emu_perturb(theta.data_ptr(), theta.data_ptr(), n, DTYPE_IDS[dt], STREAM_IDS[stream], 42, 9, -0.37,
                             offset)  # fmt: skip
@@ -230,7 +229,7 @@ def test_emulated_perturb_matches_the_reference(emu, dt, stream, shift):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 @pytest.mark.parametrize("signs", [1, 2])
 def test_emulated_perturb_rows_matches_the_reference(emu, dt, stream, signs):
     for n in (1, 129, 2049):
@@ -246,7 +245,7 @@ def test_emulated_perturb_rows_matches_the_reference(emu, dt, stream, signs):
         for i in range(3):
             for k in range(signs):
                 ref = torch.empty_like(theta)
-                noise.perturb(ref, theta, stream, 42, int(ids[i]), float(scales[i, k]), offset)
+                reference.perturb(ref, theta, stream, 42, int(ids[i]), float(scales[i, k]), offset)
                 assert_close(out[i * signs + k], ref, dt)
 
 
@@ -254,7 +253,7 @@ def test_emulated_perturb_rows_matches_the_reference(emu, dt, stream, signs):
 @pytest.mark.parametrize("stream", ["normal", "rademacher"])
 @pytest.mark.parametrize("shift", [0, 1])
 def test_emulated_reduce_and_step_match_the_reference(emu, dt, stream, shift):
-    acc = noise.accumulation_dtype(dt)
+    acc = reference.accumulation_dtype(dt)
     num = 13
     ids = torch.randperm(40)[:num].to(torch.int64)
     weights = torch.randn(num, dtype=torch.float64)
@@ -262,7 +261,7 @@ def test_emulated_reduce_and_step_match_the_reference(emu, dt, stream, shift):
     for n in SIZES:
         for offset in (0, 5, 16 * 777, 2**33 + 125):
             start = torch.randn(n, dtype=torch.float64).to(dt)
-            expected = start.to(acc) + noise.combine(weights, ids, stream, 5, offset, n, dt)
+            expected = start.to(acc) + reference.combine(weights, ids, stream, 5, offset, n, dt)
             grad = _shifted_cpu(start, shift)
             emu.emu_accumulate(grad.data_ptr(), n, DTYPE_IDS[dt], w.data_ptr(), ids.data_ptr(), num,
                                STREAM_IDS[stream], 5, offset, 1.0, 0)  # fmt: skip
@@ -326,7 +325,7 @@ def _accumulate(emu, fn, start, weights, ids, stream, offset, lr, subtract, *chu
 
 
 def _inputs(dt, num, n):
-    acc = noise.accumulation_dtype(dt)
+    acc = reference.accumulation_dtype(dt)
     weights = (torch.randn(num, dtype=torch.float64) / num).to(acc)
     return torch.randn(n, dtype=torch.float64).to(dt), weights, torch.randperm(4 * num)[:num]
 
@@ -334,7 +333,7 @@ def _inputs(dt, num, n):
 def test_sample_splits_rule(emu):
     cases = [(0, 256), (1000, 0), (31, 256), (32, 256), (1000, 256), (1000, 4096), (1000, 2**16), (1000, 2**20)]
     cases += [(10**6, 1), (10**6, 300), (2**20, 2**22), (64, 10**6), (5000, 2049)]
-    for stream in noise.STREAMS:
+    for stream in reference.STREAMS:
         for num, n in cases:
             k = emu.emu_sample_splits(num, n, STREAM_IDS[stream])
             assert k == _splits(num, n, stream), (stream, num, n)
@@ -345,10 +344,10 @@ def test_sample_splits_rule(emu):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 def test_emulated_split_follows_the_plain_sequential_order_bitwise(emu, dt, stream):
     # Per chunk the samples in order from +0, then the chunks in order: written out element by element
-    # with philox.h alone (plain_split), the kernels' work items must give the same bits.
+    # with reference.h alone (plain_split), the kernels' work items must give the same bits.
     for num, n in ((40, 1), (40, 131), (37, 2049)):
         start, weights, ids = _inputs(dt, num, n)
         for chunks in (1, 2, 3, 7, num):
@@ -359,7 +358,7 @@ def test_emulated_split_follows_the_plain_sequential_order_bitwise(emu, dt, stre
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 @pytest.mark.parametrize("shift", [0, 1])
 def test_emulated_split_with_one_chunk_is_the_single_kernel_path(emu, dt, stream, shift):
     start, weights, ids = _inputs(dt, 13, 2049)
@@ -372,14 +371,14 @@ def test_emulated_split_with_one_chunk_is_the_single_kernel_path(emu, dt, stream
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 def test_emulated_split_matches_the_reference(emu, dt, stream):
-    acc = noise.accumulation_dtype(dt)
+    acc = reference.accumulation_dtype(dt)
     num, n = 1000, 256  # a bias at N = 1000: the rule splits it (62 chunks)
     start, weights, ids = _inputs(dt, num, n)
     assert emu.emu_sample_splits(num, n, STREAM_IDS[stream]) == 62
     for offset in (0, 7, 2**31 + 3):
-        total = noise.combine(weights, ids, stream, 5, offset, n, dt)
+        total = reference.combine(weights, ids, stream, 5, offset, n, dt)
         for chunks in (2, 5, 62):
             got = _accumulate(emu, emu.emu_split, start, weights, ids, stream, offset, 1.0, 0, chunks)
             assert_close(got, start.to(acc) + total, dt, scale=4)
@@ -389,7 +388,7 @@ def test_emulated_split_matches_the_reference(emu, dt, stream):
         assert_close(stepped, start.to(acc) - 0.5 * total, dt, scale=4)
 
 
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 def test_emulated_split_poisons_out_of_range_ids(emu, stream):
     start, weights, ids = _inputs(torch.float32, 64, 300)
     for bad in (2**32, -1):
@@ -403,7 +402,7 @@ def test_emulated_split_poisons_out_of_range_ids(emu, stream):
 def test_emulated_reduce_and_step_with_no_samples_touch_nothing(emu, dt):
     start = torch.randn(300, dtype=torch.float64).to(dt)
     start[::3] = -0.0
-    nothing = torch.empty(0, dtype=noise.accumulation_dtype(dt)), torch.empty(0, dtype=torch.int64)
+    nothing = torch.empty(0, dtype=reference.accumulation_dtype(dt)), torch.empty(0, dtype=torch.int64)
     for subtract in (0, 1):
         got = _accumulate(emu, emu.emu_reduce, start, *nothing, "normal", 0, 0.1, subtract)
         assert torch.equal(got, start) and bool(torch.signbit(got[::3]).all())  # -0.0 stays -0.0
@@ -417,9 +416,9 @@ def test_emulated_fill_and_squared_norms_match_the_reference(emu, stream):
     for n, offset in ((1, 0), (131, 3), (4099, 2**34 + 127)):
         out = torch.full((n,), float("nan"))
         emu.emu_fill(out.data_ptr(), n, STREAM_IDS[stream], 77, 3, offset)
-        torch.testing.assert_close(out, noise.noise(stream, 77, torch.tensor([3]), offset, n)[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out, reference.noise(stream, 77, torch.tensor([3]), offset, n)[0], rtol=0, atol=1e-6)
     ids = torch.tensor([0, 4, 17])
     for n in (0, 1, 2049, 2 * 65536 + 77):
         out = torch.full((3,), float("nan"), dtype=torch.float64)
         emu.emu_squared_norms(out.data_ptr(), ids.data_ptr(), 3, n, STREAM_IDS[stream], 3)
-        torch.testing.assert_close(out, noise.squared_norms(stream, 3, ids, n), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, reference.squared_norms(stream, 3, ids, n), rtol=1e-6, atol=1e-6)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from zo_kernels import backends
-from zo_kernels.kernels.checks import STREAM_IDS
-from zo_kernels.kernels.native import load_backend
-from zo_kernels.reference import noise
+from zo_kernels.ops import reference
+from zo_kernels.ops.native import load_backend
+from zo_kernels.ops.spec import STREAM_IDS
 
 from helpers import assert_close
 
@@ -86,7 +86,7 @@ def test_out_of_range_sample_ids_poison_the_result_instead_of_wrapping(cuda):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 @pytest.mark.parametrize("layout", ["aligned", "shifted"])
 def test_split_reduce_and_step_of_a_small_bias(cuda, dtype, stream, layout):
     # A 256-element bias at N = 1000 would be one block looping over all samples; the split runs 62
@@ -98,8 +98,8 @@ def test_split_reduce_and_step_of_a_small_bias(cuda, dtype, stream, layout):
     weights = torch.randn(num, dtype=torch.float64) / num  # the estimator's scale: a mean over the samples
     ids = torch.randperm(4 * num)[:num]
     start = torch.randn(n, dtype=torch.float64).to(dtype)
-    acc = noise.accumulation_dtype(dtype)
-    total = noise.combine(weights, ids, stream, 5, offset, n, dtype)
+    acc = reference.accumulation_dtype(dtype)
+    total = reference.combine(weights, ids, stream, 5, offset, n, dtype)
     grads = []
     for _ in range(3):
         grad = _shifted(start, shift)
@@ -112,7 +112,7 @@ def test_split_reduce_and_step_of_a_small_bias(cuda, dtype, stream, layout):
     assert_close(theta.cpu(), start.to(acc) - 0.5 * total, dtype, scale=4)
 
 
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 def test_deterministic_across_runs_and_streams(cuda, stream):
     n, num = 50_000, 32
     weights, ids = torch.randn(num, dtype=torch.float64, device="cuda"), torch.arange(num, device="cuda")
@@ -159,13 +159,13 @@ def test_kernels_run_on_the_current_stream(cuda):
     side.synchronize()
     src_cpu = src.cpu()
     ref = torch.empty_like(src_cpu)
-    noise.perturb(ref, src_cpu, "normal", 1, 2, 0.1, 0)
+    reference.perturb(ref, src_cpu, "normal", 1, 2, 0.1, 0)
     assert_close(out.cpu(), ref, torch.float32)
     assert torch.equal(prepared_out.cpu(), out.cpu())
-    total = noise.combine(weights.cpu(), ids.cpu(), "normal", 1, 0, n, torch.float32)
+    total = reference.combine(weights.cpu(), ids.cpu(), "normal", 1, 0, n, torch.float32)
     assert_close(grad.cpu(), src_cpu + total, torch.float32, scale=4)
     assert_close(stepped.cpu(), src_cpu - 0.5 * total, torch.float32, scale=4)
-    bias_total = noise.combine(bias_weights.cpu(), bias_ids.cpu(), "normal", 1, 0, 256, torch.float32)
+    bias_total = reference.combine(bias_weights.cpu(), bias_ids.cpu(), "normal", 1, 0, 256, torch.float32)
     assert_close(bias.cpu(), src_cpu[:256] + bias_total, torch.float32, scale=4)
 
 
@@ -202,9 +202,9 @@ def test_more_than_2_31_elements(cuda):
     cuda.reduce(grad, weights, ids, "rademacher", 9, offset)
     for lo in (0, 2**31 - 1000, n - 1000):
         length = min(2000, n - lo)
-        z = noise.noise("normal", 9, torch.tensor([1]), offset + lo, length)[0]
+        z = reference.noise("normal", 9, torch.tensor([1]), offset + lo, length)[0]
         assert_close(theta[lo : lo + length].cpu(), z.to(torch.bfloat16).float(), torch.bfloat16)
-        expected = noise.combine(weights.cpu(), ids.cpu(), "rademacher", 9, offset + lo, length, torch.bfloat16)
+        expected = reference.combine(weights.cpu(), ids.cpu(), "rademacher", 9, offset + lo, length, torch.bfloat16)
         assert_close(grad[lo : lo + length].cpu(), expected, torch.bfloat16)
 
 

@@ -1,4 +1,4 @@
-"""LowRank(rank): the noise layout of docs/noise.md, every estimator path against a plain oracle, the guarantees."""
+"""LowRank(rank): the noise layout of docs/reference.md, every estimator path against a plain oracle, the guarantees."""
 
 import math
 import warnings
@@ -9,7 +9,7 @@ import torch
 import zo_kernels
 from zo_kernels import backends, distributions
 from zo_kernels.noise.lowrank import FACTOR_BASE
-from zo_kernels.reference import noise
+from zo_kernels.ops import reference
 
 BACKENDS = [name for name in ("reference", "cpu", "triton") if backends.available()[name] == "available"]
 
@@ -21,11 +21,11 @@ def oracle_noise(leaves, rank, seed, i):
         ids = torch.tensor([i])
         if p.dim() >= 2:
             m, n = p.shape[0], p.numel() // p.shape[0]
-            z = noise.noise("normal", seed, ids, FACTOR_BASE + 2 * rank * offset, rank * (m + n))[0].double()
+            z = reference.noise("normal", seed, ids, FACTOR_BASE + 2 * rank * offset, rank * (m + n))[0].double()
             a, b = z[: m * rank].view(m, rank), z[m * rank :].view(n, rank)
             out.append((a @ b.t() / math.sqrt(rank)).view(p.shape))
         else:
-            out.append(noise.noise("normal", seed, ids, offset, p.numel())[0].double().view(p.shape))
+            out.append(reference.noise("normal", seed, ids, offset, p.numel())[0].double().view(p.shape))
         offset += p.numel()
     return out
 

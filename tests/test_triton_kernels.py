@@ -8,8 +8,8 @@ tests against the reference run for every backend in test_kernels.py.
 import pytest
 import torch
 
-from zo_kernels.kernels.triton.backend import load_backend
-from zo_kernels.reference import noise
+from zo_kernels.ops import reference
+from zo_kernels.ops.triton.backend import load_backend
 
 from helpers import assert_close, straddling_offset
 
@@ -94,7 +94,7 @@ def test_batched_zero_order_equals_the_loop(method):
 # -- sample splits (ops.sample_splits) and ids that the backend cannot range-check ---------------
 
 OPS = TRITON._ops if TRITON is not None else None
-STREAM_ID = {name: k for k, name in enumerate(noise.STREAMS)}
+STREAM_ID = {name: k for k, name in enumerate(reference.STREAMS)}
 
 
 def _weights_ids(num, acc, bad=None):
@@ -108,7 +108,7 @@ def _weights_ids(num, acc, bad=None):
 def _chunked(data, weights, ids, stream, seed, offset, chunks, lr=None):
     """What a K-chunk reduce/step must give: each chunk's sums from its own one-chunk call into a zeroed
     buffer, the chunks added in order, then applied once (lr a power of two, so fma and torch agree)."""
-    acc = noise.accumulation_dtype(data.dtype)
+    acc = reference.accumulation_dtype(data.dtype)
     total = None
     for c in range(chunks):
         lo, hi = OPS.chunk_bounds(ids.numel(), chunks, c)
@@ -134,7 +134,7 @@ def test_sample_splits_rule():
 
 
 def test_sample_splits_agree_with_the_cuda_backend():
-    from zo_kernels.kernels.native import load_extension
+    from zo_kernels.ops.native import load_extension
 
     ext, why = load_extension("cuda")
     if ext is None or not hasattr(ext, "sample_splits"):
@@ -147,13 +147,13 @@ def test_sample_splits_agree_with_the_cuda_backend():
 
 # Not bfloat16 here: Triton's interpreter rounds float32 -> bfloat16 toward zero (GPUs round to
 # nearest even, like torch), so only the other dtypes can be compared bit for bit with torch.
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("chunks", [2, 5])
 def test_split_equals_the_chunks_summed_in_order(stream, dtype, chunks):
     n, num, seed = 300, 33, 11
     offset = straddling_offset(n)
-    weights, ids = _weights_ids(num, noise.accumulation_dtype(dtype))
+    weights, ids = _weights_ids(num, reference.accumulation_dtype(dtype))
     start = torch.randn(n, dtype=torch.float64).to(dtype).to(DEVICE)
     for lr in (None, 0.5):
         got = start.clone()
@@ -162,12 +162,12 @@ def test_split_equals_the_chunks_summed_in_order(stream, dtype, chunks):
         again = start.clone()
         OPS.accumulate(again, weights, ids, STREAM_ID[stream], seed, offset, lr=lr, splits=chunks)
         assert torch.equal(got, again)  # run to run
-        sums = noise.combine(weights, ids, stream, seed, offset, n, dtype)
+        sums = reference.combine(weights, ids, stream, seed, offset, n, dtype)
         expected = start.to(sums.dtype) + sums if lr is None else start.to(sums.dtype) - lr * sums
         assert_close(got, expected, dtype, scale=4)
 
 
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 def test_one_chunk_is_the_single_kernel_path(stream):
     n, num, seed, offset = 1000, 40, 3, 77
     weights, ids = _weights_ids(num, torch.float32)
@@ -184,7 +184,7 @@ def test_one_chunk_is_the_single_kernel_path(stream):
     assert torch.equal(single, backend)
 
 
-@pytest.mark.parametrize("stream", noise.STREAMS)
+@pytest.mark.parametrize("stream", reference.STREAMS)
 @pytest.mark.parametrize("bad", [-1, 2**32, 2**40])
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_out_of_range_device_ids_poison(stream, bad, chunks):

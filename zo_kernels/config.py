@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-from .backends import get as _get_backend
 from .noise import FusedDistribution, Noise, as_noise, standard_normal
+from .ops.registry import get as _get_backend
 from .shaping import BY_NAME
 
 Shaping = Callable[[torch.Tensor], torch.Tensor]

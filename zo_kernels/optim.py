@@ -14,7 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .config import check_real
-from .reference.noise import accumulation_dtype
+from .ops.spec import accumulation_dtype
 from .seed_gradient import SeedGradient
 
 

@@ -21,7 +21,7 @@ from .config import check_real, check_regenerable, check_sigma, make_config
 from .distributions import FusedDistribution, Normal
 from .estimator import EvaluatorState, estimate_weights, raise_if_estimate_not_finite
 from .noise import from_stream
-from .reference.noise import STREAMS, accumulation_dtype
+from .ops.spec import STREAMS, accumulation_dtype
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 _STATE_KEYS = ("seed", "sample_ids", "weights", "sigma", "stream", "shapes", "dtypes")

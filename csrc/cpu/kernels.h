@@ -1,5 +1,5 @@
 // Fused CPU kernels over the noise stream of docs/noise.md. Pointers are raw, validated by the
-// Python layer (zo_kernels/kernels/operations.py): contiguous, of the given dtype, with n elements.
+// Python layer (zo_kernels/ops/spec.py): contiguous, of the given dtype, with n elements.
 #pragma once
 
 #include <cstdint>

@@ -4,7 +4,7 @@
 // file maps them onto the kernels of csrc/cuda/kernels.h. The launch tuple is (device index, CUDA
 // stream handle) (torch.cuda.current_stream().cuda_stream); the CUDA runtime is linked statically, so
 // the module links no PyTorch or CUDA library and imports on machines without a GPU.
-// zo_kernels/kernels/native.py validates every tensor before calling in. The GIL is released while
+// zo_kernels/ops/native.py validates every tensor before calling in. The GIL is released while
 // kernels are launched; nothing here waits for the device.
 #include "bindings.h"
 

@@ -35,7 +35,7 @@ static_assert(int{zo::cuda::kFloat32} == int{zo::cpu::kFloat32} &&
                   int{zo::cuda::kFloat64} == int{zo::cpu::kFloat64} &&
                   int{zo::cuda::kFloat16} == int{zo::cpu::kFloat16} &&
                   int{zo::cuda::kBFloat16} == int{zo::cpu::kBFloat16},
-              "CUDA and CPU dtype ids must agree (DTYPE_IDS in zo_kernels/kernels/dtypes.py)");
+              "CUDA and CPU dtype ids must agree (DTYPE_IDS in zo_kernels/ops/spec.py)");
 
 namespace zo {
 namespace cuda {

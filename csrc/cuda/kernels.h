@@ -1,6 +1,6 @@
 // Fused CUDA kernels over the noise stream of docs/noise.md, with the semantics of csrc/cpu/kernels.h.
 //
-// Every pointer is a device address validated by the Python layer (zo_kernels/kernels/native_cuda.py):
+// Every pointer is a device address validated by the Python layer (zo_kernels/ops/native.py):
 // on `device`, contiguous, of the given dtype, with the stated number of elements. `cuda_stream` is a
 // cudaStream_t passed as an integer (torch.cuda.current_stream().cuda_stream); every kernel runs on it
 // and nothing here synchronizes the host. A launch error is thrown as std::runtime_error carrying the

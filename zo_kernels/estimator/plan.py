@@ -16,11 +16,11 @@ import torch
 
 from ..config import Config, check_inplace_leaves
 from ..noise import Noise
-from ..reference.noise import accumulation_dtype
+from ..ops.spec import accumulation_dtype
 from .distributed import RankShare
 
 if TYPE_CHECKING:
-    from ..kernels.base import Backend
+    from ..ops.base import Backend
 
 #: Leaves are concatenated into one segment (one kernel call per sample) while the segment stays
 #: below this many elements; the concatenation is a copy, so large tensors get their own segment

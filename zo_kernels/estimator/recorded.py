@@ -23,7 +23,7 @@ from typing import List, Sequence
 import torch
 
 from ..config import Config, check_output
-from ..kernels.dtypes import accumulation_dtype
+from ..ops.spec import accumulation_dtype
 from .evaluate import Evaluate, EvaluatorState, check_batched_output, evaluate_sample, record_vmap_failure
 from .plan import Plan, make_plan, samples_per_call
 from .reduce import method_weights, raise_if_estimate_not_finite, raise_if_not_finite

@@ -11,7 +11,7 @@ import torch
 from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from ..config import Config
-from ..reference.noise import accumulation_dtype
+from ..ops.spec import accumulation_dtype
 from .plan import Plan
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterator,
 
 import torch
 
-from .. import backends as _backends
+from ..ops import registry as _backends
 
 if TYPE_CHECKING:
     from ..estimator.plan import Segment

@@ -30,15 +30,15 @@ from typing import TYPE_CHECKING, Any, ContextManager, Dict, List, Optional, Seq
 
 import torch
 
-from .. import backends
-from ..kernels.dtypes import accumulation_dtype
+from ..ops import registry as backends
+from ..ops.spec import accumulation_dtype
 from .base import Parts, Perturb, ShapeLike, as_size, sample_seed
 from .shared_weights import SharedWeights
 from .stream import FusedDistribution
 
 if TYPE_CHECKING:
     from ..estimator.plan import Segment
-    from ..kernels.base import Backend
+    from ..ops.base import Backend
 
 #: The first stream element of the factor ranges: above any full-rank element (offsets < 2**62).
 FACTOR_BASE = 1 << 62

@@ -15,7 +15,7 @@ from .base import Noise, Perturb, Sampler, resolve_seed
 
 if TYPE_CHECKING:
     from ..estimator.plan import Segment
-    from ..kernels.base import Backend
+    from ..ops.base import Backend
 
 
 def check_sample(sample: object, like: torch.Tensor, where: str) -> torch.Tensor:

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, List, Optional, Union
 
 import torch
 
-from .. import backends as _backends
-from ..reference.noise import NORMAL, RADEMACHER
+from ..ops import registry as _backends
+from ..ops.spec import NORMAL, RADEMACHER
 from .base import Noise, Parts, Perturb, ShapeLike, as_size, sample_seed
 
 if TYPE_CHECKING:
     from ..estimator.plan import Segment
-    from ..kernels.base import Backend
+    from ..ops.base import Backend
 
 
 class FusedDistribution(Noise):

@@ -14,9 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checks import check_float
-from .dtypes import accumulation_dtype
-from .operations import (
+from .spec import (
     Accumulate,
     LowRankAccumulate,
     LowRankPerturb,
@@ -26,6 +24,8 @@ from .operations import (
     Sample,
     SquaredNorms,
     Traits,
+    accumulation_dtype,
+    check_float,
 )
 
 #: Rows of a half-precision matrix perturbed per GEMM, so its float32 product stays small.

@@ -19,15 +19,16 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..base import Backend
-from ..checks import MAX_INDEX, Placement
-from ..dtypes import PARAMETER_DTYPES
-from ..operations import (
+from ..spec import (
+    MAX_INDEX,
+    PARAMETER_DTYPES,
     Accumulate,
     LowRankAccumulate,
     LowRankPerturb,
     Perturb,
     PerturbRows,
     PhiloxWords,
+    Placement,
     Sample,
     SquaredNorms,
     Traits,

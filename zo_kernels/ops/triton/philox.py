@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ...reference import noise as _ref
+from .. import spec as _ref
 
 #: Whether the kernels run in Triton's interpreter (read once, when the kernels are defined).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -39,7 +39,7 @@ TWO_PI_F32: tl.constexpr = tl.constexpr(6.28318548202514648)
 #: 2**-23: ``((x >> 9) + 0.5) * 2**-23`` is an exact float32 uniform in (0, 1).
 INV_2_23: tl.constexpr = tl.constexpr(1.1920928955078125e-07)
 
-#: Stream ids: the position of the stream's name in ``zo_kernels.reference.noise.STREAMS``.
+#: Stream ids: the position of the stream's name in ``zo_kernels.ops.spec.STREAMS``.
 STREAM_IDS = {name: k for k, name in enumerate(_ref.STREAMS)}
 NORMAL: tl.constexpr = tl.constexpr(STREAM_IDS[_ref.NORMAL])
 #: Consecutive flat elements fed by one Philox call (4 normals, 128 signs).

@@ -1,29 +1,98 @@
-"""The counter-based noise stream z(seed, i, j), and the fused operations built on it, in PyTorch.
+"""The pure-PyTorch reference backend: the counter-based stream ``z(seed, i, j)`` and every fused operation.
 
 This module *is* the contract of ``docs/noise.md``; the compiled and Triton backends are tested
 against it. Everything here works on any device and is written for clarity, not speed: it
-materializes noise in bounded chunks, which the fused kernels never do.
+materializes noise in bounded chunks, which the fused kernels never do. It depends on the
+declarations (:mod:`.spec`) only, never on the kernels it specifies.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Sequence, Tuple, Union
 
 import torch
 
-from ..kernels.dtypes import accumulation_dtype  # re-exported: callers import it from here
-from .philox import random_words
+from .base import Backend
+from .spec import ELEMENTS_PER_BLOCK, NORMAL, STREAMS, TWO_PI_F32, Placement, Traits, accumulation_dtype
 
-NORMAL = "normal"
-RADEMACHER = "rademacher"
-STREAMS = (NORMAL, RADEMACHER)
+# -- Philox4x32-10, the counter-based generator --------------------------------------------------------
 
-#: How many consecutive flat elements one Philox call (four uint32 words) feeds, per stream.
-ELEMENTS_PER_BLOCK = {NORMAL: 4, RADEMACHER: 128}
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
 
-#: 2*pi rounded to float32, the constant every backend multiplies the second uniform by.
-TWO_PI_F32 = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
+Word = Union[int, torch.Tensor]
+Words4 = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def mulhilo32(a: int, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(hi, lo)`` 32-bit halves of the 64-bit product ``a * x`` (uint32 in int64)."""
+    x_lo = x & 0xFFFF
+    x_hi = x >> 16
+    p_lo = x_lo * a  # < 2**48: fits int64
+    p_hi = x_hi * a
+    s = p_hi + (p_lo >> 16)  # a * x == s * 2**16 + (p_lo & 0xFFFF)
+    hi = s >> 16
+    lo = ((s & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32(
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    k0: int,
+    k1: int,
+    rounds: int = PHILOX_ROUNDS,
+) -> Words4:
+    """Apply Philox4x32 with ``rounds`` rounds to broadcastable counter words and a 64-bit key.
+
+    Every counter word is a uint32 value held in an ``int64`` tensor; the four outputs are too.
+    """
+    for r in range(rounds):
+        if r > 0:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def split_seed(seed: int) -> Tuple[int, int]:
+    """Split a 64-bit seed into the Philox key words ``(k0, k1) = (low 32 bits, high 32 bits)``."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    return seed & MASK32, seed >> 32
+
+
+def counter_words(
+    sample_ids: torch.Tensor, blocks: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counter words for (sample id, block index), broadcasting ``sample_ids`` against ``blocks``.
+
+    Layout (docs/noise.md): ``c0 = block & 0xffffffff``, ``c1 = block >> 32``, ``c2 = sample id``,
+    ``c3 = 0`` (reserved).
+    """
+    c0 = blocks & MASK32
+    c1 = blocks >> 32
+    c2 = sample_ids & MASK32
+    c3 = torch.zeros_like(c0)
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    return c0, c1, c2, c3
+
+
+def random_words(seed: int, sample_ids: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The four uint32 words of each (sample, block), stacked on a new last dimension of size 4."""
+    k0, k1 = split_seed(seed)
+    return torch.stack(philox4x32(*counter_words(sample_ids, blocks), k0, k1), dim=-1)
+
+
+# -- the stream and the operations ----------------------------------------------------------------------
 
 #: Bound on the number of stream values one chunk of the reference materializes at once.
 CHUNK_ELEMENTS = 1 << 22
@@ -164,3 +233,44 @@ def lowrank_accumulate(
     """``data += alpha * a @ diag(weights) @ b.T`` in the accumulation dtype, rounded once."""
     acc = accumulation_dtype(data.dtype)
     lowrank_perturb(data, data, a.to(acc) * weights.to(acc), b, alpha)
+
+
+class ReferenceBackend(Backend):
+    """Pure PyTorch, any device and floating dtype: the specification and the test oracle."""
+
+    name = "reference"
+    traits = Traits(
+        Placement("reference", None, "any tensor", host_ids=True, dtypes=None),
+        lambda: torch.device("cpu"),
+        lambda data, given: given,  # the reference converts to the accumulation dtype itself
+        max_signs=None,
+    )
+
+    def run_perturb(self, op):  # noqa: D102
+        def launch(sample_id: int, scale: float) -> None:
+            perturb(op.out, op.theta, op.stream, op.seed, sample_id, scale, op.offset)
+
+        return launch
+
+    def run_accumulate(self, op):  # noqa: D102
+        if op.lr is None:
+            reduce(op.data, op.weights, op.ids, op.stream, op.seed, op.offset)
+        else:
+            step(op.data, op.weights, op.ids, op.stream, op.seed, op.lr, op.offset)
+
+    def run_squared_norms(self, op):  # noqa: D102
+        return squared_norms(op.stream, op.seed, op.ids, op.numel)
+
+    def run_sample(self, op):  # noqa: D102
+        ids = torch.tensor([op.sample_id], dtype=torch.int64, device=op.device)
+        return noise(op.stream, op.seed, ids, op.offset, op.numel)[0]
+
+    def run_lowrank_perturb(self, op):  # noqa: D102
+        lowrank_perturb(op.out, op.theta, op.a, op.b, op.scale)
+
+    def run_lowrank_accumulate(self, op):  # noqa: D102
+        lowrank_accumulate(op.data, op.a, op.b, op.weights, op.alpha)
+
+    def run_philox_words(self, op):  # noqa: D102
+        blocks = torch.arange(op.block0, op.block0 + op.blocks, device=op.device)[None, :]
+        return random_words(op.seed, torch.tensor([[op.sample_id]], device=op.device), blocks)[0]

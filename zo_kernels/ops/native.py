@@ -24,11 +24,20 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .abi import ABI_VERSION
 from .base import Backend
-from .checks import DTYPE_IDS, Placement
-from .dtypes import accumulation_dtype
-from .operations import Accumulate, Perturb, PerturbRows, PhiloxWords, Sample, SquaredNorms, Traits
+from .spec import (
+    ABI_VERSION,
+    DTYPE_IDS,
+    Accumulate,
+    Perturb,
+    PerturbRows,
+    PhiloxWords,
+    Placement,
+    Sample,
+    SquaredNorms,
+    Traits,
+    accumulation_dtype,
+)
 
 
 @dataclass(frozen=True)
