@@ -1300,3 +1300,18 @@ def test_an_estimate_that_overflows_is_an_error(backend):
     with pytest.raises(FloatingPointError):
         loss(theta).backward()
     assert theta.grad is None
+
+
+def test_decorating_a_decorated_function_is_refused():
+    decorated = zo_kernels.zero_order(distributions.Normal(), num_samples=2, batch_size=2)(square)
+    with pytest.raises(TypeError, match=r"already decorated by zo_kernels.zero_order; .*__wrapped__"):
+        zo_kernels.zero_order(distributions.Normal(), num_samples=4)(decorated)
+    assert decorated.__wrapped__ is square
+
+
+@pytest.mark.parametrize("method", ["naive", "forward"])
+@pytest.mark.parametrize("shaping", ["centered_ranks", "standardize"])
+def test_shaping_a_single_loss_is_refused(method, shaping):
+    with pytest.raises(ValueError, match=r"shapes a single loss, which is always 0"):
+        zo_kernels.zero_order(distributions.Normal(), method=method, num_samples=1, fitness_shaping=shaping)
+    zo_kernels.zero_order(distributions.Normal(), method="antithetic", num_samples=1, fitness_shaping=shaping)

@@ -16,6 +16,8 @@ from .estimator import EvaluatorState, estimate_gradients
 from .estimator.recorded import check_recordable, recorded_gradients
 
 LossFn = Callable[..., torch.Tensor]
+#: Set on every function zero_order returns, so that decorating one again is refused.
+_DECORATED = "__zo_kernels_zero_order__"
 
 
 class _CallSite:
@@ -323,6 +325,12 @@ def decorate(config: Config, argnums: Tuple[int, ...]) -> Callable[[LossFn], Los
     def decorator(fn: LossFn) -> LossFn:
         if not callable(fn):
             raise TypeError(f"zero_order decorates a function, got {type(fn).__name__}")
+        if getattr(fn, _DECORATED, False):
+            raise TypeError(
+                "zero_order: this function is already decorated by zo_kernels.zero_order; decorating it again "
+                "would estimate the gradient of a gradient estimate (and drop the first decorator's batch_size). "
+                "Decorate the plain function (the decorated one's __wrapped__) once, with all the options."
+            )
         state = EvaluatorState()  # this function's: whether vmap could run it
 
         @functools.wraps(fn)
@@ -334,6 +342,7 @@ def decorate(config: Config, argnums: Tuple[int, ...]) -> Callable[[LossFn], Los
                 v.check_disjoint(site.leaves, "inplace=True perturbs each differentiated tensor's own storage")
             return _ZeroOrderFunction.apply(config, state, site, *site.tensors)
 
+        setattr(wrapped, _DECORATED, True)
         return wrapped
 
     return decorator

@@ -214,7 +214,7 @@ def make_config(
     noise = as_noise(distribution)
     _check_regenerable_options(noise, inplace, process_group, batch_size)
     shaping = check_fitness_shaping(fitness_shaping)
-    return Config(
+    config = Config(
         method=check_method(method),
         num_samples=check_num_samples(num_samples, maximum=MAX_NUM_SAMPLES),
         sigma=check_sigma(sigma),
@@ -226,6 +226,13 @@ def make_config(
         batch_size=batch_size,
         fitness_shaping=shaping,
     )
+    if isinstance(fitness_shaping, str) and config.num_samples == 1 and config.method != "antithetic":
+        raise ValueError(
+            f"fitness_shaping={fitness_shaping!r} with num_samples=1 and method={method!r} shapes a single loss, "
+            "which is always 0: every estimate would be zero. Use num_samples >= 2, method='antithetic', or no "
+            "fitness shaping"
+        )
+    return config
 
 
 def check_process_group(group: Any) -> Any:

@@ -11,7 +11,7 @@ sample) and :func:`batched_blocks` (``batch_size`` evaluations per ``torch.func.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -25,12 +25,13 @@ Sums = List[Optional[torch.Tensor]]
 
 
 class EvaluatorState:
-    """Shared by every call of one decorated function: why batched evaluation failed, once it has."""
+    """Shared by every call of one decorated function: why vmap failed on it, and the warnings it was given."""
 
-    __slots__ = ("vmap_failure",)
+    __slots__ = ("vmap_failure", "warned")
 
     def __init__(self) -> None:
         self.vmap_failure: Optional[str] = None
+        self.warned: Set[str] = set()
 
 
 def evaluate_sample(
