@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,7 +33,7 @@ class _CallSite:
     def __init__(self, fn: LossFn, args: Tuple[Any, ...], kwargs: Dict[str, Any], argnums: Tuple[int, ...]) -> None:
         self.fn, self.args, self.kwargs, self.argnums = fn, args, kwargs, argnums
         self.leaves: List[torch.Tensor] = []
-        self.specs: List[Tuple[int, Any, int]] = []
+        self.specs: List[Tuple[int, int, int, Callable[[Sequence[torch.Tensor]], Any]]] = []
         self.names: List[str] = []
         for argnum in argnums:
             flat, spec = pytree.tree_flatten(args[argnum])
@@ -40,7 +41,8 @@ class _CallSite:
                 where = _name(f"argument {argnum}", k, flat, args[argnum])
                 self.leaves.append(v.check_leaf(leaf, f"differentiated {where}"))
                 self.names.append(where)
-            self.specs.append((argnum, spec, len(flat)))
+            start = len(self.leaves) - len(flat)
+            self.specs.append((argnum, start, start + len(flat), _rebuilder(args[argnum], spec)))
         self.others: List[torch.Tensor] = []
         for where, value in _other_arguments(args, kwargs, argnums):
             if isinstance(value, torch.Tensor):
@@ -61,10 +63,8 @@ class _CallSite:
 
     def __call__(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         args = list(self.args)
-        start = 0
-        for argnum, spec, count in self.specs:
-            args[argnum] = _rebuild(args[argnum], leaves[start : start + count], spec)
-            start += count
+        for argnum, start, stop, rebuild in self.specs:
+            args[argnum] = rebuild(leaves[start:stop])
         return self.fn(*args, **self.kwargs)
 
     def check_unmodified(self) -> None:
@@ -118,20 +118,21 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _rebuild(original: Any, leaves: Sequence[torch.Tensor], spec: Any) -> Any:
-    """``original``'s pytree with ``leaves`` in place of its tensors.
+def _rebuilder(original: Any, spec: Any) -> Callable[[Sequence[torch.Tensor]], Any]:
+    """A function of replacement leaves that rebuilds ``original``'s pytree around them.
 
-    This runs once per sample, so the common shapes (a tensor, a plain tuple/list/dict of tensors)
-    skip the generic ``tree_unflatten``.
+    It runs once per evaluation, so the common shapes (a tensor, a plain tuple/list/dict of tensors)
+    are decided once, here, and skip the generic ``tree_unflatten``.
     """
     if isinstance(original, torch.Tensor):
-        return leaves[0]
+        return operator.itemgetter(0)
     kind = type(original)
-    if kind in (tuple, list) and len(original) == len(leaves) and all(isinstance(v, torch.Tensor) for v in original):
-        return kind(leaves)
-    if kind is dict and len(original) == len(leaves) and all(isinstance(v, torch.Tensor) for v in original.values()):
-        return dict(zip(original.keys(), leaves))
-    return pytree.tree_unflatten(list(leaves), spec)
+    if kind in (tuple, list) and all(isinstance(v, torch.Tensor) for v in original):
+        return kind
+    if kind is dict and all(isinstance(v, torch.Tensor) for v in original.values()):
+        keys = tuple(original.keys())
+        return lambda leaves: dict(zip(keys, leaves))
+    return lambda leaves: pytree.tree_unflatten(list(leaves), spec)
 
 
 class _ZeroOrderFunction(torch.autograd.Function):

@@ -38,15 +38,20 @@ def evaluate_sample(
     evaluate: Evaluate, params: Sequence[torch.Tensor], index: int, sign: float, seed_text: str, record: bool = False
 ) -> torch.Tensor:
     """One perturbed loss as a 0-dim tensor, detached unless ``record``; errors say which sample raised."""
-    where = f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
     try:
         out = evaluate(params)
     except Exception as exc:
         if hasattr(exc, "add_note"):  # Python >= 3.11
-            exc.add_note(f"zo_kernels: raised while evaluating {where}")
+            exc.add_note(f"zo_kernels: raised while evaluating {_where(index, sign, seed_text)}")
         raise
-    out = check_output(out, where)
+    if type(out) is not torch.Tensor or out.ndim != 0 or not out.dtype.is_floating_point:
+        check_output(out, _where(index, sign, seed_text))  # raises, naming the sample
     return out if record else out.detach()
+
+
+def _where(index: int, sign: float, seed_text: str) -> str:
+    """How errors name one evaluation (built only when one is raised: the loop runs per evaluation)."""
+    return f"the function (sample {index}, {'+' if sign > 0 else '-'}sigma*z, {seed_text})"
 
 
 def stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -57,7 +62,65 @@ def stack_losses(losses: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: Iterable[int]) -> List[torch.Tensor]:
-    """One evaluation per call of the function, into the scratch copy: the ``(signs, 1)`` blocks of ``ids``.
+    """One evaluation per call of the function, into the scratch copy: the ``(signs, k)`` blocks of ``ids``.
+
+    Regenerable noise goes window by window (:func:`_loop_window`); a user distribution's sample by
+    sample (:func:`_loop_sampled`).
+    """
+    ids = list(ids)
+    if not plan.noise.regenerable:
+        return _loop_sampled(plan, evaluate, weigh, sums, ids)
+    width = plan.window if any(acc is not None for acc in sums) else max(1, len(ids))
+    z = [None if acc is None else plan.noise.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
+    perturbers = [plan.noise.perturber(seg, plan.seed, keep) for seg, keep in zip(plan.segments, z)]
+    rows = [None if acc is None else plan.noise.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)]
+    return [
+        _loop_window(plan, evaluate, weigh, sums, ids[lo : lo + width], perturbers, z, rows)
+        for lo in range(0, len(ids), width)
+    ]
+
+
+def _loop_window(
+    plan: Plan,
+    evaluate: Evaluate,
+    weigh: Weigh,
+    sums: Sums,
+    ids: Sequence[int],
+    perturbers: Sequence[Callable[[int, float], Optional[List[torch.Tensor]]]],
+    z: Sequence[Optional[torch.Tensor]],
+    rows: Sequence[Optional[torch.Tensor]],
+) -> torch.Tensor:
+    """The ``(signs, len(ids))`` losses of a window of samples; where noise is kept, ``sums += sum_i w_i z_i``.
+
+    A kept sample's noise ``z`` is written by its perturbation (the antithetic twin is formed from
+    it) and copied into the window's ``rows``; the window's weights are formed once and summed in
+    one matrix-vector product per segment, so the per-sample cost is the evaluation itself.
+    """
+    noise, sigma, signs = plan.noise, plan.config.sigma, plan.signs
+    losses = []
+    for r, i in enumerate(ids):
+        for k, sign in enumerate(signs):
+            scale = sign * sigma * plan.scales[i]
+            inputs: List[torch.Tensor] = []
+            for perturb, seg, keep in zip(perturbers, plan.segments, z):
+                made = noise.twin(seg, keep, scale) if k > 0 and keep is not None else perturb(i, scale)
+                inputs.extend(seg.views if made is None else made)
+            losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
+        for row, keep in zip(rows, z):
+            if row is not None:
+                row[r].copy_(keep.view(-1))
+    block = stack_losses(losses).view(len(ids), len(signs)).t()
+    if any(row is not None for row in rows):
+        scales = torch.tensor([plan.scales[i] for i in ids], dtype=torch.float64)
+        weights = weigh(block, scales.to(block.device))
+        for acc, row in zip(sums, rows):
+            if row is not None:
+                noise.accumulate_rows(acc, row[: len(ids)], weights)
+    return block
+
+
+def _loop_sampled(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: Sequence[int]) -> List[torch.Tensor]:
+    """A user distribution's samples, one evaluation per call: the ``(signs, 1)`` blocks of ``ids``.
 
     A noise's perturbation writes a segment's scratch ``views`` (returning None), or returns new
     tensors for the segment's leaves. Where ``sums[k]`` is a tensor, each sample's noise is kept

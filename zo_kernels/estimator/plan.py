@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 #: below this many elements; the concatenation is a copy, so large tensors get their own segment
 #: and are read in place: then the only parameter-sized allocation is the scratch buffer.
 CONCAT_MAX_NUMEL = 1 << 20
+#: The float32 elements of kept noise the loop holds per window (16 MiB).
+WINDOW_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Plan:
     scratch: List[torch.Tensor]  # every segment's ``views``, in leaf order
     sums: List[Optional[torch.Tensor]]  # per segment: sum_i w_i z_i accumulated while evaluating, or None
     batching: bool  # evaluate vmapped batches (batch_size given, and vmap has not failed on the function)
+    window: int  # samples whose kept noise the loop holds before summing it at once
 
     @property
     def seed_text(self) -> str:
@@ -133,6 +136,14 @@ def inplace_segments(
     return segments, [p.data for p in leaves]
 
 
+def loop_window(numel: int, count: int) -> int:
+    """Samples whose kept noise the loop holds (``numel`` floats each) before summing it in one product.
+
+    Bounded by :data:`WINDOW_ELEMENTS`, so holding it costs at most 16 MiB beside the parameters.
+    """
+    return max(1, min(count, WINDOW_ELEMENTS // max(1, numel)))
+
+
 def samples_per_call(config: Config, count: int) -> int:
     """Samples per vmapped call: ``batch_size`` evaluations, an antithetic pair never split."""
     return max(1, min(count, (config.batch_size or 1) // len(config.signs)))
@@ -176,6 +187,7 @@ def make_plan(
     else:
         segments, scratch = scratch_segments(leaves, offsets, chosen, noise.joins_leaves, noise.uses_scratch)
     batching = s.batch_size is not None and not vmap_failed
-    rows = samples_per_call(s, share.count) if batching else 1  # samples whose noise one accumulation reads
+    window = loop_window(offsets[-1], share.count)
+    rows = samples_per_call(s, share.count) if batching else window  # samples whose noise one accumulation reads
     sums = _kept_sums(s, noise, segments, rows, accumulate, share.group is not None)
-    return Plan(s, noise, seed, share, ids, scales, segments, scratch, sums, batching)
+    return Plan(s, noise, seed, share, ids, scales, segments, scratch, sums, batching, window)

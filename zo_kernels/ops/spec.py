@@ -298,6 +298,8 @@ class Perturb:
     @staticmethod
     def check_sample(sample_id: object, scale: object) -> tuple:
         """``(sample_id, scale)`` as (int in [0, 2**32), float)."""
+        if type(sample_id) is int and 0 <= sample_id < SAMPLE_ID_LIMIT and type(scale) is float:
+            return sample_id, scale  # the estimator's own calls: checked in a few ns, once per evaluation
         return check_sample_id(sample_id), check_float(scale, "scale")
 
 
