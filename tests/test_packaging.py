@@ -62,3 +62,22 @@ def test_missing_extension_falls_back_to_the_reference_backend(tmp_path):
     out = run([sys.executable, "-c", probe], cwd=ROOT).split("\n")
     assert out[0].startswith("not built"), out
     assert out[1] == "reference", out
+
+
+def test_a_missing_extension_in_a_source_tree_says_the_source_tree_is_imported(monkeypatch):
+    """From the repository root, Python imports the in-tree package, not the installed one: say so."""
+    import importlib
+
+    from zo_kernels.ops import native
+
+    real = importlib.import_module
+
+    def no_extension(name, *args):
+        if name == "zo_kernels._C":
+            raise ImportError("No module named 'zo_kernels._C'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_extension)
+    module, why = native.load_extension("cpu")
+    assert module is None
+    assert "Python is importing the source tree" in why and "Run from another directory" in why, why

@@ -19,6 +19,7 @@ sync): the kernels turn what an out-of-range id touches into NaN instead of wrap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Dict, Optional, Tuple
 
@@ -73,6 +74,9 @@ def load_extension(device_type: str = "cpu") -> Tuple[Optional[ModuleType], str]
     try:
         ext = importlib.import_module(f"zo_kernels.{spec.module}")
     except ImportError as exc:
+        shadowed = source_tree_shadowing()
+        if shadowed is not None:
+            return None, f"not built in the source tree that Python imports zo_kernels from ({exc}): {shadowed}"
         return None, f"not built ({exc}); {spec.build}, or set ZO_KERNELS_REQUIRE_NATIVE=1 to see why the build failed"
     found = getattr(ext, "ABI_VERSION", None)
     if found != spec.abi:
@@ -81,6 +85,30 @@ def load_extension(device_type: str = "cpu") -> Tuple[Optional[ModuleType], str]
             f"{spec.abi}; reinstall the package (`pip install .`)"
         )
     return ext, "available"
+
+
+def source_tree_shadowing() -> Optional[str]:
+    """Why the compiled modules are missing when ``zo_kernels`` is imported from a source checkout, else None.
+
+    Run from the repository root after ``pip install .``, Python imports the in-tree package (the
+    current directory comes first on ``sys.path``), which has no compiled modules, instead of the
+    installed one: reinstalling would not help.
+    """
+    package = Path(__file__).resolve().parent.parent
+    if not (package.parent / "setup.py").is_file() or not (package.parent / "csrc").is_dir():
+        return None
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("zo_kernels")
+    except Exception:  # noqa: BLE001 - not installed at all (or no metadata): not a shadowing case
+        return None
+    installed = Path(str(dist.locate_file("zo_kernels"))).resolve()
+    where = "" if installed == package else f"; the installed package is {installed}"
+    return (
+        f"Python is importing the source tree {package}{where}. Run from another directory to use the installed "
+        "package, or build the source tree in place (`pip install -e .`)"
+    )
 
 
 # The current stream's cudaStream_t as an int: torch's raw accessor (what torch.compile's generated
