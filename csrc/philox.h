@@ -8,11 +8,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define ZO_HD __host__ __device__ __forceinline__
-#else
-#define ZO_HD inline
-#endif
+#include "dtypes.h"  // ZO_HD
 
 namespace zo {
 

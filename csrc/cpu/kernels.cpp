@@ -8,7 +8,7 @@
 
 #include "../philox.h"
 #include "normal_tile.h"
-#include "scalar_io.h"
+#include "../dtypes.h"
 
 namespace zo {
 namespace cpu {

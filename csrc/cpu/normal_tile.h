@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "../philox.h"
-#include "scalar_io.h"
+#include "../dtypes.h"
 
 namespace zo {
 namespace cpu {

@@ -28,14 +28,8 @@
 #include <string>
 #include <type_traits>
 
-#include "../cpu/scalar_io.h"
+#include "../dtypes.h"
 #include "../philox.h"
-
-static_assert(int{zo::cuda::kFloat32} == int{zo::cpu::kFloat32} &&
-                  int{zo::cuda::kFloat64} == int{zo::cpu::kFloat64} &&
-                  int{zo::cuda::kFloat16} == int{zo::cpu::kFloat16} &&
-                  int{zo::cuda::kBFloat16} == int{zo::cpu::kBFloat16},
-              "CUDA and CPU dtype ids must agree (DTYPE_IDS in zo_kernels/ops/spec.py)");
 
 namespace zo {
 namespace cuda {
@@ -59,43 +53,7 @@ constexpr int64_t kMinChunkSamples = 16;
 // Most workspace elements: 64 MiB of float64 partial sums; larger tensors have the threads anyway.
 constexpr int64_t kMaxWorkspaceElements = (int64_t{64} << 20) / 8;
 
-// ---------------------------------------------------------------------------------------------------
-// Element types: storage type T (float16/bfloat16 as raw 16-bit patterns) and accumulation type Acc.
-
-template <int D>
-struct Io;
-
-template <>
-struct Io<kFloat32> {
-  using T = float;
-  using Acc = float;
-  static ZO_HD Acc load(T v) { return v; }
-  static ZO_HD T store(Acc v) { return v; }
-};
-
-template <>
-struct Io<kFloat64> {
-  using T = double;
-  using Acc = double;
-  static ZO_HD Acc load(T v) { return v; }
-  static ZO_HD T store(Acc v) { return v; }
-};
-
-template <>
-struct Io<kFloat16> {
-  using T = unsigned short;
-  using Acc = float;
-  static ZO_HD Acc load(T v) { return __half2float(__ushort_as_half(v)); }
-  static ZO_HD T store(Acc v) { return __half_as_ushort(__float2half_rn(v)); }
-};
-
-template <>
-struct Io<kBFloat16> {
-  using T = unsigned short;
-  using Acc = float;
-  static ZO_HD Acc load(T v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
-  static ZO_HD T store(Acc v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-};
+// Element types: zo::Io<D> (csrc/dtypes.h), the storage type T and accumulation type Acc of each dtype.
 
 template <typename A>
 ZO_HD A quiet_nan() {

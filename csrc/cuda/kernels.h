@@ -9,11 +9,10 @@
 
 #include <cstdint>
 
+#include "../dtypes.h"  // the dtype ids (zo::DType), shared with the CPU code
+
 namespace zo {
 namespace cuda {
-
-// Element dtype ids, the same as csrc/cpu/scalar_io.h (checked by a static_assert in kernels.cu).
-enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // out[j] = theta[j] + scale * z(seed, sample, offset + j). out may be theta (in place).
 void perturb(void* out, const void* theta, int64_t n, int dtype, int stream, uint64_t seed, uint32_t sample,

@@ -45,7 +45,7 @@ ELEMENTS_PER_BLOCK = {NORMAL: 4, RADEMACHER: 128}
 TWO_PI_F32 = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
 
 #: The parameter dtypes the fused kernels take, with their ids in the bindings
-#: (csrc/cpu/scalar_io.h, csrc/cuda/kernels.h).
+#: (csrc/dtypes.h, shared by the CPU and CUDA code).
 DTYPE_IDS: Dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 #: The same dtypes, in id order.
 PARAMETER_DTYPES: Tuple[torch.dtype, ...] = tuple(DTYPE_IDS)

@@ -1,14 +1,23 @@
-// Loading and storing parameter elements as their accumulation type, for every supported dtype.
+// The parameter dtypes of the fused kernels, shared by the CPU and CUDA code: their ids (DTYPE_IDS in
+// zo_kernels/ops/spec.py), storage and accumulation types, and the conversions between them (Io<D>).
 //
-// float16 and bfloat16 are handled as raw 16-bit patterns so that the CPU library needs no compiler
-// support for them (and no libtorch); conversions round to nearest even, like PyTorch's.
+// float16 and bfloat16 are stored as raw 16-bit patterns. The CPU library converts them in software,
+// so it needs no compiler support for them (and no libtorch); under nvcc, CUDA's conversions are used,
+// on the host and the device alike. Both round to nearest even, like PyTorch's.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define ZO_HD __host__ __device__ __forceinline__
+#else
+#define ZO_HD inline
+#endif
+
 namespace zo {
-namespace cpu {
 
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -74,18 +83,35 @@ template <>
 struct Io<kFloat32> {
   using T = float;
   using Acc = float;
-  static Acc load(T v) { return v; }
-  static T store(Acc v) { return v; }
+  static ZO_HD Acc load(T v) { return v; }
+  static ZO_HD T store(Acc v) { return v; }
 };
 
 template <>
 struct Io<kFloat64> {
   using T = double;
   using Acc = double;
-  static Acc load(T v) { return v; }
-  static T store(Acc v) { return v; }
+  static ZO_HD Acc load(T v) { return v; }
+  static ZO_HD T store(Acc v) { return v; }
 };
 
+#if defined(__CUDACC__)
+template <>
+struct Io<kFloat16> {
+  using T = unsigned short;
+  using Acc = float;
+  static ZO_HD Acc load(T v) { return __half2float(__ushort_as_half(v)); }
+  static ZO_HD T store(Acc v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+template <>
+struct Io<kBFloat16> {
+  using T = unsigned short;
+  using Acc = float;
+  static ZO_HD Acc load(T v) { return __bfloat162float(__ushort_as_bfloat16(v)); }
+  static ZO_HD T store(Acc v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+#else
 template <>
 struct Io<kFloat16> {
   using T = uint16_t;
@@ -101,6 +127,6 @@ struct Io<kBFloat16> {
   static Acc load(T v) { return bf16_to_float(v); }
   static T store(Acc v) { return float_to_bf16(v); }
 };
+#endif
 
-}  // namespace cpu
 }  // namespace zo
