@@ -22,6 +22,8 @@ Evaluate = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 #: ``weigh(block, scales)``: the weights ``w_i`` of a ``(signs, k)`` block of losses whose noise has ``scales``.
 Weigh = Callable[[torch.Tensor, Union[float, torch.Tensor]], torch.Tensor]
 Sums = List[Optional[torch.Tensor]]
+#: A noise's ``perturb(i, scale)`` for one segment (:data:`zo_kernels.noise.base.Perturb`).
+Perturb = Callable[[int, float], Optional[List[torch.Tensor]]]
 
 
 class EvaluatorState:
@@ -80,13 +82,26 @@ def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: I
     ]
 
 
+def _perturbed(plan: Plan, perturbers: Sequence[Perturb], kept: Sequence[object], i: int, k: int, scale: float) -> list:
+    """The function's inputs for evaluation ``k`` of sample ``i``: ``theta + scale * z_i`` per segment.
+
+    Where a segment's noise is kept, evaluations after the first (the antithetic twin) are formed
+    from the kept ``z`` instead of generating it again.
+    """
+    inputs: List[torch.Tensor] = []
+    for perturb, seg, keep in zip(perturbers, plan.segments, kept):
+        made = plan.noise.twin(seg, keep, scale) if k > 0 and keep is not None else perturb(i, scale)
+        inputs.extend(seg.views if made is None else made)
+    return inputs
+
+
 def _loop_window(
     plan: Plan,
     evaluate: Evaluate,
     weigh: Weigh,
     sums: Sums,
     ids: Sequence[int],
-    perturbers: Sequence[Callable[[int, float], Optional[List[torch.Tensor]]]],
+    perturbers: Sequence[Perturb],
     z: Sequence[Optional[torch.Tensor]],
     rows: Sequence[Optional[torch.Tensor]],
 ) -> torch.Tensor:
@@ -100,11 +115,7 @@ def _loop_window(
     losses = []
     for r, i in enumerate(ids):
         for k, sign in enumerate(signs):
-            scale = sign * sigma * plan.scales[i]
-            inputs: List[torch.Tensor] = []
-            for perturb, seg, keep in zip(perturbers, plan.segments, z):
-                made = noise.twin(seg, keep, scale) if k > 0 and keep is not None else perturb(i, scale)
-                inputs.extend(seg.views if made is None else made)
+            inputs = _perturbed(plan, perturbers, z, i, k, sign * sigma * plan.scales[i])
             losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
         for row, keep in zip(rows, z):
             if row is not None:
@@ -140,12 +151,7 @@ def _loop_sampled(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids:
             perturbers = [noise.perturber(seg, plan.seed, z) for seg, z in zip(plan.segments, kept)]
         sample_losses = []
         for k, sign in enumerate(plan.signs):
-            scale = sign * sigma * plan.scales[i]
-            inputs: List[torch.Tensor] = []
-            for perturb, seg, z in zip(perturbers, plan.segments, kept):
-                # the antithetic twin, theta - sigma z, from the kept z
-                made = noise.twin(seg, z, scale) if k > 0 and z is not None else perturb(i, scale)
-                inputs.extend(seg.views if made is None else made)
+            inputs = _perturbed(plan, perturbers, kept, i, k, sign * sigma * plan.scales[i])
             sample_losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
         blocks.append(stack_losses(sample_losses)[:, None])
         if shaping and any(z is not None for z in kept):
