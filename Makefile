@@ -61,7 +61,7 @@ bench: setup
 # sass.json. Not run by CI: several minutes.
 SASS_BEFORE ?= 5c09d5e f8ecb02 78ff9ad 022eed2 ff8b5cb 6a029a7 2cc58bc
 sass: setup
-	$(PY) bench/sass_report.py $(if $(SASS_BEFORE),--before $(SASS_BEFORE))
+	$(PY) tools/sass_report.py $(if $(SASS_BEFORE),--before $(SASS_BEFORE))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

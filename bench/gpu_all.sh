@@ -1,48 +1,35 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call of at most 6 minutes, on a machine with a CUDA GPU (the device tool):
-# build in place, the GPU tests (compiled kernels, no interpreter), the GPU benchmarks, `run.py --quick`.
+# Everything GPU-side in one call of at most 6 minutes on a machine with a CUDA GPU (the device tool): build in
+# place, the GPU tests (compiled kernels, no interpreter), the GPU benchmarks. bench/README.md has the call.
 #
 #   bash bench/gpu_all.sh [STAGE ...]        # no STAGE: all of them, in this order
 #
 # Stages (name, timeout in seconds; the timeouts add up to 360 s):
-#   01 device        15  nvidia-smi, python/torch/triton versions, torch.cuda.get_device_name
+#   01 device        15  nvidia-smi, nvcc, python/torch/triton versions, torch.cuda.get_device_name
 #   02 build         40  ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation
-#                        --no-deps -e . (CMake + Ninja on every core), then import _C and _C_cuda
+#                        --no-deps -e . (setup.py build_ext --inplace if that fails), then import _C and _C_cuda
 #   03 backends      15  json of zo_kernels.backends.available(); fails unless cpu, cuda and triton are available
-#   04 sass          25  python bench/sass_report.py --out $OUT/sass.md --json $OUT/sass.json: the SASS bounds
-#                        of the kernels as this machine's nvcc and Triton compile them (no GPU needed)
+#   04 sass          25  tools/sass_report.py --out $OUT/sass.md --json $OUT/sass.json (this machine's compilers)
 #   05 tests-cuda    30  the cuda cases of tests/test_kernels.py, tests/test_cuda_kernels.py
-#   06 tests-triton  60  the triton cases of tests/test_kernels.py, tests/test_triton_kernels.py
-#                        (+ tests/test_triton_compile.py when present),
-#                        compiled for the GPU, split over parallel pytest processes (bench/pytest_shard.py)
+#   06 tests-triton  60  the triton cases of tests/test_kernels.py, tests/test_triton_kernels.py and
+#                        tests/test_triton_compile.py, in parallel pytest processes (tools/pytest_shard.py)
 #   07 tests-gpu     35  pytest -m gpu over every other test file that marks GPU tests
-#   08 bench-gpu     70  python bench/gpu_kernels.py --quick --out $OUT/gpu.md (and gpu.json), with the
-#                        SASS bounds of $OUT/sass.json (stage 04), else of bench/results/sass.json
-#   09 run-quick     40  python bench/run.py --quick --out-dir $OUT/run
-#   10 lowrank-gpu   30  python bench/lowrank.py --sections gpu --out $OUT/lowrank-gpu.md: LowRank(1) vs Normal()
-#                        vs batched inference on GPT-2 small (124M parameters), 256 members
-# The 30 s of lowrank-gpu came from build, 60 -> 40 s (CMake configure + build of _C_cuda: 11 s on 2 cores here,
-# 16 cores there), and tests-cuda, 40 -> 30 s (15-25 s expected).
+#   08 bench-gpu     70  bench/reduce_kernels.py --quick --out $OUT/gpu.md, bounds of $OUT/sass.json (else bench/results/)
+#   09 run-quick     40  bench/run.py --quick --out-dir $OUT/run
+#   10 lowrank-gpu   30  bench/lowrank.py --sections gpu --out $OUT/lowrank-gpu.md (GPT-2 small, 256 members)
 #
-# Each stage writes $OUT/NN-NAME.log as it runs, is stopped at its timeout, and never stops the
-# stages after it. After every stage one line (number, name, ok / FAILED rc=N / TIMEOUT after N s /
-# SKIPPED (why), seconds) is appended to $OUT/summary.txt, so a run cut short keeps what it did; the
-# script ends by printing the summary. Without a CUDA device the stages after `device`/`backends`
-# are SKIPPED with that note (so the script can be tried anywhere; it never builds there).
-# Exit status: 0 when every stage that ran is ok, 1 otherwise.
-#
-# Besides the logs and summary.txt, $OUT/run-info.txt: date, commit (GPU_ALL_COMMIT overrides `git rev-parse`,
-# for a copy of the tree without .git), python, CPUs.
-# Environment: OUT (default bench/results/gpu-run), PYTHON (default: python, else python3, whichever has torch),
-# GPU_ALL_MAX_TIMEOUT (caps every stage's timeout, in seconds; for tests of this script),
-# GPU_ALL_SHARDS (parallel pytest processes of tests-triton; default nproc - 4, at least 1, at most 12).
+# Each stage tees its output into $OUT/NN-NAME.log, stops at its timeout, never stops the stages after it, and
+# appends "NN  NAME  ok | FAILED rc=N | TIMEOUT after N s | SKIPPED (no GPU)  SECONDS s" to $OUT/summary.txt; the
+# script ends by printing the summary (exit 0 when every stage that ran is ok). Without a CUDA device the GPU
+# stages are SKIPPED. $OUT/run-info.txt: date, commit (GPU_ALL_COMMIT overrides git), python, CPUs.
+# Environment: OUT (default bench/results/gpu-run), PYTHON (default: python or python3, whichever has torch),
+# GPU_ALL_MAX_TIMEOUT (caps every timeout, for tests), GPU_ALL_SHARDS (tests-triton processes; nproc - 4, 1-12).
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$(pwd)
 OUT=${OUT:-bench/results/gpu-run}
-mkdir -p "$OUT" || exit 1
-OUT=$(cd "$OUT" && pwd)
-if [[ -z "${PYTHON:-}" ]]; then  # the first python that has torch (a cheap look-up, no import)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
+if [[ -z "${PYTHON:-}" ]]; then  # the first python that has torch (a look-up, no import)
   for candidate in python python3; do
     if command -v "$candidate" >/dev/null 2>&1 &&
       "$candidate" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null; then
@@ -61,37 +48,28 @@ SELECTED=("$@")
 for wanted in "${SELECTED[@]}"; do
   [[ " ${STAGE_NAMES[*]} " == *" $wanted "* ]] || { echo "gpu_all.sh: unknown stage '$wanted' (stages: ${STAGE_NAMES[*]})" >&2; exit 2; }
 done
-
 unset TRITON_INTERPRET  # the Triton kernels are compiled for the GPU, never interpreted
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the tree's package, even if the install fails
 export ROOT OUT PY SHARDS
 : >"$SUMMARY"
-STAGE_NO=0
-FAILURES=0
-HAVE_GPU=0
-GPU_NOTE="no CUDA device: torch.cuda.is_available() is not True (see 01-device.log)"
+STAGE_NO=0 FAILURES=0 HAVE_GPU=0
 
 now() { date +%s.%N; }
 seconds_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-
+selected() { [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]; }
 # record NN NAME STATUS SECONDS: one line of the summary, written at once.
 record() {
   printf '%s  %-13s %-26s %7s s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
   [[ "$3" == ok || "$3" == SKIPPED* ]] || FAILURES=$((FAILURES + 1))
 }
 
-selected() {
-  [[ ${#SELECTED[@]} -eq 0 || " ${SELECTED[*]} " == *" $1 "* ]]
-}
-
-# stage NAME TIMEOUT_S COMMAND...: run COMMAND (a program or one of the exported functions below)
-# under `timeout`, tee its output into $OUT/NN-NAME.log, print its wall time, record its status.
+# stage NAME TIMEOUT_S COMMAND...: COMMAND (a program or an exported function) under `timeout`, its output
+# teed into $OUT/NN-NAME.log; records its status and wall time. gpu_stage: the same, SKIPPED without a GPU.
 stage() {
-  local name=$1 limit=$2
+  local name=$1 limit=$2 nn log start rc status secs
   shift 2
   STAGE_NO=$((STAGE_NO + 1))
-  local nn log start rc status secs
   nn=$(printf '%02d' "$STAGE_NO")
   selected "$name" || return 0
   if [[ -n "$MAX_TIMEOUT" ]] && awk -v a="$MAX_TIMEOUT" -v b="$limit" 'BEGIN { exit !(a < b) }'; then
@@ -100,7 +78,7 @@ stage() {
   log=$OUT/$nn-$name.log
   echo "=== [$nn $name] $* (timeout ${limit} s, $(date -u '+%H:%M:%S UTC'))" | tee "$log"
   start=$(now)
-  timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" </dev/null 2>&1 | tee -a "$log"
+  STAGE_LOG_STEM=$nn-$name timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" </dev/null 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   secs=$(seconds_since "$start")
   case $rc in
@@ -110,10 +88,7 @@ stage() {
   esac
   echo "=== [$nn $name] $status in $secs s" | tee -a "$log"
   record "$nn" "$name" "$status" "$secs"
-  return 0
 }
-
-# gpu_stage NAME TIMEOUT_S COMMAND...: a stage that needs a CUDA device; SKIPPED with a note without one.
 gpu_stage() {
   if [[ $HAVE_GPU -eq 1 ]]; then
     stage "$@"
@@ -123,48 +98,36 @@ gpu_stage() {
   local nn
   nn=$(printf '%02d' "$STAGE_NO")
   selected "$1" || return 0
-  echo "=== [$nn $1] SKIPPED: $GPU_NOTE" | tee "$OUT/$nn-$1.log"
+  echo "=== [$nn $1] SKIPPED: no CUDA device: torch.cuda.is_available() is not True (see 01-device.log)" | tee "$OUT/$nn-$1.log"
   record "$nn" "$1" "SKIPPED (no GPU)" 0.0
 }
 
 # --- what the stages run -------------------------------------------------------------------------
-
 device_info() {
   nvidia-smi || echo "nvidia-smi failed (rc=$?)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
   echo "nproc: $(nproc)"
+  "$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton not importable"
   "$PY" -c '
-import platform, sys
-import torch
-print("python", platform.python_version(), sys.executable)
-print("torch", torch.__version__, "CUDA", torch.version.cuda)
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as exc:
-    print("triton not importable:", exc)
+import platform, sys, torch
+print("python", platform.python_version(), sys.executable, "torch", torch.__version__, "CUDA", torch.version.cuda)
 ok = torch.cuda.is_available()
 print("torch.cuda.is_available():", ok)
-if ok:
-    print("torch.cuda.get_device_name:", torch.cuda.get_device_name(0))
-    print("capability:", torch.cuda.get_device_capability(0))
+print("device:", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0) if ok else "none")
 sys.exit(0 if ok else 1)
 '
 }
 
-build() {
-  # setup.py runs `cmake --build --parallel` (Ninja: every core by default; CMAKE_BUILD_PARALLEL_LEVEL
-  # caps it); nvcc compiles the architectures of CMakeLists.txt in parallel (--threads 0).
-  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-  export ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1
+build() {  # Ninja on every core; nvcc compiles the architectures of CMakeLists.txt in parallel (--threads 0)
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1
   local rc=1
   if "$PY" -m pip --version; then
     "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e .
     rc=$?
     [[ $rc -eq 0 ]] || echo "WARNING: pip install -e . failed (rc=$rc); building in place with setup.py instead"
   fi
-  if [[ $rc -ne 0 ]]; then  # no pip, or no editable install: the extensions in place (PYTHONPATH has the tree)
+  if [[ $rc -ne 0 ]]; then
     "$PY" setup.py build_ext --inplace || return $?
   fi
   "$PY" -c 'import zo_kernels._C as c, zo_kernels._C_cuda as g; print("built:", c.__file__, g.__file__)'
@@ -181,13 +144,13 @@ sys.exit("not available: " + ", ".join(missing) if missing else 0)
 '
 }
 
-# pytest_sharded ARGS...: pytest ARGS in $SHARDS processes at once, each a contiguous share of the
-# collected tests (bench/pytest_shard.py), each logging to $OUT/NN-NAME.shardK.log; fails if one fails.
+# pytest_sharded ARGS...: pytest ARGS in $SHARDS processes at once, each a contiguous share of the tests,
+# each logging to $OUT/NN-NAME.shardK.log; fails if one fails.
 pytest_sharded() {
   local k pids=() rc=0 r logs=()
   for ((k = 0; k < SHARDS; k++)); do
     logs+=("$OUT/$STAGE_LOG_STEM.shard$k.log")
-    PYTEST_SHARD="$k/$SHARDS" PYTHONPATH="$ROOT/bench:$PYTHONPATH" "$PY" -m pytest -p pytest_shard "$@" >"${logs[k]}" 2>&1 &
+    PYTEST_SHARD="$k/$SHARDS" PYTHONPATH="$ROOT/tools:$PYTHONPATH" "$PY" -m pytest -p pytest_shard "$@" >"${logs[k]}" 2>&1 &
     pids+=($!)
   done
   echo "$SHARDS shards: ${logs[*]}"
@@ -202,52 +165,42 @@ pytest_sharded() {
   return $rc
 }
 
-# The benchmark uses the SASS bounds measured by the sass stage when it wrote them.
 gpu_bench() {
   local sass=bench/results/sass.json
   [[ -s "$OUT/sass.json" ]] && sass=$OUT/sass.json
-  "$PY" bench/gpu_kernels.py --quick --out "$OUT/gpu.md" --sass "$sass"
+  "$PY" bench/reduce_kernels.py --quick --out "$OUT/gpu.md" --sass "$sass"
 }
-
 export -f device_info build backends_json pytest_sharded gpu_bench
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rs --durations=15)
+TRITON_FILES=(tests/test_kernels.py tests/test_triton_kernels.py tests/test_triton_compile.py)
 GPU_FILES=()
 for file in tests/test_*.py; do
-  case $file in
-    tests/test_kernels.py | tests/test_cuda_kernels.py | tests/test_triton_kernels.py | tests/test_triton_compile.py) continue ;;
-  esac
+  [[ " ${TRITON_FILES[*]} tests/test_cuda_kernels.py " == *" $file "* ]] && continue
   grep -qE 'mark\.gpu' "$file" && GPU_FILES+=("$file")
 done
-TRITON_FILES=(tests/test_kernels.py tests/test_triton_kernels.py)
-[[ -f tests/test_triton_compile.py ]] && TRITON_FILES+=(tests/test_triton_compile.py)
 
 # --- the run ---------------------------------------------------------------------------------------
 RUN_START=$(now)
-COMMIT=${GPU_ALL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 DIRTY="unknown (no git)"
 git rev-parse --git-dir >/dev/null 2>&1 && DIRTY=$(git status --porcelain | wc -l | tr -d ' ')
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "commit: $COMMIT${GPU_ALL_COMMIT:+ (from GPU_ALL_COMMIT)}; files differing from it here: $DIRTY"
+  echo "commit: ${GPU_ALL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}${GPU_ALL_COMMIT:+ (from GPU_ALL_COMMIT)}; files differing from it here: $DIRTY"
   echo "python: $PY; CPUs: $NPROC; tests-triton shards: $SHARDS; stages: ${SELECTED[*]:-all}"
   echo "GPU_ALL_MAX_TIMEOUT: ${MAX_TIMEOUT:-(unset)}"
 } | tee "$OUT/run-info.txt" | sed 's/^/gpu_all.sh: /'
 
 stage device 15 device_info
-# The GPU stages run when torch sees a CUDA device (also when only `device` and later stages are selected).
-if grep -q '^torch.cuda.is_available(): True' "$OUT/01-device.log" 2>/dev/null; then
-  HAVE_GPU=1
-elif ! selected device && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+# The GPU stages run when torch sees a CUDA device (also when only later stages are selected).
+if grep -q '^torch.cuda.is_available(): True' "$OUT/01-device.log" 2>/dev/null ||
+  { ! selected device && "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }; then
   HAVE_GPU=1
 fi
 gpu_stage build 40 build
 stage backends 15 backends_json
-gpu_stage sass 25 "$PY" bench/sass_report.py --out "$OUT/sass.md" --json "$OUT/sass.json"
-# The shared kernel suite's cuda / triton cases (-k also keeps every test of the backend's own files).
+gpu_stage sass 25 "$PY" tools/sass_report.py --out "$OUT/sass.md" --json "$OUT/sass.json"
 gpu_stage tests-cuda 30 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_kernels.py tests/test_cuda_kernels.py -k cuda
-export STAGE_LOG_STEM
-STAGE_LOG_STEM=$(printf '%02d' $((STAGE_NO + 1)))-tests-triton
 gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 -k triton "${TRITON_FILES[@]}"
 gpu_stage tests-gpu 35 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
 gpu_stage bench-gpu 70 gpu_bench

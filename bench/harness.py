@@ -1,102 +1,83 @@
-"""The shared pieces of every benchmark script in ``bench/``: timing, problems, environment, tables, workers.
+"""What every script in ``bench/`` shares: environment, tables, timing, problems, baselines, workers.
 
-The scripts (``run.py``, ``scale.py``, ``cpu_kernels.py``, ``gpu_kernels.py``) run from ``bench/`` and
-import this module as a sibling (``import harness``); tests add ``bench/`` to ``sys.path`` once, as
-``tests/test_sass.py`` does for ``sass_report``. No script imports another script.
-
-**Timing.** :func:`cpu_time` is ``torch.utils.benchmark.Timer.adaptive_autorange``: the call is run in
-blocks of ``number`` calls (``number`` grown by 10x until one block takes >= 10 ms, so the timer's own
-overhead is < 1e-4 of a block; those first blocks are the warm-up), then blocks are timed until at
-least 4 blocks and ``min_run_time`` seconds are in and the blocks' interquartile range is within
-10% of their median, or ``max_run_time`` seconds are spent; the result is the median over blocks
-of the time per call, measured with the torch threads of the caller (``num_threads``). A call
-that takes longer than ``max_run_time`` is timed once after one warm-up call. :func:`gpu_time` is
-``triton.testing.do_bench`` (median, L2 flushed between calls, ``warmup_ms`` / ``rep_ms`` of calls),
-or CUDA events around repeated calls where triton is missing. :func:`time_call` picks by device.
-
-**Problems.** The functional losses (``linear_loss``, ``mlp_loss``, ``deep_mlp_loss``) of a tuple of
-parameter tensors, their parameter factories (:func:`make_problem`, :func:`wide_mlp`, :func:`mlp`)
-and the ``TinyGPT`` of ``python/mezo_finetune.py`` (:func:`tiny_gpt`).
-
-**Workers.** :func:`spawn` runs a module-level function in fresh processes through
-``torch.multiprocessing.spawn`` (arguments: dataclasses), with the benchmark environment
-(:func:`worker_env`) and a timeout; :func:`memory_worker` / :func:`run_memory_jobs` measure the peak
-memory of one step per fresh process (``MemoryJob``).
+The scripts run from ``bench/`` and import this module as a sibling (``import harness``); bench/README.md
+describes the timing (:func:`time_call`: ``Timer.adaptive_autorange`` on the CPU, the median of
+``triton.testing.do_bench`` on a GPU) and the memory measurement (:func:`memory_worker`: one step in a fresh process).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import importlib.util
 import json
+import logging
 import os
 import platform
+import random
 import socket
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from baselines import torchopt_version
 
 import zo_kernels
 from zo_kernels import backends
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2  # torch.set_num_threads of every CPU benchmark
-
 Params = Tuple[torch.Tensor, ...]
 LossFn = Callable[..., torch.Tensor]
+TORCHOPT_MISSING = "torchopt not installed"
+EVOTORCH_MISSING = "evotorch not installed"
+EGGROLL_MISSING = "torcheggroll not installed"
+
+# --- environment -----------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------------
-# Environment: device, versions, threads, how busy the CPUs are
-# --------------------------------------------------------------------------------------------------
-
-
-def now(utc: bool = False) -> str:
-    """The date and time of a report: local (``2026-12-01 09:20 UTC``), or UTC."""
-    if utc:
-        return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+def now() -> str:
+    """The date and time of a report (``2026-12-01 09:20 UTC``)."""
     return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
+    """The CPU's model name from /proc/cpuinfo."""
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or "unknown CPU"
 
 
-def omp_environment() -> str:
-    """The OpenMP environment variables that change thread behaviour, as set for this run."""
-    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-    return "env: " + ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in names)
+def device_name(device: torch.device) -> str:
+    """The device in words, for headers and plot titles."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{cpu_model()}, {THREADS} threads of {os.cpu_count()} CPUs"
 
 
 def threads_line() -> str:
-    """``2 (torch.set_num_threads); env: OMP_NUM_THREADS=...``: the value of a header's threads line."""
-    return f"{torch.get_num_threads()} (torch.set_num_threads); {omp_environment()}"
+    """A header's threads line: torch's threads and the OpenMP variables that change their behaviour."""
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+    env = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in names)
+    return f"{torch.get_num_threads()} (torch.set_num_threads); env: {env}"
 
 
 def versions(torchopt: Optional[ModuleType], torch_extra: str = "", extra: str = "") -> str:
-    """``torch X, zo_kernels Y, torchopt Z, python W`` (``torch_extra`` after torch's, ``extra`` before torchopt)."""
-    return (
-        f"torch {torch.__version__}{torch_extra}, {extra}zo_kernels {zo_kernels.__version__}, "
-        f"{torchopt_version(torchopt)}, python {platform.python_version()}"
-    )
+    """``torch X, zo_kernels Y, torchopt Z, python W`` (``torch_extra`` after torch's, ``extra`` before zo_kernels)."""
+    opt = f"torchopt {torchopt.__version__}" if torchopt is not None else TORCHOPT_MISSING
+    return (f"torch {torch.__version__}{torch_extra}, {extra}zo_kernels {zo_kernels.__version__}, {opt}, "
+            f"python {platform.python_version()}")  # fmt: skip
 
 
 def choose_backend() -> Tuple[str, str]:
@@ -118,67 +99,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _system_cpu_seconds() -> Tuple[float, float]:
-    """(busy, total) CPU seconds summed over all cores since boot, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    tick = os.sysconf("SC_CLK_TCK")
-    return (sum(fields) - idle) / tick, sum(fields) / tick
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished (waited-for) children: the workers."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class OtherLoad:
-    """Share of all cores used by *other* processes since construction (busy time minus ours and our workers')."""
-
-    def __init__(self) -> None:
-        self.busy, self.total = _system_cpu_seconds()
-        self.own = _own_cpu_seconds()
-
-    def fraction(self) -> float:
-        """Other processes' CPU time over the elapsed CPU capacity, in [0, 1]."""
-        busy, total = _system_cpu_seconds()
-        others = (busy - self.busy) - (_own_cpu_seconds() - self.own)
-        return min(max(others / max(total - self.total, 1e-9), 0.0), 1.0)
-
-
-def start_monitor() -> Optional[OtherLoad]:
-    """An :class:`OtherLoad` from now, or None where /proc/stat cannot be read."""
-    try:
-        return OtherLoad()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def load_note(when: str, monitor: Optional[OtherLoad]) -> str:
-    """How much of the CPUs other processes used ``when``, with a warning above 10% (they distort timings)."""
-    if monitor is None:
-        return f"CPU use by other processes {when}: unknown"
-    share = monitor.fraction()
-    note = f"CPU use by other processes {when}: {share:.0%} of all cores"
-    if share > 0.1:
-        note += " -- WARNING: the machine was busy, timings are unreliable"
-    return note
-
-
 class Run:
-    """The load around a run: the second before it (``before``) and the run itself (``footer()``)."""
+    """How busy the CPUs were with *other* processes (busy time minus ours and our workers'), from /proc/stat: in the
+    second before the run (``before``) and during it (``footer()``); above 10% the timings are unreliable."""
 
     def __init__(self) -> None:
-        monitor = start_monitor()
+        first = self._sample()
         time.sleep(1.0)
-        self.before = load_note("in the second before the run", monitor)
-        self.during = start_monitor()
-        self.started = time.perf_counter()
+        self.before = self._note("in the second before the run", first)
+        self.during, self.started = self._sample(), time.perf_counter()
+
+    @staticmethod
+    def _sample() -> Optional[Tuple[float, float, float]]:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle, tick, t = fields[3] + (fields[4] if len(fields) > 4 else 0), os.sysconf("SC_CLK_TCK"), os.times()
+        return (sum(fields) - idle) / tick, sum(fields) / tick, t.user + t.system + t.children_user + t.children_system
+
+    def _note(self, when: str, start: Optional[Tuple[float, float, float]]) -> str:
+        end = self._sample()
+        if start is None or end is None:
+            return f"CPU use by other processes {when}: unknown"
+        (b0, t0, o0), (b1, t1, o1) = start, end
+        share = min(max(((b1 - b0) - (o1 - o0)) / max(t1 - t0, 1e-9), 0.0), 1.0)
+        warn = " -- WARNING: the machine was busy, timings are unreliable" if share > 0.1 else ""
+        return f"CPU use by other processes {when}: {share:.0%} of all cores{warn}"
 
     def footer(self) -> str:
         """``Measured in 12.3 s. CPU use by other processes during the run: ...``."""
-        elapsed = time.perf_counter() - self.started
-        return f"Measured in {elapsed:.1f} s. {load_note('during the run', self.during)}."
+        return f"Measured in {time.perf_counter() - self.started:.1f} s. {self._note('during the run', self.during)}."
 
 
 def header(title: str, fields: Sequence[Tuple[str, str]]) -> List[str]:
@@ -186,19 +137,30 @@ def header(title: str, fields: Sequence[Tuple[str, str]]) -> List[str]:
     return [f"# {title}", ""] + [f"- {k}: {v}" if k else f"- {v}" for k, v in fields] + [""]
 
 
-# --------------------------------------------------------------------------------------------------
-# Tables, numbers, progress
-# --------------------------------------------------------------------------------------------------
+def parser(doc: str, out: Optional[str] = "also write the report to this file") -> argparse.ArgumentParser:
+    """A script's argument parser: ``--quick`` (smoke run) and, where ``out`` says what it is, ``--out FILE``."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a short time budget per point")
+    if out:
+        p.add_argument("--out", type=Path, default=None, help=out)
+    return p
+
+
+def write(path: Optional[Path], lines: Sequence[str]) -> None:
+    """Write a report (a run cut short keeps what was written); nothing where ``path`` is None."""
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --- tables, numbers, progress ---------------------------------------------------------------------
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     """A markdown table (tabulate's ``github`` format; empty cells as an en dash, pipes escaped)."""
     from tabulate import tabulate
 
-    def cell(text: str) -> str:
-        return (text or "–").replace("|", "\\|")
-
-    body = [[cell(c) for c in row] for row in rows]
+    body = [[(c or "–").replace("|", "\\|") for c in row] for row in rows]
     return tabulate(body, headers=list(columns), tablefmt="github", disable_numparse=True).splitlines()
 
 
@@ -214,10 +176,8 @@ def fmt_ms(seconds: float) -> str:
 
 def fmt_time(seconds: float) -> str:
     """A duration with three significant digits in milliseconds (``fmt_ms`` from 10 s)."""
-    if seconds >= 10:
-        return fmt_ms(seconds)
     ms = seconds * 1e3
-    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+    return fmt_ms(seconds) if seconds >= 10 else (f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms")
 
 
 def fmt_ratio(ratio: float) -> str:
@@ -225,35 +185,23 @@ def fmt_ratio(ratio: float) -> str:
     return f"{ratio:.2f}x"
 
 
-def fmt_overhead(seconds: float, bare: float) -> str:
-    """Time beyond the bare evaluations, as a percentage of them."""
-    return f"{(seconds - bare) / bare * 100:+.0f}%"
-
-
-def fmt_mib(nbytes: float) -> str:
-    """Bytes in MiB, one decimal."""
-    return f"{nbytes / 2**20:,.1f} MiB"
-
-
 def fmt_mem(nbytes: float) -> str:
-    """Bytes in MiB with three significant digits below 100 MiB (:func:`fmt_mib` above)."""
-    return fmt_mib(nbytes) if nbytes >= 100 * 2**20 else f"{nbytes / 2**20:.3g} MiB"
+    """Bytes in MiB: three significant digits below 100 MiB, one decimal above."""
+    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 100 * 2**20 else f"{nbytes / 2**20:.3g} MiB"
 
 
 def fmt_bytes(nbytes: Optional[float]) -> str:
     """Bytes with a binary unit (MiB, KiB, B); empty for None."""
     if nbytes is None:
         return ""
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:,.1f} {unit}"
-    return f"{nbytes:,.0f} B"
+    unit, size = next(((u, s) for u, s in (("MiB", 2**20), ("KiB", 2**10)) if nbytes >= s), ("B", 0))
+    return f"{nbytes / size:,.1f} {unit}" if size else f"{nbytes:,.0f} B"
 
 
 def verdict(checks: Sequence[Tuple[str, bool]]) -> str:
     """'yes' when every check passes, else the names of the failing ones."""
     failed = [name for name, ok in checks if not ok]
-    return "yes" if not failed else "NO: " + ", ".join(failed)
+    return "NO: " + ", ".join(failed) if failed else "yes"
 
 
 class Progress:
@@ -279,42 +227,24 @@ class Progress:
         self.bar.close()
 
 
-# --------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------
+# --- timing ----------------------------------------------------------------------------------------
 
 
 def cpu_time(fn: Callable[[], object], max_run_time: float, min_run_time: float = 0.01) -> float:
-    """Median seconds per call of ``fn()``: ``torch.utils.benchmark.Timer.adaptive_autorange`` (module docstring)."""
+    """Median seconds per call of ``fn()``: ``Timer.adaptive_autorange`` with the caller's torch threads."""
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return float(timer.adaptive_autorange(threshold=0.1, min_run_time=min_run_time, max_run_time=max_run_time).median)
 
 
-def gpu_time(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Median milliseconds of ``fn()`` on a CUDA device: ``triton.testing.do_bench`` (L2 flushed), else CUDA events."""
-    try:
-        import triton.testing
-    except ImportError:
-        fn()
-        times: List[float] = []
-        deadline = time.perf_counter() + rep_ms * 1e-3
-        while len(times) < 3 or time.perf_counter() < deadline:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
 def time_call(fn: Callable[[], object], device: torch.device, budget_s: float) -> float:
-    """Median seconds per call: :func:`cpu_time` on the CPU (at most ``budget_s``), :func:`gpu_time` on a GPU."""
+    """Median seconds per call: :func:`cpu_time` on the CPU (at most ``budget_s``), on a GPU the median of
+    ``triton.testing.do_bench`` (25 ms of warm-up, 100 ms of calls, L2 flushed between them)."""
     if device.type == "cuda":
-        return gpu_time(fn) * 1e-3
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e-3
     return cpu_time(fn, max_run_time=budget_s)
 
 
@@ -328,65 +258,15 @@ def timing_note(budget_s: float) -> str:
     )
 
 
-class Meter:
-    """Median milliseconds (:func:`gpu_time`) and peak extra bytes of a call on a CUDA device."""
-
-    def __init__(self, device: torch.device, warmup_ms: int, rep_ms: int) -> None:
-        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
-
-    def ms(self, fn: Callable[[], Any]) -> float:
-        """Median milliseconds of ``fn``."""
-        return gpu_time(fn, self.warmup_ms, self.rep_ms)
-
-    def peak(self, fn: Callable[[], Any]) -> int:
-        """Bytes allocated at the peak of one call of ``fn`` above what was allocated before it."""
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        fn()
-        torch.cuda.synchronize(self.device)
-        return torch.cuda.max_memory_allocated(self.device) - base
-
-
-class CpuMeter:
-    """A :class:`Meter` for CPU tensors (dry runs): :func:`cpu_time` within 0.05 s, no memory statistics (0 bytes)."""
-
-    warmup_ms, rep_ms = 0, 0
-
-    def ms(self, fn: Callable[[], Any]) -> float:
-        """Median milliseconds per call."""
-        return cpu_time(fn, max_run_time=0.05) * 1e3
-
-    def peak(self, fn: Callable[[], Any]) -> int:
-        """Runs ``fn``; CPU tensors have no allocator statistics."""
-        fn()
-        return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Problems
-# --------------------------------------------------------------------------------------------------
-
-
-def linear_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """MSE of a linear model ``x @ w.T + b`` (TorchOpt's zero-order tutorial model)."""
-    weight, bias = params
-    return F.mse_loss(F.linear(x, weight, bias), y)
+# --- problems --------------------------------------------------------------------------------------
 
 
 def mlp_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """MSE of a two-layer tanh MLP."""
-    w1, b1, w2, b2 = params
-    return F.mse_loss(F.linear(torch.tanh(F.linear(x, w1, b1)), w2, b2), y)
-
-
-def deep_mlp_loss(params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """MSE of a tanh MLP of any depth (``params`` = weight, bias per layer; no tanh after the last)."""
+    """MSE of a tanh MLP (``params`` = weight, bias per layer; no tanh after the last; one layer: linear)."""
     h = x
     for k in range(0, len(params), 2):
         h = F.linear(h, params[k], params[k + 1])
-        if k + 2 < len(params):
-            h = torch.tanh(h)
+        h = torch.tanh(h) if k + 2 < len(params) else h
     return F.mse_loss(h, y)
 
 
@@ -421,14 +301,14 @@ class Problem:
 
 
 def make_problem(name: str, device: Optional[torch.device] = None) -> Problem:
-    """``linear``: the tutorial-sized linear model (2,049 parameters); ``mlp``: the 1024-256-10 MLP (264,970)."""
+    """``linear``: TorchOpt's tutorial-sized linear model (2,049 parameters); ``mlp``: the 1024-256-10 MLP (264,970)."""
     if name == "linear":
-        x, y = torch.randn(64, 2048), torch.randn(64, 1)
-        problem = Problem("linear 2048→1, batch 64, MSE", linear_loss, leaf_params(torch.nn.Linear(2048, 1)), x, y)
+        problem = Problem("linear 2048→1, batch 64, MSE", mlp_loss, leaf_params(torch.nn.Linear(2048, 1)),
+                          torch.randn(64, 2048), torch.randn(64, 1))  # fmt: skip
     elif name == "mlp":
-        x, y = torch.randn(256, 1024), torch.randn(256, 10)
-        params = leaf_params(torch.nn.Linear(1024, 256), torch.nn.Linear(256, 10))
-        problem = Problem("MLP 1024→256→10 tanh, batch 256, MSE", mlp_loss, params, x, y)
+        problem = Problem("MLP 1024→256→10 tanh, batch 256, MSE", mlp_loss,
+                          leaf_params(torch.nn.Linear(1024, 256), torch.nn.Linear(256, 10)),
+                          torch.randn(256, 1024), torch.randn(256, 10))  # fmt: skip
     else:
         raise ValueError(f"unknown model {name!r}")
     return problem if device is None else problem.to(device)
@@ -436,11 +316,11 @@ def make_problem(name: str, device: Optional[torch.device] = None) -> Problem:
 
 def wide_mlp(width: int, device: torch.device, batch: int = 64, outputs: int = 10) -> Problem:
     """The tanh MLP ``width -> width -> outputs`` and a batch, the same on every run and device (seeded by width)."""
-    gen_state = torch.random.get_rng_state()
+    state = torch.random.get_rng_state()
     torch.manual_seed(width)
     params = leaf_params(torch.nn.Linear(width, width), torch.nn.Linear(width, outputs))
     x, y = torch.randn(batch, width), torch.randn(batch, outputs)
-    torch.random.set_rng_state(gen_state)
+    torch.random.set_rng_state(state)
     return Problem(f"MLP {width}→{width}→{outputs}", mlp_loss, params, x, y).to(device)
 
 
@@ -449,55 +329,34 @@ def wide_mlp_numel(width: int, outputs: int = 10) -> int:
     return width * width + width + width * outputs + outputs
 
 
-def mlp(sizes: Sequence[int], device: torch.device) -> Tuple[Params, LossFn]:
-    """Leaf parameters of a tanh MLP with the given layer sizes, and its MSE loss (:func:`deep_mlp_loss`)."""
-    params: List[torch.Tensor] = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layer = torch.nn.Linear(fan_in, fan_out, device=device)
-        params += [layer.weight.detach().requires_grad_(), layer.bias.detach().requires_grad_()]
-    return tuple(params), deep_mlp_loss
-
-
-def _mezo_finetune() -> ModuleType:
-    """``python/mezo_finetune.py`` (the example that defines ``TinyGPT``), imported by path."""
-    name = "mezo_finetune"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "python" / "mezo_finetune.py")
+def tiny_gpt(gpt: Dict[str, int], device: torch.device) -> Tuple[torch.nn.Module, List[torch.Tensor], torch.Tensor,
+                                                                  LossFn]:  # fmt: skip
+    """``TinyGPT`` of ``python/mezo_finetune.py``, its parameters, a batch of tokens and the next-token loss."""
+    if "mezo_finetune" not in sys.modules:  # the example, imported by path
+        spec = importlib.util.spec_from_file_location("mezo_finetune", ROOT / "python" / "mezo_finetune.py")
         assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules["mezo_finetune"] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def tiny_gpt(
-    gpt: Dict[str, int], device: torch.device
-) -> Tuple[torch.nn.Module, List[torch.Tensor], torch.Tensor, LossFn]:
-    """``TinyGPT`` of ``gpt``'s sizes on ``device``, its parameters, a batch of tokens and the next-token loss."""
-    model = _mezo_finetune().TinyGPT(
-        gpt["vocab"], gpt["seq_len"], gpt["d_model"], gpt["heads"], gpt["layers"], gpt["ff"]
-    )
-    model = model.to(device)
-    names = [n for n, _ in model.named_parameters()]
-    params = [p for _, p in model.named_parameters()]
+    sizes = [gpt[k] for k in ("vocab", "seq_len", "d_model", "heads", "layers", "ff")]
+    model = sys.modules["mezo_finetune"].TinyGPT(*sizes).to(device)
+    names, params = zip(*model.named_parameters())
     tokens = torch.randint(gpt["vocab"], (gpt["batch"], gpt["seq_len"] + 1), device=device)
 
     def loss_fn(ps: Sequence[torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
         logits = torch.func.functional_call(model, dict(zip(names, ps)), (batch[:, :-1],))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
-    return model, params, tokens, loss_fn
+    return model, list(params), tokens, loss_fn
 
 
 def grad_step(problem: Problem, decorated: LossFn) -> Callable[[], None]:
     """One step: the decorated loss and ``.backward()`` until every ``.grad`` is written (device synchronized)."""
-    device = problem.x.device
 
     def run() -> None:
         for p in problem.params:
             p.grad = None
         decorated(problem.params, problem.x, problem.y).backward()
-        sync(device)
+        sync(problem.x.device)
 
     return run
 
@@ -527,46 +386,169 @@ def bare_evals(problem: Problem, evals: int) -> Callable[[], None]:
     return run
 
 
-# --------------------------------------------------------------------------------------------------
-# Workers: fresh processes through torch.multiprocessing.spawn
-# --------------------------------------------------------------------------------------------------
+# --- baselines (bench/README.md says what each computes) -------------------------------------------
 
 
-def worker_env(threads: int) -> Dict[str, str]:
-    """Environment of a worker: the package importable, glibc returning large blocks to the OS at once."""
-    env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": str(threads)}
-    # A fixed mmap threshold: every block above 64 KiB is its own mapping, unmapped when freed, so the
-    # resident set follows the live tensors instead of glibc's heap (the CPU memory numbers).
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env["MALLOC_TRIM_THRESHOLD_"] = "65536"
-    return env
-
-
-@contextlib.contextmanager
-def _environment(env: Dict[str, str]) -> Iterator[None]:
-    """``os.environ`` updated with ``env`` (what a spawned process inherits), restored afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def import_optional(name: str) -> Optional[ModuleType]:
+    """The module ``name``, or None where it cannot be imported (an optional baseline or model library)."""
     try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def import_torchopt() -> Optional[ModuleType]:
+    """The ``torchopt`` module, or None where it cannot be imported."""
+    return import_optional("torchopt")
+
+
+def import_evotorch() -> Optional[ModuleType]:
+    """``evotorch`` with ``evotorch.algorithms`` loaded and its INFO logging (a line per setting) off, or None."""
+    evotorch = import_optional("evotorch")
+    if evotorch is None or import_optional("evotorch.algorithms") is None:
+        return None
+    logging.getLogger("evotorch").setLevel(logging.WARNING)
+    return evotorch
+
+
+def version_of(module: Optional[ModuleType], name: str, missing: str) -> str:
+    """``'name X.Y'`` (the installed distribution's version) or ``missing``."""
+    if module is None:
+        return missing
+    try:
+        return f"{name} {metadata.version(name)}"
+    except metadata.PackageNotFoundError:
+        return f"{name} {getattr(module, '__version__', '?')}"
+
+
+def torchopt_zero_order(torchopt: ModuleType, method: str, num_samples: int, sigma: float,
+                        device: torch.device) -> Callable[[LossFn], LossFn]:  # fmt: skip
+    """TorchOpt's ``zero_order`` decorator (``argnums=0``) with a standard Normal whose samples land on ``device``."""
+    normal = torch.distributions.Normal(torch.tensor(0.0, device=device), torch.tensor(1.0, device=device))
+    return torchopt.diff.zero_order(normal, method=method, argnums=0, num_samples=num_samples, sigma=sigma)
+
+
+def _views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+    """``flat`` split into tensors shaped like ``like`` (views, no copy)."""
+    return tuple(part.view(p.shape) for part, p in zip(flat.split([p.numel() for p in like]), like))
+
+
+def torch_matmul_step(loss: LossFn, params: Sequence[torch.Tensor], *args: Any, num_samples: int,
+                      sigma: float) -> torch.Tensor:  # fmt: skip
+    """Plain PyTorch, noise materialized: ``Z = randn(N, n)``, ``g = w @ Z``; writes every ``p.grad``, returns f(θ)."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        noise = torch.randn(num_samples, flat.numel(), device=flat.device, dtype=flat.dtype)
+        theta = torch.empty_like(flat)
+        f0 = loss(tuple(p.detach() for p in params), *args)
+        diffs = torch.empty(num_samples, device=flat.device, dtype=noise.dtype)
+        for i in range(num_samples):
+            torch.add(flat, noise[i], alpha=sigma, out=theta)
+            plus = loss(_views(theta, params), *args)
+            torch.add(flat, noise[i], alpha=-sigma, out=theta)
+            diffs[i] = plus - loss(_views(theta, params), *args)  # stays on the device: no sync per sample
+        for p, g in zip(params, _views((diffs / (2.0 * sigma * num_samples)) @ noise, params)):
+            p.grad = g
+    return f0
+
+
+class MeZO:
+    """MeZO-SGD from Malladi et al. 2023 (arXiv:2305.17333), Algorithm 1, with N seeds per step averaged.
+
+    Per seed: reseed, ``p += eps z`` per parameter (``torch.normal``), ``l+``; ``p -= 2 eps z``, ``l-``;
+    ``p += eps z``; ``projected_grad = (l+ - l-) / 2 eps`` (``.item()``); then ``p -= lr g z / N``.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, eps: float, num_samples: int = 1, seed: int = 0):
+        self.params: List[torch.Tensor] = list(params)
+        self.lr, self.eps, self.num_samples = float(lr), float(eps), int(num_samples)
+        self.generator = torch.Generator(device=self.params[0].device)
+        self.seeds = random.Random(seed)  # one fresh seed per sample and step, as MeZO draws them
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        self.generator.manual_seed(seed)
+        for p in self.params:
+            p.add_(torch.normal(0.0, 1.0, size=p.shape, generator=self.generator, device=p.device, dtype=p.dtype),
+                   alpha=scale)  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, loss: LossFn, *args: Any) -> float:
+        """One MeZO-SGD step on ``loss(params, *args)``; returns the last ``l+``."""
+        seeds = [self.seeds.randrange(2**31) for _ in range(self.num_samples)]
+        projected, plus = [], 0.0
+        for seed in seeds:
+            self._perturb(seed, self.eps)
+            plus_t = loss(self.params, *args)
+            self._perturb(seed, -2.0 * self.eps)
+            minus_t = loss(self.params, *args)
+            self._perturb(seed, self.eps)
+            projected.append(((plus_t - minus_t) / (2.0 * self.eps)).item())
+            plus = float(plus_t)
+        for seed, g in zip(seeds, projected):
+            self._perturb(seed, -self.lr * g / self.num_samples)
+        return plus
+
+
+class EvoTorchPGPE:
+    """EvoTorch's PGPE set to the raw antithetic ES step: ``symmetric=True``, ``ranking_method="raw"``,
+    ``optimizer=None``, ``center_learning_rate=lr/sigma**2``, ``stdev_learning_rate=0``, on a vectorized
+    ``Problem`` whose objective is the loss vmapped over a (2N, n) population. The first ``step()`` (sampling
+    and evaluation only) runs here; every :meth:`step` after it is a full one."""
+
+    def __init__(self, evotorch: ModuleType, loss: LossFn, params: Sequence[torch.Tensor], *args: Any,
+                 num_samples: int, sigma: float, lr: float) -> None:  # fmt: skip
+        like = [p.detach() for p in params]
+        center = torch.cat([p.reshape(-1) for p in like])
+        population_loss = torch.func.vmap(lambda flat: loss(_views(flat, like), *args))  # (2N, n) -> (2N,)
+        self.problem = evotorch.Problem("min", population_loss, solution_length=center.numel(), vectorized=True,
+                                        device=center.device, dtype=center.dtype)  # fmt: skip
+        self.searcher = evotorch.algorithms.PGPE(
+            self.problem, popsize=2 * num_samples, center_learning_rate=lr / sigma**2, stdev_learning_rate=0.0,
+            stdev_init=sigma, symmetric=True, optimizer=None, ranking_method="raw", center_init=center,
+        )  # fmt: skip
+        self.searcher.step()
+
+    def step(self) -> None:
+        """Follow the last population's gradient, then sample and evaluate the next population."""
+        self.searcher.step()
+
+    @property
+    def center(self) -> torch.Tensor:
+        """The center of the search distribution (the flat parameters)."""
+        return self.searcher.status["center"]
+
+
+def torcheggroll_step(torcheggroll: ModuleType, module: torch.nn.Module, x: torch.Tensor,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], y: torch.Tensor, *,
+                      num_samples: int, sigma: float, lr: float, rank: int = 1) -> Callable[[], float]:  # fmt: skip
+    """One ``TorchEggrollES(rank, pop_size=2N, antithetic=True).step(x, loss_fn, y)`` per call on a copy of ``module``;
+    returns the population's mean fitness (``loss_fn``: one member's outputs and ``y`` to a scalar, vmapped)."""
+    es = torcheggroll.TorchEggrollES(copy.deepcopy(module), pop_size=2 * num_samples, sigma=sigma, lr=lr, rank=rank,
+                                     antithetic=True)  # fmt: skip
+    return lambda: float(es.step(x, loss_fn, y))
+
+
+# --- workers: fresh processes through torch.multiprocessing.spawn ----------------------------------
 
 
 def spawn(fn: Callable[..., None], args: Tuple[Any, ...], nprocs: int, threads: int, timeout_s: float) -> None:
-    """``fn(index, *args)`` in ``nprocs`` fresh processes (``torch.multiprocessing.spawn``) with :func:`worker_env`.
-
-    Raises RuntimeError with the last line of the failing worker's error, or on timeout (the workers,
-    our own children, are then killed).
-    """
+    """``fn(index, *args)`` in ``nprocs`` fresh processes (``torch.multiprocessing.spawn``), the package importable,
+    ``OMP_NUM_THREADS=threads`` and glibc returning blocks above 64 KiB to the system when freed (so the resident set
+    follows the live tensors). RuntimeError with the failing worker's last line, or on timeout (workers killed)."""
     import torch.multiprocessing as mp
 
-    with _environment(worker_env(threads)):
+    env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": str(threads),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # what the spawned processes inherit
+    try:
         ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=max(min(deadline - time.monotonic(), 1.0), 0.05)):
@@ -607,30 +589,13 @@ class MemoryJob:
 
 def _rss_kib(field: str) -> int:
     """``VmRSS`` or ``VmHWM`` of this process, in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux >= 4.0); False if refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    line = next(v for v in Path("/proc/self/status").read_text().splitlines() if v.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def memory_worker(index: int, jobs: Sequence[MemoryJob]) -> None:
-    """``jobs[index]`` in this fresh process: a warm-up step, then the peak memory of one measured step.
-
-    On a GPU ``torch.cuda.max_memory_allocated`` (parameters and data included); on the CPU the
-    parameters' bytes plus the growth of the resident set during the step (peak RSS reset through
-    ``/proc/self/clear_refs`` just before it; the peak since the start where that is refused).
-    Writes ``peak, delta, base, params, numel, seconds, method`` as JSON to ``job.out``.
-    """
+    """``jobs[index]`` in this fresh process: a warm-up step, then the peak memory of one step (GPU: the allocator's;
+    CPU: parameter bytes + resident-set growth, the peak reset by /proc/self/clear_refs), as JSON to ``job.out``."""
     job = jobs[index]
     torch.set_num_threads(job.threads)
     if job.seed is not None:
@@ -642,43 +607,32 @@ def memory_worker(index: int, jobs: Sequence[MemoryJob]) -> None:
     for p in params:
         p.grad = None
     sync(device)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device)
-        delta, method = peak - base, "cuda max_memory_allocated"
+        base, method = torch.cuda.memory_allocated(device), "cuda max_memory_allocated"
     else:
-        exact = _reset_peak_rss()
-        base = _rss_kib("VmRSS" if exact else "VmHWM") * 1024  # cannot reset: the peak since the start
-        start = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - start
-        delta = _rss_kib("VmHWM") * 1024 - base
-        peak = param_bytes + delta
-        method = "VmHWM reset" if exact else "VmHWM since start (could not reset)"
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS (Linux >= 4.0)
+            base, method = _rss_kib("VmRSS") * 1024, "VmHWM reset"
+        except OSError:
+            base, method = _rss_kib("VmHWM") * 1024, "VmHWM since start (could not reset)"
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    delta = (torch.cuda.max_memory_allocated(device) if cuda else _rss_kib("VmHWM") * 1024) - base
+    delta = max(delta, 0)  # the kernel's RSS counters lag by a few pages: a "negative growth" is that noise
+    peak = base + delta if cuda else param_bytes + delta
     numel = sum(p.numel() for p in params)
     result = dict(peak=peak, delta=delta, base=base, params=param_bytes, numel=numel, seconds=seconds, method=method)
     Path(job.out).write_text(json.dumps(result))
 
 
-def run_memory_jobs(
-    jobs: Sequence[MemoryJob],
-    at_once: int,
-    timeout_s: float,
-    progress: Optional[Progress] = None,
-    label: Callable[[Sequence[int]], str] = lambda _: "",
-) -> List[Dict[str, Any]]:
-    """Every job's result (``{"error": ...}`` where it failed), ``at_once`` fresh processes side by side.
-
-    Each worker measures its own process, so running side by side changes the wall time, not the
-    peaks. A failed group is rerun job by job to find out which one failed, and why. ``progress``
-    shows ``label(indices)`` while a group runs and advances once per job.
-    """
+def run_memory_jobs(jobs: Sequence[MemoryJob], at_once: int, timeout_s: float, progress: Optional[Progress] = None,
+                    label: Callable[[Sequence[int]], str] = lambda _: "") -> List[Dict[str, Any]]:  # fmt: skip
+    """Every job's result (``{"error": ...}`` where it failed), ``at_once`` fresh processes side by side (each measures
+    only itself); a failed group is rerun job by job to find which failed. ``progress`` shows ``label(indices)``."""
     results: List[Dict[str, Any]] = [{} for _ in jobs]
-    at_once = max(at_once, 1)
     with tempfile.TemporaryDirectory() as tmp:
         placed = [dataclasses.replace(job, out=str(Path(tmp) / f"job{k}.json")) for k, job in enumerate(jobs)]
 
@@ -688,8 +642,8 @@ def run_memory_jobs(
             for k in indices:
                 results[k] = json.loads(Path(placed[k].out).read_text())
 
-        for lo in range(0, len(jobs), at_once):
-            indices = list(range(lo, min(lo + at_once, len(jobs))))
+        for lo in range(0, len(jobs), max(at_once, 1)):
+            indices = list(range(lo, min(lo + max(at_once, 1), len(jobs))))
             if progress is not None:
                 progress.show(label(indices))
             try:

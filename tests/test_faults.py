@@ -122,8 +122,10 @@ WORKER = textwrap.dedent(
     from zo_kernels import distributions
 
     rank, port, out, mode, k = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    # "forward": rank 0 learns of rank 1's failure only from this timeout (the mechanism under test); otherwise
+    # it is a hang guard, long enough that raising "at once" is never confused with waiting for it.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=10))
+                            timeout=datetime.timedelta(seconds=10 if mode == "forward" else 600))
     g = torch.Generator().manual_seed(0)
     params = {{"w": torch.randn(12, 5, generator=g), "b": torch.randn(5, generator=g)}}
     x = torch.randn(9, 12, generator=g)
@@ -175,7 +177,7 @@ def run_two_ranks(tmp_path, mode, k=0):
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=120)[0])
+            logs.append(p.communicate(timeout=900)[0])
     finally:
         for p in procs:
             p.kill()
@@ -198,7 +200,7 @@ def test_a_rank_raising_at_sample_k_makes_both_ranks_raise_at_once(tmp_path, k):
     assert r0["error"].startswith("RuntimeError") and "rank(s) [1]" in r0["error"]
     for r in (r0, r1):
         assert r["unchanged"] and not r["grad_written"]
-        assert r["seconds"] < 5.0  # the same collective tells rank 0: no wait for the 10 s timeout
+        assert r["seconds"] < 300.0  # the same collective tells rank 0: no wait for the 600 s timeout
 
 
 @pytest.mark.slow
@@ -207,6 +209,6 @@ def test_a_rank_failing_before_the_estimate_leaves_the_other_waiting_only_until_
     # only learn of it from the process group's timeout (10 s here), and then raises.
     (r0, r1), _ = run_two_ranks(tmp_path, "forward")
     assert r1["error"].startswith("ValueError: injected failure in the forward pass")
-    assert r0["error"] is not None and r0["seconds"] < 60.0
+    assert r0["error"] is not None and r0["seconds"] < 300.0
     for r in (r0, r1):
         assert r["unchanged"] and not r["grad_written"]

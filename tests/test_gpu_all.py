@@ -33,7 +33,7 @@ case "$*" in
   *"-m gpu"*) echo "1 failed, 2 passed"; exit 1 ;;
   *"-m pytest"*) echo "3 passed"; exit 0 ;;
   *sass_report.py*) echo '{"kernels": []}' >"$OUT/sass.json"; exit 0 ;;
-  *gpu_kernels.py*) echo "# fake report, $*" >"$OUT/gpu.md"; exit 0 ;;
+  *bench/reduce_kernels.py*) echo "# fake report, $*" >"$OUT/gpu.md"; exit 0 ;;
   *find_spec*) exit 0 ;;
   *"-c "*is_available*) echo "torch.cuda.is_available(): $FAKE_CUDA"; [[ $FAKE_CUDA == True ]]; exit ;;
 esac
@@ -61,7 +61,7 @@ def _run(tmp_path, *stages, cuda="True"):
         GPU_ALL_SHARDS="2",
         FAKE_CUDA=cuda,
     )
-    result = subprocess.run(["bash", SCRIPT, *stages], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", SCRIPT, *stages], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = (out / "summary.txt").read_text().splitlines() if (out / "summary.txt").exists() else []
     return result, out, lines
 
@@ -123,7 +123,7 @@ def test_named_stages_only_and_unknown_stage_refused(tmp_path):
 
 
 def test_shard_bounds_cover_every_item_once():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
         import pytest_shard
     finally:

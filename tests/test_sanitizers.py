@@ -4,7 +4,7 @@ tools/sanitize_cpu.sh builds zo_kernels._C with -fsanitize=address,undefined int
 of its own (never the dev install's in-place .so) and runs the CPU kernel tests against it with
 libasan preloaded. Its self-checks must trip (an out-of-bounds write through the sanitized _C is
 caught, a signed overflow aborts), so an uninstrumented build cannot pass. About two minutes on
-two cores. bench/compute_sanitizer.sh runs compute-sanitizer on a GPU machine; here only its shell
+two cores. tools/compute_sanitizer.sh runs compute-sanitizer on a GPU machine; here only its shell
 is checked, and that it refuses cleanly where it cannot run.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU_SCRIPT = os.path.join(ROOT, "tools", "sanitize_cpu.sh")
-GPU_SCRIPT = os.path.join(ROOT, "bench", "compute_sanitizer.sh")
+GPU_SCRIPT = os.path.join(ROOT, "tools", "compute_sanitizer.sh")
 
 
 def _clean_env(**extra):
@@ -83,7 +83,7 @@ def test_scripts_are_shellcheck_clean(script):
 def test_gpu_script_refuses_clearly_without_compute_sanitizer(tmp_path):
     # COMPUTE_SANITIZER names a missing file, so this never starts a run, even on a GPU machine.
     env = _clean_env(PYTHON=sys.executable, COMPUTE_SANITIZER=str(tmp_path / "none"), OUT=str(tmp_path))
-    result = subprocess.run(["bash", GPU_SCRIPT], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    result = subprocess.run(["bash", GPU_SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "cannot run here: compute-sanitizer not found" in result.stderr
     assert not (tmp_path / "gpu-sanitizer.md").exists()

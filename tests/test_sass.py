@@ -1,4 +1,4 @@
-"""zo_kernels.kernels.sass (the hot-loop count) on hand-written SASS; bench/sass_report.py on the real CUDA kernels."""
+"""tools/sass.py (the hot-loop count) on hand-written SASS; tools/sass_report.py on the real CUDA kernels."""
 
 import os
 import shutil
@@ -7,11 +7,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the development tools are not part of the package
 
+import sass  # noqa: E402
 import sass_report  # noqa: E402
-
-from zo_kernels.kernels import sass  # noqa: E402
 
 
 def _listing(lines):

@@ -1,6 +1,6 @@
 """Every Triton kernel variant the launchers can produce compiles for sm_90 with Triton's own compiler.
 
-No GPU needed: ``zo_kernels.kernels.triton.variants`` compiles each variant for an explicit target
+No GPU needed: ``tools/triton_variants.py`` compiles each variant for an explicit target
 and reads ``ptxas -v``. The interpreter accepts code the compiler rejects, so this is where a kernel
 that only runs in CI's interpreter would first fail. The compilation runs in a subprocess without
 ``TRITON_INTERPRET`` (this session set it before zo_kernels was imported), its processes in
@@ -17,12 +17,13 @@ import sys
 import pytest
 import torch
 
-from zo_kernels.kernels.triton.backend import load_backend
+from zo_kernels.ops.triton.backend import load_backend
 
 TRITON, WHY = load_backend()
 pytestmark = pytest.mark.skipif(TRITON is None, reason=f"triton backend: {WHY}")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))  # the development tools are not part of the package
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # Registers per thread, by op and stream, with headroom over what sm_90 needs today (normal
@@ -46,15 +47,15 @@ GEMM_OPS = ("lowrank_perturb", "lowrank_accumulate")
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """The rows of ``variants.report()``, compiled in a fresh interpreter without TRITON_INTERPRET."""
+    """The rows of ``triton_variants.report()``, compiled in a fresh interpreter without TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
     out = tmp_path_factory.mktemp("triton-compile") / "variants.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "zo_kernels.kernels.triton.variants", "--json", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "triton_variants.py"), "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     if not out.exists():
-        pytest.fail(f"variants.py failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(f"triton_variants failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     print("\n" + proc.stdout)  # the table (pytest -s)
     return json.loads(out.read_text())
 
@@ -114,9 +115,9 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            from zo_kernels.kernels.triton import variants
+            import triton_variants
 
-            types = {**variants.POINTER_TYPES, torch.int64: "*i64"}
+            types = {**triton_variants.POINTER_TYPES, torch.int64: "*i64"}
             pointers = {p: types[a.dtype] for p, a in zip(self.params, args) if isinstance(a, torch.Tensor)}
             consts = {k: str(v) for k, v in kwargs.items() if k not in ("num_warps", "enable_fp_fusion")}
             self.seen.add(_key(self.kernel.fn.__name__, pointers, consts, kwargs["num_warps"]))
@@ -161,9 +162,12 @@ def _launch_lowrank(lowrank):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="records the launches in the interpreter (CPU tensors)")
 def test_variants_are_exactly_what_the_launchers_launch(monkeypatch):
-    from zo_kernels.kernels.triton import lowrank, ops, variants
+    import triton_variants
 
-    expected = {_key(v.fn.__name__, dict(v.pointers), dict(v.constexprs), v.num_warps) for v in variants.variants()}
+    from zo_kernels.ops.triton import lowrank, ops
+
+    expected = {_key(v.fn.__name__, dict(v.pointers), dict(v.constexprs), v.num_warps)
+                for v in triton_variants.variants()}  # fmt: skip
     seen = set()
     for name in ("_perturb_kernel", "_accumulate_kernel", "_finish_kernel", "_squared_norms_kernel", "_words_kernel"):
         monkeypatch.setattr(ops, name, _Recorder(getattr(ops, name), seen))

@@ -88,7 +88,7 @@ def _openmp() -> int:
     import torch
 
     from zo_kernels import backends
-    from zo_kernels.reference import noise
+    from zo_kernels.ops import reference
 
     torch.set_num_threads(2)
     cpu = backends.get("cpu")
@@ -98,24 +98,24 @@ def _openmp() -> int:
     scales = torch.tensor([[0.5, -0.5], [1.0, -1.0], [2.0, -2.0]], dtype=torch.float64)
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         tol = {"rtol": 2e-2, "atol": 2e-2} if dtype in (torch.float16, torch.bfloat16) else {"rtol": 1e-5, "atol": 1e-5}
-        for stream in noise.STREAMS:
+        for stream in reference.STREAMS:
             theta = torch.randn(n, dtype=torch.float64).to(dtype)
             out, ref = torch.empty_like(theta), torch.empty_like(theta)
             cpu.perturb(out, theta, stream, seed, 7, -0.5, offset)
-            noise.perturb(ref, theta, stream, seed, 7, -0.5, offset)
+            reference.perturb(ref, theta, stream, seed, 7, -0.5, offset)
             torch.testing.assert_close(out.double(), ref.double(), **tol)
             rows, keep = torch.empty(6, n, dtype=dtype), torch.empty(3, n)
             cpu.perturb_rows(rows, theta, stream, seed, ids, scales, offset, keep=keep)
             torch.testing.assert_close(keep[1], cpu.sample(stream, seed, 7, offset, n), rtol=0, atol=0)
-            noise.perturb(ref, theta, stream, seed, 7, -1.0, offset)
+            reference.perturb(ref, theta, stream, seed, 7, -1.0, offset)
             torch.testing.assert_close(rows[3].double(), ref.double(), **tol)
-            expected = noise.combine(weights, ids, stream, seed, offset, n, dtype)
+            expected = reference.combine(weights, ids, stream, seed, offset, n, dtype)
             grad = torch.zeros(n, dtype=dtype)
             cpu.reduce(grad, weights, ids, stream, seed, offset)
             torch.testing.assert_close(grad.double(), expected.double(), **tol)
             cpu.step(theta, weights, ids, stream, seed, 0.5, offset)
             norms = cpu.squared_norms(stream, seed, ids, n)
-            torch.testing.assert_close(norms, noise.squared_norms(stream, seed, ids, n), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(norms, reference.squared_norms(stream, seed, ids, n), rtol=1e-6, atol=1e-6)
     print(
         f"sanitize_check openmp: perturb, perturb_rows, reduce, step, squared_norms on n={n}, "
         f"{torch.get_num_threads()} threads, _C.OPENMP={ext.OPENMP}"

@@ -3,7 +3,7 @@
 # (e.g. through the device tool). Writes $OUT/gpu-sanitizer.md (default OUT=bench/results) and one
 # log per step beside it.
 #
-#   bash bench/compute_sanitizer.sh [--quick] [--no-build]
+#   bash tools/compute_sanitizer.sh [--quick] [--no-build]
 #
 #   --quick     memcheck over the float32 cases of tests/test_cuda_kernels.py (and the dtype-free tests)
 #   --no-build  use the extensions already built in place
@@ -99,7 +99,7 @@ write_report() {
   {
     echo "# compute-sanitizer over the CUDA kernels"
     echo
-    echo "Written by \`bench/compute_sanitizer.sh$([[ $QUICK -eq 1 ]] && echo ' --quick')\`; every line below is the script's output, none typed by hand."
+    echo "Written by \`tools/compute_sanitizer.sh$([[ $QUICK -eq 1 ]] && echo ' --quick')\`; every line below is the script's output, none typed by hand."
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- csrc 2>/dev/null || echo ' (csrc/ modified)')"

@@ -1,6 +1,6 @@
 """pytest plugin: keep one contiguous share of the collected tests (``bench/gpu_all.sh`` runs shards at once).
 
-    PYTEST_SHARD=K/COUNT python -m pytest -p pytest_shard ...   # with bench/ on PYTHONPATH
+    PYTEST_SHARD=K/COUNT python -m pytest -p pytest_shard ...   # with tools/ on PYTHONPATH
 
 Shard ``K`` (0-based) of ``COUNT`` keeps the items ``[len*K//COUNT, len*(K+1)//COUNT)`` of the
 collection order, so tests that compile the same kernel variants mostly land in the same process;
@@ -31,6 +31,7 @@ def shard_bounds(total: int, index: int, count: int) -> Tuple[int, int]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    """Keep this shard's share of ``items``; report the rest as deselected."""
     value = os.environ.get("PYTEST_SHARD")
     if not value:
         return

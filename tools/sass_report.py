@@ -2,9 +2,9 @@
 
 Until a GPU runs the kernels, this is how their speed is judged. For each CUDA kernel (a cubin that
 nvcc builds from ``csrc/cuda/kernels.cu``) and each Triton kernel variant (compiled by
-``zo_kernels.kernels.triton.variants`` for sm_90), it disassembles the SASS with ``cuobjdump``, finds
+``tools/triton_variants.py`` for sm_90), it disassembles the SASS with ``cuobjdump``, finds
 the hot loop and counts the instructions one thread issues per iteration of it, as
-``zo_kernels/kernels/sass.py`` defines them (the shortest path through the innermost loop holding
+``tools/sass.py`` defines them (the shortest path through the innermost loop holding
 the Philox multiplies; rare slow paths off it, stores on it):
 
 - per element = per iteration / elements one thread handles per iteration (CUDA: its group size;
@@ -17,7 +17,7 @@ Registers, spills and stack come from ``ptxas -v``. ``--before REV ...`` also me
 (each in a temporary worktree, oldest first): the first is the "before" column, and the reduce
 kernels get one line per revision, so each fix's commit shows what it changed.
 
-    python bench/sass_report.py [--before REV ...] [--out bench/results/sass.md] [--json bench/results/sass.json]
+    python tools/sass_report.py [--before REV ...] [--out bench/results/sass.md] [--json bench/results/sass.json]
 
 Needs nvcc (CUDA >= 12) and Triton with its bundled cuobjdump; no GPU.
 """
@@ -118,7 +118,7 @@ _CUDA_OPS = {"accumulate_kernel": "reduce/step", "perturb_kernel": "perturb", "p
 
 def cuda_rows(root: str) -> List[Row]:
     """Rows for the templated CUDA kernels of ``root``'s csrc/cuda/kernels.cu."""
-    from zo_kernels.kernels.sass import count, demangle, disassemble, tool
+    from sass import count, demangle, disassemble, tool
 
     source = os.path.join(root, "csrc", "cuda", "kernels.cu")
     with open(source, encoding="utf-8") as fh:
@@ -148,10 +148,17 @@ def cuda_rows(root: str) -> List[Row]:
 def triton_compiled_here() -> List[dict]:
     """The report's Triton variants of the importable zo_kernels, compiled: row fields plus the cubin (hex).
 
-    Runs in a worker whose ``zo_kernels`` may be another tree's, so it only compiles; the SASS is
-    read by the caller, with this tree's counting.
+    Runs in a worker (its working directory: the tree measured) whose ``zo_kernels`` may be another
+    tree's, so it only compiles; the SASS is read by the caller, with this tree's counting. The variants
+    are that tree's ``tools/triton_variants.py``, or ``zo_kernels.kernels.triton.variants`` in trees
+    from before it moved out of the package.
     """
-    from zo_kernels.kernels.triton import variants as tv
+    tools = os.path.join(os.getcwd(), "tools")
+    if os.path.exists(os.path.join(tools, "triton_variants.py")):
+        sys.path.insert(0, tools)
+        import triton_variants as tv
+    else:
+        from zo_kernels.kernels.triton import variants as tv  # trees from before the move
 
     out, seen = [], set()
     for v in tv.variants():
@@ -177,7 +184,7 @@ def triton_compiled_here() -> List[dict]:
 
 def triton_rows(root: str) -> List[Row]:
     """Rows for ``root``'s Triton kernels, compiled in a fresh interpreter (the kernels are read at import)."""
-    from zo_kernels.kernels.sass import count, disassemble
+    from sass import count, disassemble
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -289,7 +296,7 @@ def render(rows: List[Row], before: Optional[List[Row]], meta: Dict[str, str],
         *(f"- {k}: {v}" for k, v in meta.items()),
         f"- bound: {ISSUE_RATE:.3e} lane-instructions/s ({SMS} SMs x {SCHEDULERS} schedulers x {LANES} lanes x "
         f"{CLOCK_HZ / 1e9:.2f} GHz) / instructions per element",
-        "- method: bench/sass_report.py's docstring (shortest path through the hot loop, inner back edges not "
+        "- method: tools/sass_report.py's docstring (shortest path through the hot loop, inner back edges not "
         "taken); per element = per iteration / elements a thread handles per iteration",
         "",
         "## Summary: instructions per element, best config of each kernel",
@@ -311,7 +318,7 @@ def render(rows: List[Row], before: Optional[List[Row]], meta: Dict[str, str],
 
 
 def to_json(rows: List[Row]) -> dict:
-    """What bench/gpu_kernels.py reads: the best config per (backend, op, stream, dtype)."""
+    """What bench/reduce_kernels.py reads: the best config per (backend, op, stream, dtype)."""
     kernels = []
     for r in best(rows).values():
         for op in r.op.split("/"):  # the CUDA reduce and step share one kernel
@@ -331,8 +338,7 @@ def _worktree(rev: str) -> str:
 
 def _versions() -> Dict[str, str]:
     import triton
-
-    from zo_kernels.kernels.sass import tool
+    from sass import tool
 
     nvcc = subprocess.run([tool("nvcc"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     return {"triton": triton.__version__, "nvcc": nvcc[-1] if nvcc else "?"}
@@ -374,7 +380,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         with open(args.compile_triton, "w", encoding="utf-8") as fh:
             json.dump(triton_compiled_here(), fh)
         return
-    sys.path.insert(0, ROOT)  # this tree's zo_kernels counts the SASS of every tree
     rows = measure(ROOT)
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     meta = {
