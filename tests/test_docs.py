@@ -18,7 +18,7 @@ NOT_RUN = re.compile(r"^\s*#\s*not run\b", re.MULTILINE)
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 #: The modules of the API reference: (module, kinds of names documented when it has no ``__all__``). The backend
-#: objects are an internal interface (zo_kernels/kernels/base.py): of zo_kernels.backends only the functions that
+#: objects are an internal interface (zo_kernels/ops/base.py): of zo_kernels.backends only the functions that
 #: choose and report backends, and the constants they read, are public.
 MODULES = (
     ("zo_kernels", ("class", "function", "constant")),
@@ -45,7 +45,7 @@ def test_site_builds_strictly(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
         env=env,
     )
     output = done.stdout + done.stderr
@@ -199,6 +199,60 @@ def test_relative_links_resolve(page):
 def test_readme_results_block_is_current():
     """README.md's results table is generated from bench/results/summary-*.md, never typed by hand."""
     done = subprocess.run(
-        [sys.executable, "tools/readme_results.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "tools/readme_results.py", "--check"], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# The project README (the repository root's README.md): its examples run, its links resolve.
+
+README = os.path.join(ROOT, "README.md")
+FENCE_ANY = re.compile(r"^```.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def read_readme():
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_python_examples_run(monkeypatch, capsys):
+    """Every ```python block of README.md runs, in order, in one namespace, as a reader would copy them (~2 s on a
+    CPU: the examples cap their sizes). No block may be skipped: a block that needs torchrun or a GPU must guard
+    itself, as the README's process_group line does."""
+    blocks = FENCE.findall(read_readme())
+    assert blocks, "README.md has no ```python block"
+    monkeypatch.delenv("ZO_KERNELS_BACKEND", raising=False)
+    namespace = {"__name__": "readme"}
+    for k, block in enumerate(blocks):
+        exec(compile(block, f"README.md (python block {k + 1})", "exec"), namespace)
+
+
+def _slugs(text):
+    """The anchors of ``text``'s headings as both GitHub and the site (Python-Markdown's toc) spell them."""
+    from markdown.extensions.toc import slugify
+
+    out = set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.+?)[ \t]*$", FENCE_ANY.sub("", text), re.MULTILINE):
+        github = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        if github == slugify(heading.replace("`", ""), "-"):
+            out.add(github)
+    return out
+
+
+def test_readme_links_resolve():
+    """README.md's relative links name existing files, and an anchor into a docs page names one of its headings
+    (one that GitHub and the site spell alike)."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", FENCE_ANY.sub("", read_readme())):
+        if re.match(r"^[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        full = os.path.normpath(os.path.join(ROOT, path)) if path else README
+        if not os.path.exists(full):
+            broken.append(f"{target} (no such file)")
+        elif anchor and full.endswith(".md"):
+            with open(full, encoding="utf-8") as f:
+                if anchor not in _slugs(f.read()):
+                    broken.append(f"{target} (no such heading)")
+    assert not broken, "README.md: broken links:\n  " + "\n  ".join(broken)
