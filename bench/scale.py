@@ -2,6 +2,8 @@
 
     python bench/scale.py [--quick] [--out bench/results/scale.md]
 
+0. Cost per evaluation beyond the evaluation itself on a small MLP (64→64→10, N = 16 antithetic, one thread):
+   the loop, ``batch_size=32`` and TorchOpt, beside one plain evaluation.
 1. Step time, N = 100, sigma = 0.01, on TorchOpt's tutorial-size linear model and the 1024-256-10 MLP, per
    method (naive, forward, antithetic): ``zero_order`` one sample per call (loop, Normal and Rademacher noise)
    and with ``batch_size=B`` (antithetic), against TorchOpt and against the bare evaluations (overhead).
@@ -77,10 +79,11 @@ class Row:
     detail: str = ""
 
 
-def ours(dist: Any = None, method: str = METHOD, **extra: Any) -> Callable[[harness.LossFn], harness.LossFn]:
+def ours(dist: Any = None, method: str = METHOD, num_samples: int = N, **extra: Any) -> Callable[[harness.LossFn],
+                                                                                                 harness.LossFn]:
     """``zo_kernels.zero_order`` with N samples (Normal noise, antithetic unless given; plus ``extra`` options)."""
-    return zo_kernels.zero_order(dist or distributions.Normal(), method=method, argnums=0, num_samples=N, sigma=SIGMA,
-                                 **extra)  # fmt: skip
+    return zo_kernels.zero_order(dist or distributions.Normal(), method=method, argnums=0, num_samples=num_samples,
+                                 sigma=SIGMA, **extra)  # fmt: skip
 
 
 def step_rows(cfg: Config, device: torch.device) -> List[Row]:
@@ -125,6 +128,36 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
                 rows.append(Row(section, f"zo_kernels {how}, {method}, {noise}", fmt_ms(t), base,
                                 fmt_ratio(t_opt / t) if t_opt else "", target, met,
                                 detail + ("; FELL BACK TO THE LOOP: " + fallback[0][:160] if fallback else "")))
+    return rows
+
+
+#: Section 0: a small policy-sized MLP (64→64→10, batch 64), N antithetic samples, one thread; target µs/evaluation.
+SMALL_N, SMALL_TARGET_US = 16, 30.0
+
+
+def overhead_rows(cfg: Config, device: torch.device) -> List[Row]:
+    """Section 0: what a ``zero_order`` step costs per evaluation beyond the evaluation itself, where ES users live
+    (small policies), in the loop, with ``batch_size=32`` and for TorchOpt; one thread, side by side."""
+    problem, evals, threads = harness.wide_mlp(64, device), 2 * SMALL_N + 1, torch.get_num_threads()
+    section = f"0. cost per evaluation [{device.type}, 1 thread], N={SMALL_N} antithetic: {problem.name} " + (
+        f"({problem.numel:,} params, batch 64)")
+    torch.set_num_threads(1)
+    try:
+        bare = harness.time_call(harness.bare_evals(problem, evals), device, cfg.budget_s) / evals
+        rows = [Row(section, "one plain evaluation (no_grad)", f"{bare * 1e6:.1f} µs")]
+        contenders = [("zo_kernels loop", ours(method="antithetic", num_samples=SMALL_N), SMALL_TARGET_US),
+                      ("zo_kernels `batch_size=32`", ours(num_samples=SMALL_N, batch_size=32), None)]
+        if torchopt is not None:
+            contenders.append(("TorchOpt 0.7.3", harness.torchopt_zero_order(torchopt, METHOD, SMALL_N, SIGMA, device),
+                               None))
+        for name, decorator, target in contenders:
+            extra = (harness.step_time(problem, decorator(problem.loss), cfg.budget_s) / evals - bare) * 1e6
+            checks = [("overhead", extra <= target)] if target is not None else []
+            rows.append(Row(section, f"{name}: step time per evaluation beyond the evaluation", f"{extra:.1f} µs",
+                            f"{bare * 1e6:.1f} µs", f"{extra / (bare * 1e6):.2f}x",
+                            f"≤ {target:g} µs" if target else "", verdict(checks) if checks else ""))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -347,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.manual_seed(0)
     cfg, devices = QUICK if args.quick else FULL, harness.devices()
     run = harness.Run()
-    rows = [row for device in devices for row in step_rows(cfg, device)]
+    rows = overhead_rows(cfg, torch.device("cpu")) + [row for device in devices for row in step_rows(cfg, device)]
     rows += [row for device in devices for row in memory_rows(cfg, device)] + dist_rows(cfg)
     lines = header_lines(cfg, run.before, devices) + harness.rows_table(COLUMNS, rows) + ["", run.footer()]
     print("\n".join(lines))
