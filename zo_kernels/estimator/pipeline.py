@@ -46,7 +46,7 @@ def _warn_if_constant(losses: torch.Tensor, f0: torch.Tensor, plan: Plan, state:
     """Every perturbed loss equal to f(theta) exactly: the estimate is zero; say why that is likely, once."""
     if "constant" in state.warned or not bool((values(losses) == values(f0).to(losses)).all()):
         return
-    dtypes = sorted({str(seg.theta.dtype).replace("torch.", "") for seg in plan.segments})
+    dtypes = sorted({str(seg.theta.dtype).replace("torch.", "") for seg in plan.segments}) or ["no parameters"]
     _warn_once(
         state,
         "constant",
