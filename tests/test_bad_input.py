@@ -1316,3 +1316,8 @@ def test_shaping_a_single_loss_is_refused(method, shaping):
     with pytest.raises(ValueError, match=r"shapes a single loss, which is always 0"):
         zo_kernels.zero_order(distributions.Normal(), method=method, num_samples=1, fitness_shaping=shaping)
     zo_kernels.zero_order(distributions.Normal(), method="antithetic", num_samples=1, fitness_shaping=shaping)
+
+
+def test_a_distribution_passed_positionally_to_estimate_is_refused():
+    with pytest.raises(TypeError, match=r"positional argument 3 is the distribution Normal\(\), .*distribution=\.\.\."):
+        zo_kernels.estimate(square, torch.ones(3), distributions.Normal())

@@ -2,10 +2,10 @@
 
 from . import backends, diff, distributions, nn, optim, shaping
 from ._version import __version__ as __version__  # the one source of the version (setup.py reads it too)
-from .api import zero_order
+from .api import estimate, zero_order
 from .estimator import NonFiniteLossError
 from .nn import ZeroOrderGradientModule
-from .seed_gradient import SeedGradient, estimate
+from .seed_gradient import SeedGradient
 
 __all__ = [
     "NonFiniteLossError",

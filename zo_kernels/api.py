@@ -1,4 +1,4 @@
-"""``zero_order``: the TorchOpt-compatible decorator for evolution-strategy gradients."""
+"""The entry points: ``zero_order`` (the TorchOpt-compatible decorator) and ``estimate`` (a seed-compressed one)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from torch._functorch.utils import unwrap_dead_wrappers as unwrap_if_dead
 from torch.utils import _pytree as pytree
 
 from . import config as v
-from .config import Config, check_argnums, make_config
-from .estimator import EvaluatorState, estimate_gradients
+from .config import Config, check_argnums, check_regenerable, make_config
+from .distributions import FusedDistribution, Normal
+from .estimator import EvaluatorState, estimate_gradients, estimate_weights, raise_if_estimate_not_finite
 from .estimator.recorded import check_recordable, recorded_gradients
+from .noise import Noise
+from .ops.spec import accumulation_dtype
+from .seed_gradient import SeedGradient
 
 LossFn = Callable[..., torch.Tensor]
 #: Set on every function zero_order returns, so that decorating one again is refused.
@@ -347,3 +351,91 @@ def decorate(config: Config, argnums: Tuple[int, ...]) -> Callable[[LossFn], Los
         return wrapped
 
     return decorator
+
+
+@torch.no_grad()
+def estimate(
+    fn: Any,
+    params: Any,
+    *args: Any,
+    distribution: Optional[FusedDistribution] = None,
+    method: str = "naive",
+    num_samples: int = 1,
+    sigma: float = 1.0,
+    seed: Union[None, int, torch.Generator] = None,
+    backend: Optional[str] = None,
+    inplace: bool = False,
+    process_group: Any = None,
+    batch_size: Optional[int] = None,
+    fitness_shaping: Any = None,
+    **kwargs: Any,
+) -> SeedGradient:
+    """Estimate the gradient of ``fn(params, *args, **kwargs)`` and return it seed-compressed.
+
+    The same estimator as :func:`zo_kernels.zero_order` (same methods, same noise for the same
+    seed, so ``estimate(...).materialize()`` equals the gradient ``zero_order`` would write), but
+    without autograd: the result is ``(seed, N weights)``, never an n-element tensor.
+
+    Args:
+        fn: the loss, ``fn(params, *args, **kwargs) -> scalar tensor``.
+        params: a tensor, a pytree (dict, list, tuple, nested) of floating-point tensors, or any
+            other iterable of them such as ``model.parameters()`` or ``dict.values()``. Such an
+            iterable is read once into a list, and ``fn`` receives that list.
+        *args: further positional arguments of ``fn``, passed through.
+        distribution: a built-in fused distribution (default ``Normal()``); a scalar
+            ``torch.distributions.Normal(0, 1)`` is accepted too.
+        method: ``'naive'``, ``'forward'`` or ``'antithetic'``, as for :func:`zo_kernels.zero_order`.
+        num_samples: number of noise samples N.
+        sigma: smoothing scale.
+        seed: ``None`` (one draw from torch's generator), an int, or a ``torch.Generator``.
+        backend: force a backend by name.
+        inplace: perturb the parameters' storage instead of a copy (see :func:`zo_kernels.zero_order`).
+        process_group: spread the samples over a ``torch.distributed`` group (see
+            :func:`zo_kernels.zero_order`); every rank returns the same SeedGradient.
+        batch_size: evaluate that many perturbed parameter sets per vmapped call (see
+            :func:`zo_kernels.zero_order`).
+        fitness_shaping: ``None``, ``'centered_ranks'``, ``'standardize'`` or a callable, as for
+            :func:`zo_kernels.zero_order`; the weights are then the shaped ones.
+        **kwargs: keyword arguments of ``fn``, passed through.
+
+    Returns:
+        The :class:`SeedGradient`; its ``loss`` is the unperturbed ``fn(params, ...)``.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a function (the loss), got {type(fn).__name__}")
+    for k, arg in enumerate(args):
+        if isinstance(arg, Noise):
+            raise TypeError(
+                f"estimate: positional argument {k + 3} is the distribution {arg!r}, which would be passed to fn as "
+                "data; pass it by keyword: estimate(fn, params, ..., distribution=...)"
+            )
+    noise = check_regenerable(distribution if distribution is not None else Normal())
+    config = make_config(
+        noise, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size, fitness_shaping
+    )
+    leaves, spec = pytree.tree_flatten(v.as_params(params))
+    for k, leaf in enumerate(leaves):
+        v.check_leaf(leaf, f"leaf {k} of params")
+    if config.inplace:
+        v.check_disjoint(leaves, "inplace=True perturbs each tensor of params in its own storage")
+
+    def evaluate(tensors: Any) -> torch.Tensor:
+        return fn(pytree.tree_unflatten(list(tensors), spec), *args, **kwargs)
+
+    f0 = v.check_output(evaluate([p.detach() for p in leaves]), "fn").detach()
+    done, weights = estimate_weights(evaluate, leaves, f0, config, EvaluatorState())
+    weights = weights.cpu()
+    # The weights are float64; the parameters' accumulation dtype must hold them too.
+    dtypes = {accumulation_dtype(p.dtype) for p in leaves}
+    raise_if_estimate_not_finite([weights.to(dtype) for dtype in dtypes], config.sigma)
+    return SeedGradient(
+        seed=done.seed,
+        sample_ids=done.sample_ids.cpu(),
+        weights=weights,
+        sigma=config.sigma,
+        stream=config.noise.stream,
+        shapes=[p.shape for p in leaves],
+        dtypes=[p.dtype for p in leaves],
+        loss=float(f0),
+        rank=getattr(config.noise, "rank", None),
+    )

@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.utils import _pytree as pytree
 
 from .noise import FusedDistribution, Noise, as_noise, standard_normal
 from .ops.registry import get as _get_backend
@@ -338,3 +340,21 @@ def check_inplace_leaves(leaves: Sequence[torch.Tensor]) -> None:
             )
         if not p.is_contiguous():
             raise ValueError(f"inplace=True needs contiguous parameters, but leaf {k} is not contiguous")
+
+
+def as_params(params: Any) -> Any:
+    """``params`` itself, or the list of its items if it is an iterable that is not a pytree.
+
+    Tensors, dicts, lists and tuples (nested) are pytrees and come back as they are; any other
+    iterable (a generator such as ``model.parameters()``, ``dict.values()``) is read once into a list.
+    Sets are refused: their order, which decides each tensor's noise, changes from run to run.
+    """
+    if isinstance(params, (torch.Tensor, str, bytes)) or not isinstance(params, Iterable):
+        return params
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(
+            "params must be an ordered collection of tensors (a list, tuple, dict or generator), got a set: "
+            "its order, which decides the noise of each tensor, changes from run to run"
+        )
+    leaves, _ = pytree.tree_flatten(params)
+    return list(params) if len(leaves) == 1 and leaves[0] is params else params

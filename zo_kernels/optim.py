@@ -22,14 +22,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .config import check_leaf, check_real
+from .config import as_params, check_leaf, check_real
 from .ops.spec import accumulation_dtype
-from .seed_gradient import SeedGradient, _as_tree, _state_int
+from .seed_gradient import SeedGradient, _state_int
 
 
 def _leaves(params: Any, first: int = 0) -> List[torch.Tensor]:
     """The tensors of ``params`` (a tensor, a pytree or any iterable of tensors), numbered from ``first``."""
-    leaves = pytree.tree_leaves(_as_tree(params))
+    leaves = pytree.tree_leaves(as_params(params))
     for k, p in enumerate(leaves, first):
         # Meta tensors are accepted, for deferred initialization: a step on them changes nothing.
         if not (isinstance(p, torch.Tensor) and p.device.type == "meta" and p.dtype.is_floating_point):
@@ -39,7 +39,7 @@ def _leaves(params: Any, first: int = 0) -> List[torch.Tensor]:
 
 def _param_groups(params: Any) -> List[Dict[str, Any]]:
     """``params`` as torch's list of param groups, every tensor checked (numbered across the groups)."""
-    params = _as_tree(params)
+    params = as_params(params)
     is_groups = isinstance(params, (list, tuple)) and params and isinstance(params[0], Mapping)
     if is_groups and "params" in params[0]:
         groups = [_group_dict(g) for g in params]

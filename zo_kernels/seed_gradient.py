@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Iterable
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import backends as _backends
-from . import config as v
-from .config import check_real, check_regenerable, check_sigma, make_config
-from .distributions import FusedDistribution, Normal
-from .estimator import EvaluatorState, estimate_weights, raise_if_estimate_not_finite
+from .config import as_params, check_real, check_sigma
+from .distributions import FusedDistribution
 from .noise import from_stream
 from .ops.spec import STREAMS, accumulation_dtype
 
@@ -28,24 +25,6 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torc
 _STATE_KEYS = ("seed", "sample_ids", "weights", "sigma", "stream", "shapes", "dtypes")
 _IDS = "state['sample_ids']"
 _SHORT_DTYPES = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-def _as_tree(params: Any) -> Any:
-    """``params`` itself, or the list of its items if it is an iterable that is not a pytree.
-
-    Tensors, dicts, lists and tuples (nested) are pytrees and come back as they are; any other
-    iterable (a generator such as ``model.parameters()``, ``dict.values()``) is read once into a list.
-    Sets are refused: their order, which decides each tensor's noise, changes from run to run.
-    """
-    if isinstance(params, (torch.Tensor, str, bytes)) or not isinstance(params, Iterable):
-        return params
-    if isinstance(params, (set, frozenset)):
-        raise TypeError(
-            "params must be an ordered collection of tensors (a list, tuple, dict or generator), got a set: "
-            "its order, which decides the noise of each tensor, changes from run to run"
-        )
-    leaves, _ = pytree.tree_flatten(params)
-    return list(params) if len(leaves) == 1 and leaves[0] is params else params
 
 
 def _overlapping(t: torch.Tensor) -> bool:
@@ -293,7 +272,7 @@ class SeedGradient:
         refused. ``lr`` is a finite real number. Every check runs before the first parameter is updated.
         """
         lr = check_real(lr, "lr")
-        leaves = pytree.tree_leaves(_as_tree(params))
+        leaves = pytree.tree_leaves(as_params(params))
         self._check_params(leaves, "apply_")
         family = self._family()
         for p, offset in zip(leaves, self._offsets()):
@@ -384,85 +363,3 @@ def _seed_gradient_from_state(state: Dict[str, Any]) -> SeedGradient:
 # torch.load(weights_only=True) calls only the functions it was told of; this one builds checked SeedGradients only.
 if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4
     torch.serialization.add_safe_globals([_seed_gradient_from_state])
-
-
-@torch.no_grad()
-def estimate(
-    fn: Any,
-    params: Any,
-    *args: Any,
-    distribution: Optional[FusedDistribution] = None,
-    method: str = "naive",
-    num_samples: int = 1,
-    sigma: float = 1.0,
-    seed: Union[None, int, torch.Generator] = None,
-    backend: Optional[str] = None,
-    inplace: bool = False,
-    process_group: Any = None,
-    batch_size: Optional[int] = None,
-    fitness_shaping: Any = None,
-    **kwargs: Any,
-) -> SeedGradient:
-    """Estimate the gradient of ``fn(params, *args, **kwargs)`` and return it seed-compressed.
-
-    The same estimator as :func:`zo_kernels.zero_order` (same methods, same noise for the same
-    seed, so ``estimate(...).materialize()`` equals the gradient ``zero_order`` would write), but
-    without autograd: the result is ``(seed, N weights)``, never an n-element tensor.
-
-    Args:
-        fn: the loss, ``fn(params, *args, **kwargs) -> scalar tensor``.
-        params: a tensor, a pytree (dict, list, tuple, nested) of floating-point tensors, or any
-            other iterable of them such as ``model.parameters()`` or ``dict.values()``. Such an
-            iterable is read once into a list, and ``fn`` receives that list.
-        *args: further positional arguments of ``fn``, passed through.
-        distribution: a built-in fused distribution (default ``Normal()``); a scalar
-            ``torch.distributions.Normal(0, 1)`` is accepted too.
-        method: ``'naive'``, ``'forward'`` or ``'antithetic'``, as for :func:`zo_kernels.zero_order`.
-        num_samples: number of noise samples N.
-        sigma: smoothing scale.
-        seed: ``None`` (one draw from torch's generator), an int, or a ``torch.Generator``.
-        backend: force a backend by name.
-        inplace: perturb the parameters' storage instead of a copy (see :func:`zo_kernels.zero_order`).
-        process_group: spread the samples over a ``torch.distributed`` group (see
-            :func:`zo_kernels.zero_order`); every rank returns the same SeedGradient.
-        batch_size: evaluate that many perturbed parameter sets per vmapped call (see
-            :func:`zo_kernels.zero_order`).
-        fitness_shaping: ``None``, ``'centered_ranks'``, ``'standardize'`` or a callable, as for
-            :func:`zo_kernels.zero_order`; the weights are then the shaped ones.
-        **kwargs: keyword arguments of ``fn``, passed through.
-
-    Returns:
-        The :class:`SeedGradient`; its ``loss`` is the unperturbed ``fn(params, ...)``.
-    """
-    if not callable(fn):
-        raise TypeError(f"fn must be a function (the loss), got {type(fn).__name__}")
-    noise = check_regenerable(distribution if distribution is not None else Normal())
-    settings = make_config(
-        noise, method, num_samples, sigma, seed, backend, inplace, process_group, batch_size, fitness_shaping
-    )
-    leaves, spec = pytree.tree_flatten(_as_tree(params))
-    for k, leaf in enumerate(leaves):
-        v.check_leaf(leaf, f"leaf {k} of params")
-    if settings.inplace:
-        v.check_disjoint(leaves, "inplace=True perturbs each tensor of params in its own storage")
-
-    def evaluate(tensors: Any) -> torch.Tensor:
-        return fn(pytree.tree_unflatten(list(tensors), spec), *args, **kwargs)
-
-    f0 = v.check_output(evaluate([p.detach() for p in leaves]), "fn").detach()
-    done, weights = estimate_weights(evaluate, leaves, f0, settings, EvaluatorState())
-    weights = weights.cpu()
-    # The weights are float64; the parameters' accumulation dtype must hold them too.
-    dtypes = {accumulation_dtype(p.dtype) for p in leaves}
-    raise_if_estimate_not_finite([weights.to(dtype) for dtype in dtypes], settings.sigma)
-    return SeedGradient(
-        seed=done.seed,
-        sample_ids=done.sample_ids.cpu(),
-        weights=weights,
-        sigma=settings.sigma,
-        stream=settings.noise.stream,
-        shapes=[p.shape for p in leaves],
-        dtypes=[p.dtype for p in leaves],
-        loss=float(f0),
-        rank=getattr(settings.noise, "rank", None),
-    )
