@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..config import Config
 from .evaluate import Evaluate, EvaluatorState, Sums, evaluate_share
 from .plan import Plan, make_plan
-from .reduce import Weigher, gradients, raise_if_estimate_not_finite, raise_if_not_finite, sample_weights, values
+from .reduce import Weigher, gradients, raise_if_not_finite, sample_weights, values
 
 
 def _evaluate(
@@ -98,9 +98,7 @@ def estimate_gradients(
         keep = s.fitness_shaping is None or not s.noise.regenerable
         plan = make_plan(s, leaves, seed, state.vmap_failure is not None, accumulate=keep)
         losses, sums = _evaluate(plan, evaluate, weigh, state, f0)
-    grads = gradients(plan, losses, sums, weigh)
-    raise_if_estimate_not_finite(grads, s.sigma)
-    return grads
+    return gradients(plan, losses, sums, weigh)
 
 
 def estimate_weights(

@@ -93,10 +93,13 @@ def raise_if_not_finite(losses: torch.Tensor, f0: Optional[torch.Tensor], method
 def gradients(
     plan: Plan, losses: torch.Tensor, sums: Sequence[Optional[torch.Tensor]], weigh: Weigher
 ) -> List[torch.Tensor]:
-    """One gradient tensor per leaf: a kept sum where the evaluator formed it, else the noise's reduce."""
+    """One gradient tensor per leaf: a kept sum where the evaluator formed it, else the noise's reduce.
+
+    Raises :class:`NonFiniteLossError` if the estimate overflows (checked per segment, one sync).
+    """
     if any(acc is None for acc in sums):
         weights = sample_weights(plan, losses, weigh)
-    grads = []
+    grads, flats = [], []
     for seg, acc in zip(plan.segments, sums):
         if acc is not None:
             g = acc.to(seg.theta.dtype)
@@ -104,7 +107,9 @@ def gradients(
             g = torch.zeros(seg.theta.shape, dtype=seg.theta.dtype, device=seg.theta.device)
             w = weights.to(device=g.device, dtype=accumulation_dtype(g.dtype))
             plan.noise.reduce(seg.backend, g, w, plan.sample_ids.to(g.device), plan.seed, seg.offset, seg.parts)
+        flats.append(g)
         grads.extend(g[lo:hi].view(shape) for lo, hi, shape in seg.parts)
+    raise_if_estimate_not_finite(flats, plan.config.sigma)
     return grads
 
 
