@@ -75,7 +75,11 @@ def loop_blocks(plan: Plan, evaluate: Evaluate, weigh: Weigh, sums: Sums, ids: I
     width = plan.window if any(acc is not None for acc in sums) else max(1, len(ids))
     z = [None if acc is None else plan.noise.keep_buffer(seg) for seg, acc in zip(plan.segments, sums)]
     perturbers = [plan.noise.perturber(seg, plan.seed, keep) for seg, keep in zip(plan.segments, z)]
-    rows = [None if acc is None else plan.noise.keep_buffer(seg, width) for seg, acc in zip(plan.segments, sums)]
+    # a window of one sample sums its kept noise where it lies, without a copy
+    rows = [
+        None if acc is None else keep.view(1, -1) if width == 1 else plan.noise.keep_buffer(seg, width)
+        for seg, acc, keep in zip(plan.segments, sums, z)
+    ]
     return [
         _loop_window(plan, evaluate, weigh, sums, ids[lo : lo + width], perturbers, z, rows)
         for lo in range(0, len(ids), width)
@@ -118,7 +122,7 @@ def _loop_window(
             inputs = _perturbed(plan, perturbers, z, i, k, sign * sigma * plan.scales[i])
             losses.append(evaluate_sample(evaluate, inputs, i, sign, plan.seed_text))
         for row, keep in zip(rows, z):
-            if row is not None:
+            if row is not None and row.shape[0] > 1:  # a one-sample window is the kept noise itself
                 row[r].copy_(keep.view(-1))
     block = stack_losses(losses).view(len(ids), len(signs)).t()
     if any(row is not None for row in rows):

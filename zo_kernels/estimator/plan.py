@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 #: below this many elements; the concatenation is a copy, so large tensors get their own segment
 #: and are read in place: then the only parameter-sized allocation is the scratch buffer.
 CONCAT_MAX_NUMEL = 1 << 20
-#: The float32 elements of kept noise the loop holds per window (16 MiB).
-WINDOW_ELEMENTS = 1 << 22
+#: The float32 elements of kept noise the loop holds per window (256 KiB): a window pays where the
+#: per-sample weighing and accumulation calls cost more than the noise (small models); from 64k
+#: parameters on, it is one sample, summed as it is kept, and costs no memory beyond that sample's noise.
+WINDOW_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -139,7 +141,7 @@ def inplace_segments(
 def loop_window(numel: int, count: int) -> int:
     """Samples whose kept noise the loop holds (``numel`` floats each) before summing it in one product.
 
-    Bounded by :data:`WINDOW_ELEMENTS`, so holding it costs at most 16 MiB beside the parameters.
+    Bounded by :data:`WINDOW_ELEMENTS`, so holding it costs at most 256 KiB beside the parameters.
     """
     return max(1, min(count, WINDOW_ELEMENTS // max(1, numel)))
 
