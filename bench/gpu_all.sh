@@ -6,22 +6,19 @@
 #
 # Stages (name, timeout in seconds; the timeouts add up to 360 s):
 #   01 device        15  nvidia-smi, nvcc, python/torch/triton versions, torch.cuda.get_device_name
-#   02 build         40  ZO_KERNELS_BUILD_CUDA=1 ZO_KERNELS_REQUIRE_NATIVE=1 pip install --no-build-isolation
-#                        --no-deps -e . (setup.py build_ext --inplace if that fails), then import _C and _C_cuda
+#   02 build         40  pip install -e . with CUDA (else setup.py build_ext --inplace), then import _C and _C_cuda
 #   03 backends      15  json of zo_kernels.backends.available(); fails unless cpu, cuda and triton are available
 #   04 sass          25  tools/sass_report.py --out $OUT/sass.md --json $OUT/sass.json (this machine's compilers)
 #   05 tests-cuda    30  the cuda cases of tests/test_kernels.py, tests/test_cuda_kernels.py
-#   06 tests-triton  60  the triton cases of tests/test_kernels.py, tests/test_triton_kernels.py and
-#                        tests/test_triton_compile.py, in parallel pytest processes (tools/pytest_shard.py)
+#   06 tests-triton  60  the triton cases of $TRITON_FILES below, in parallel pytest shards (tools/pytest_shard.py)
 #   07 tests-gpu     35  pytest -m gpu over every other test file that marks GPU tests
 #   08 bench-gpu     70  bench/reduce_kernels.py --quick --out $OUT/gpu.md, bounds of $OUT/sass.json (else bench/results/)
 #   09 run-quick     40  bench/run.py --quick --out-dir $OUT/run
 #   10 lowrank-gpu   30  bench/lowrank.py --sections gpu --out $OUT/lowrank-gpu.md (GPT-2 small, 256 members)
 #
-# Each stage tees its output into $OUT/NN-NAME.log, stops at its timeout, never stops the stages after it, and
-# appends "NN  NAME  ok | FAILED rc=N | TIMEOUT after N s | SKIPPED (no GPU)  SECONDS s" to $OUT/summary.txt; the
-# script ends by printing the summary (exit 0 when every stage that ran is ok). Without a CUDA device the GPU
-# stages are SKIPPED. $OUT/run-info.txt: date, commit (GPU_ALL_COMMIT overrides git), python, CPUs.
+# Each stage tees $OUT/NN-NAME.log, stops at its timeout, never stops the later ones, and appends its status (ok,
+# FAILED rc=N, TIMEOUT after N s, SKIPPED (no GPU) without a CUDA device) to $OUT/summary.txt, printed at the end (exit
+# 0 when every stage that ran is ok). $OUT/run-info.txt: date, commit (GPU_ALL_COMMIT overrides git), python, CPUs.
 # Environment: OUT (default bench/results/gpu-run), PYTHON (default: python or python3, whichever has torch),
 # GPU_ALL_MAX_TIMEOUT (caps every timeout, for tests), GPU_ALL_SHARDS (tests-triton processes; nproc - 4, 1-12).
 set -u -o pipefail
@@ -31,11 +28,8 @@ OUT=${OUT:-bench/results/gpu-run}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 1
 if [[ -z "${PYTHON:-}" ]]; then  # the first python that has torch (a look-up, no import)
   for candidate in python python3; do
-    if command -v "$candidate" >/dev/null 2>&1 &&
-      "$candidate" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null; then
-      PYTHON=$(command -v "$candidate")
-      break
-    fi
+    "$candidate" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null &&
+      PYTHON=$(command -v "$candidate") && break
   done
 fi
 PY=${PYTHON:-python}
@@ -71,11 +65,14 @@ stage() {
   shift 2
   STAGE_NO=$((STAGE_NO + 1))
   nn=$(printf '%02d' "$STAGE_NO")
-  selected "$name" || return 0
-  if [[ -n "$MAX_TIMEOUT" ]] && awk -v a="$MAX_TIMEOUT" -v b="$limit" 'BEGIN { exit !(a < b) }'; then
-    limit=$MAX_TIMEOUT
-  fi
   log=$OUT/$nn-$name.log
+  selected "$name" || return 0
+  if [[ ${NEEDS_GPU:-0} -eq 1 && $HAVE_GPU -ne 1 ]]; then
+    echo "=== [$nn $name] SKIPPED: no CUDA device: torch.cuda.is_available() is not True (see 01-device.log)" | tee "$log"
+    record "$nn" "$name" "SKIPPED (no GPU)" 0.0
+    return 0
+  fi
+  [[ -n "$MAX_TIMEOUT" ]] && awk -v a="$MAX_TIMEOUT" -v b="$limit" 'BEGIN { exit !(a < b) }' && limit=$MAX_TIMEOUT
   echo "=== [$nn $name] $* (timeout ${limit} s, $(date -u '+%H:%M:%S UTC'))" | tee "$log"
   start=$(now)
   STAGE_LOG_STEM=$nn-$name timeout --kill-after=5 "$limit" bash -c '"$@"' "$name" "$@" </dev/null 2>&1 | tee -a "$log"
@@ -89,18 +86,7 @@ stage() {
   echo "=== [$nn $name] $status in $secs s" | tee -a "$log"
   record "$nn" "$name" "$status" "$secs"
 }
-gpu_stage() {
-  if [[ $HAVE_GPU -eq 1 ]]; then
-    stage "$@"
-    return 0
-  fi
-  STAGE_NO=$((STAGE_NO + 1))
-  local nn
-  nn=$(printf '%02d' "$STAGE_NO")
-  selected "$1" || return 0
-  echo "=== [$nn $1] SKIPPED: no CUDA device: torch.cuda.is_available() is not True (see 01-device.log)" | tee "$OUT/$nn-$1.log"
-  record "$nn" "$1" "SKIPPED (no GPU)" 0.0
-}
+gpu_stage() { NEEDS_GPU=1 stage "$@"; }
 
 # --- what the stages run -------------------------------------------------------------------------
 device_info() {
@@ -127,9 +113,7 @@ build() {  # Ninja on every core; nvcc compiles the architectures of CMakeLists.
     rc=$?
     [[ $rc -eq 0 ]] || echo "WARNING: pip install -e . failed (rc=$rc); building in place with setup.py instead"
   fi
-  if [[ $rc -ne 0 ]]; then
-    "$PY" setup.py build_ext --inplace || return $?
-  fi
+  [[ $rc -eq 0 ]] || "$PY" setup.py build_ext --inplace || return $?
   "$PY" -c 'import zo_kernels._C as c, zo_kernels._C_cuda as g; print("built:", c.__file__, g.__file__)'
 }
 

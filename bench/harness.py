@@ -1,8 +1,7 @@
-"""What every script in ``bench/`` shares: environment, tables, timing, problems, baselines, workers.
+"""What every script in ``bench/`` shares: environment, tables, plots, timing, problems, baselines, workers.
 
-The scripts run from ``bench/`` and import this module as a sibling (``import harness``); bench/README.md
-describes the timing (:func:`time_call`: ``Timer.adaptive_autorange`` on the CPU, the median of
-``triton.testing.do_bench`` on a GPU) and the memory measurement (:func:`memory_worker`: one step in a fresh process).
+The scripts import this module as a sibling (``import harness``); bench/README.md describes the timing
+(:func:`time_call`) and the memory measurement (:func:`memory_worker`: one step in a fresh process).
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import logging
@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = 2  # torch.set_num_threads of every CPU benchmark
 Params = Tuple[torch.Tensor, ...]
 LossFn = Callable[..., torch.Tensor]
-TORCHOPT_MISSING = "torchopt not installed"
-EVOTORCH_MISSING = "evotorch not installed"
-EGGROLL_MISSING = "torcheggroll not installed"
+#: The optional packages (baselines, model and plot libraries): a missing one leaves its cells saying so.
+OPTIONAL = ("torchopt", "evotorch", "torcheggroll", "transformers", "matplotlib", "triton")
 
 # --- environment -----------------------------------------------------------------------------------
 
@@ -73,15 +73,19 @@ def threads_line() -> str:
     return f"{torch.get_num_threads()} (torch.set_num_threads); env: {env}"
 
 
-def versions(torchopt: Optional[ModuleType], torch_extra: str = "", extra: str = "") -> str:
-    """``torch X, zo_kernels Y, torchopt Z, python W`` (``torch_extra`` after torch's, ``extra`` before zo_kernels)."""
-    opt = f"torchopt {torchopt.__version__}" if torchopt is not None else TORCHOPT_MISSING
-    return (f"torch {torch.__version__}{torch_extra}, {extra}zo_kernels {zo_kernels.__version__}, {opt}, "
-            f"python {platform.python_version()}")  # fmt: skip
+def versions(*peers: str, torch_extra: str = "") -> str:
+    """``torch X, <peers>, zo_kernels Y, torchopt Z, python W`` (:func:`version` of each peer; ``torch_extra`` after
+    torch's version)."""
+    own = [f"zo_kernels {zo_kernels.__version__}", version("torchopt"), f"python {platform.python_version()}"]
+    return ", ".join([f"torch {torch.__version__}{torch_extra}", *map(version, peers), *own])
 
 
-def choose_backend() -> Tuple[str, str]:
-    """``('cpu', note)`` when the native backend is built, else ``('reference', why not cpu)``."""
+def choose_backend(device: torch.device = torch.device("cpu")) -> Tuple[str, str]:
+    """The backend ``zero_order`` uses on ``device`` and a note: on the CPU ``('cpu', note)`` when the native backend is
+    built, else ``('reference', why not cpu)``; on a GPU the best one available for float32."""
+    if device.type == "cuda":
+        name = backends.select(device, torch.float32).name
+        return name, f"{name} (best available for CUDA float32)"
     status = backends.available().get("cpu", "unknown backend")
     if status == "available":
         return "cpu", "cpu (native C++/OpenMP)"
@@ -100,10 +104,12 @@ def sync(device: torch.device) -> None:
 
 
 class Run:
-    """How busy the CPUs were with *other* processes (busy time minus ours and our workers'), from /proc/stat: in the
-    second before the run (``before``) and during it (``footer()``); above 10% the timings are unreliable."""
+    """A run: torch's threads set to :data:`THREADS`, and how busy the CPUs were with *other* processes (busy time minus
+    ours and our workers'), from /proc/stat, in the second before it (``before``) and during it (``footer()``); above
+    10% the timings are unreliable."""
 
     def __init__(self) -> None:
+        torch.set_num_threads(THREADS)
         first = self._sample()
         time.sleep(1.0)
         self.before = self._note("in the second before the run", first)
@@ -127,14 +133,18 @@ class Run:
         warn = " -- WARNING: the machine was busy, timings are unreliable" if share > 0.1 else ""
         return f"CPU use by other processes {when}: {share:.0%} of all cores{warn}"
 
+    def fields(self, *peers: str, torch_extra: str = "") -> List[Tuple[str, str]]:
+        """A header's fields: :func:`versions` (of ``peers`` too), torch's threads, the CPU use before the run."""
+        return [("versions", versions(*peers, torch_extra=torch_extra)), ("threads", threads_line()), ("", self.before)]
+
     def footer(self) -> str:
         """``Measured in 12.3 s. CPU use by other processes during the run: ...``."""
         return f"Measured in {time.perf_counter() - self.started:.1f} s. {self._note('during the run', self.during)}."
 
 
 def header(title: str, fields: Sequence[Tuple[str, str]]) -> List[str]:
-    """A report's header: ``# title``, then ``- key: value`` per field (``- value`` where key is empty)."""
-    return [f"# {title}", ""] + [f"- {k}: {v}" if k else f"- {v}" for k, v in fields] + [""]
+    """A report's header: ``# title``, the date, then ``- key: value`` per field (``- value`` where key is empty)."""
+    return [f"# {title}", "", f"- date: {now()}"] + [f"- {k}: {v}" if k else f"- {v}" for k, v in fields] + [""]
 
 
 def parser(doc: str, out: Optional[str] = "also write the report to this file") -> argparse.ArgumentParser:
@@ -146,11 +156,16 @@ def parser(doc: str, out: Optional[str] = "also write the report to this file") 
     return p
 
 
-def write(path: Optional[Path], lines: Sequence[str]) -> None:
-    """Write a report (a run cut short keeps what was written); nothing where ``path`` is None."""
+def write(path: Optional[Path], lines: Sequence[str], echo: bool = False) -> None:
+    """Write a report (a run cut short keeps what was written; not where ``path`` is None); where ``echo``, print it
+    and say on stderr where it went."""
+    if echo:
+        print("\n".join(lines))
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if echo:
+            print(f"{Path(sys.argv[0]).name}: wrote {path}", file=sys.stderr)
 
 
 # --- tables, numbers, progress ---------------------------------------------------------------------
@@ -217,14 +232,44 @@ class Progress:
         """Show ``label`` as the task now running."""
         self.bar.set_description_str(label[:110], refresh=True)
 
-    def advance(self) -> None:
-        """Count one task as done."""
-        self.bar.update(1)
+    def advance(self, tasks: int = 1) -> None:
+        """Count ``tasks`` tasks as done."""
+        self.bar.update(tasks)
 
     def close(self) -> None:
         """Show the full bar and end the line."""
         self.show("done")
         self.bar.close()
+
+
+#: One panel of :func:`plot`: title, x label, y label and its lines, each (label, colour, marker, (x, y) points).
+Panel = Tuple[str, str, str, Sequence[Tuple[str, str, str, Sequence[Tuple[float, float]]]]]
+
+
+def plot(
+    path: Path, title: str, foot: str, panels: Sequence[Panel], size: Tuple[float, float] = (7.5, 5.6), floor: str = ""
+) -> None:
+    """A row of log-log ``panels`` (each ``size`` inches) under ``title``, ``foot`` in small print below, to a PNG; the
+    line labelled ``floor`` dashed and on top (others may lie on it). matplotlib on Agg (ImportError without it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(size[0] * len(panels), size[1]), squeeze=False)
+    for ax, (name, xlabel, ylabel, lines) in zip(axes[0], panels):
+        for label, colour, marker, points in (line for line in lines if line[3]):
+            style = dict(linestyle="--", zorder=3) if label == floor else {}
+            ax.plot(*zip(*sorted(points)), marker=marker, color=colour, label=label.replace("`", ""), **style)
+        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.01, 0.01, foot, fontsize=7, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.01 + 0.03 * (foot.count("\n") + 1), 1, 0.95))  # room for the foot's lines
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --- timing ----------------------------------------------------------------------------------------
@@ -295,10 +340,6 @@ class Problem:
         params = tuple(p.detach().to(device).requires_grad_() for p in self.params)
         return Problem(self.name, self.loss, params, self.x.to(device), self.y.to(device))
 
-    def plain_params(self) -> List[torch.Tensor]:
-        """A copy of the parameters that does not require grad (for the in-place contenders)."""
-        return [p.detach().clone() for p in self.params]
-
 
 def make_problem(name: str, device: Optional[torch.device] = None) -> Problem:
     """``linear``: TorchOpt's tutorial-sized linear model (2,049 parameters); ``mlp``: the 1024-256-10 MLP (264,970)."""
@@ -361,16 +402,16 @@ def grad_step(problem: Problem, decorated: LossFn) -> Callable[[], None]:
     return run
 
 
-def check_grads(problem: Problem, what: str) -> None:
+def check_grads(params: Sequence[torch.Tensor], what: str) -> None:
     """After a gradient step: every ``.grad`` exists and is finite (otherwise the timing means nothing)."""
-    if any(p.grad is None or not bool(torch.isfinite(p.grad).all()) for p in problem.params):
-        raise RuntimeError(f"{what}: a step left a missing or non-finite gradient ({problem.name})")
+    if any(p.grad is None or not bool(torch.isfinite(p.grad).all()) for p in params):
+        raise RuntimeError(f"{what}: a step left a missing or non-finite gradient")
 
 
 def step_time(problem: Problem, decorated: LossFn, budget_s: float) -> float:
     """Median seconds of :func:`grad_step` (:func:`time_call`), its gradients checked afterwards."""
     seconds = time_call(grad_step(problem, decorated), problem.x.device, budget_s)
-    check_grads(problem, "step")
+    check_grads(problem.params, f"step ({problem.name})")
     return seconds
 
 
@@ -389,36 +430,34 @@ def bare_evals(problem: Problem, evals: int) -> Callable[[], None]:
 # --- baselines (bench/README.md says what each computes) -------------------------------------------
 
 
-def import_optional(name: str) -> Optional[ModuleType]:
-    """The module ``name``, or None where it cannot be imported (an optional baseline or model library)."""
+@functools.cache
+def optional(name: str) -> Optional[ModuleType]:
+    """The optional package ``name``, or None where it cannot be imported; evotorch with ``evotorch.algorithms`` loaded
+    and its INFO logging (a line per setting) off. Imported on first use (a worker pays for evotorch's ~2 s if used)."""
     try:
-        return __import__(name)
+        module = importlib.import_module(name)
+        if name == "evotorch":
+            importlib.import_module("evotorch.algorithms")
+            logging.getLogger("evotorch").setLevel(logging.WARNING)
+        return module
     except ImportError:
         return None
 
 
-def import_torchopt() -> Optional[ModuleType]:
-    """The ``torchopt`` module, or None where it cannot be imported."""
-    return import_optional("torchopt")
+def missing(name: str) -> Optional[str]:
+    """``'name not installed'`` where ``name`` is an optional package that cannot be imported, else None (also where
+    ``name`` is no package, say a contender of zo_kernels')."""
+    return f"{name} not installed" if name in OPTIONAL and optional(name) is None else None
 
 
-def import_evotorch() -> Optional[ModuleType]:
-    """``evotorch`` with ``evotorch.algorithms`` loaded and its INFO logging (a line per setting) off, or None."""
-    evotorch = import_optional("evotorch")
-    if evotorch is None or import_optional("evotorch.algorithms") is None:
-        return None
-    logging.getLogger("evotorch").setLevel(logging.WARNING)
-    return evotorch
-
-
-def version_of(module: Optional[ModuleType], name: str, missing: str) -> str:
-    """``'name X.Y'`` (the installed distribution's version) or ``missing``."""
+def version(name: str) -> str:
+    """``'name X.Y'`` (the installed distribution's version) or ``'name not installed'``."""
+    module = optional(name)
     if module is None:
-        return missing
-    try:
+        return f"{name} not installed"
+    with contextlib.suppress(metadata.PackageNotFoundError):
         return f"{name} {metadata.version(name)}"
-    except metadata.PackageNotFoundError:
-        return f"{name} {getattr(module, '__version__', '?')}"
+    return f"{name} {getattr(module, '__version__', '?')}"
 
 
 def torchopt_zero_order(torchopt: ModuleType, method: str, num_samples: int, sigma: float,
@@ -539,16 +578,8 @@ def spawn(fn: Callable[..., None], args: Tuple[Any, ...], nprocs: int, threads: 
 
     env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": str(threads),
            "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # what the spawned processes inherit
-    try:
+    with mock.patch.dict(os.environ, env):  # what the spawned processes inherit
         ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=max(min(deadline - time.monotonic(), 1.0), 0.05)):
@@ -585,6 +616,7 @@ class MemoryJob:
     threads: int = 1
     seed: Optional[int] = None
     out: str = ""
+    name: str = ""  # what the progress bar shows
 
 
 def _rss_kib(field: str) -> int:
@@ -628,37 +660,37 @@ def memory_worker(index: int, jobs: Sequence[MemoryJob]) -> None:
     Path(job.out).write_text(json.dumps(result))
 
 
-def run_memory_jobs(jobs: Sequence[MemoryJob], at_once: int, timeout_s: float, progress: Optional[Progress] = None,
-                    label: Callable[[Sequence[int]], str] = lambda _: "") -> List[Dict[str, Any]]:  # fmt: skip
+def run_memory_jobs(
+    jobs: Sequence[MemoryJob], at_once: int, timeout_s: float, progress: Optional[Progress] = None
+) -> List[Dict[str, Any]]:
     """Every job's result (``{"error": ...}`` where it failed), ``at_once`` fresh processes side by side (each measures
-    only itself); a failed group is rerun job by job to find which failed. ``progress`` shows ``label(indices)``."""
+    only itself); a failed group is rerun job by job to find which failed. ``progress`` shows the jobs' names."""
     results: List[Dict[str, Any]] = [{} for _ in jobs]
     with tempfile.TemporaryDirectory() as tmp:
         placed = [dataclasses.replace(job, out=str(Path(tmp) / f"job{k}.json")) for k, job in enumerate(jobs)]
 
-        def run(indices: Sequence[int]) -> None:
+        def run(indices: Sequence[int]) -> Optional[str]:
+            """Measure a group of jobs side by side; None, or why it failed."""
             group = [placed[k] for k in indices]
-            spawn(memory_worker, (group,), len(group), max(job.threads for job in group), timeout_s)
+            try:
+                spawn(memory_worker, (group,), len(group), max(job.threads for job in group), timeout_s)
+            except RuntimeError as exc:
+                return str(exc)[:200]
             for k in indices:
                 results[k] = json.loads(Path(placed[k].out).read_text())
+            return None
 
         for lo in range(0, len(jobs), max(at_once, 1)):
             indices = list(range(lo, min(lo + max(at_once, 1), len(jobs))))
             if progress is not None:
-                progress.show(label(indices))
-            try:
-                run(indices)
-            except RuntimeError as exc:
-                for k in indices:
-                    try:
-                        if len(indices) == 1:
-                            raise exc
-                        run([k])
-                    except RuntimeError as exc_k:
-                        results[k] = {"error": str(exc_k)[:200]}
+                progress.show("peak memory: " + ", ".join(jobs[k].name for k in indices))
+            failed = run(indices)
+            for k in indices if failed else ():  # rerun a failed group job by job to find which failed
+                why = run([k]) if len(indices) > 1 else failed
+                if why is not None:
+                    results[k] = {"error": why}
             if progress is not None:
-                for _ in indices:
-                    progress.advance()
+                progress.advance(len(indices))
     return results
 
 

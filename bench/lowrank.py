@@ -27,11 +27,8 @@ from harness import fmt_ratio, fmt_time
 import zo_kernels
 from zo_kernels.distributions import LowRank, Normal
 
-torchopt = harness.import_torchopt()
-torcheggroll = harness.import_optional("torcheggroll")
-transformers = harness.import_optional("transformers")
+torchopt, torcheggroll, transformers = map(harness.optional, ("torchopt", "torcheggroll", "transformers"))
 METHOD, SIGMA, LR = "antithetic", 0.01, 1e-7  # LR: torcheggroll's update, small so timing steps barely move it
-TRANSFORMERS_MISSING = "transformers not installed"
 SECTIONS = ("mlp", "gpt", "gpu")
 TITLES = {"mlp": "1. CPU: MLP", "gpt": "2. CPU: GPT-style model", "gpu": "3. GPU: GPT-style model"}
 
@@ -103,7 +100,7 @@ def make_model(key: str, sizes: Dict[str, int], device: torch.device) -> Tuple[t
             gpt = dict(vocab=vocab, seq_len=seq, d_model=width, heads=sizes["heads"], layers=layers, ff=4 * width,
                        batch=batch)  # fmt: skip
             module = harness.tiny_gpt(gpt, device)[0]
-            kind = f"TinyGPT of python/mezo_finetune.py ({TRANSFORMERS_MISSING})"
+            kind = f"TinyGPT of python/mezo_finetune.py ({harness.missing('transformers')})"
         numel = sum(p.numel() for p in module.parameters())
         name = (f"{kind}: {layers} layers, d {width}, {sizes['heads']} heads, vocab {vocab}; {numel / 1e6:.2f}M "
                 f"parameters; batch {batch} x {seq} tokens, next-token cross-entropy")  # fmt: skip
@@ -150,13 +147,6 @@ def contenders(sizes: Sizes) -> List[Contender]:
     return rows + [Contender("inference")]
 
 
-def missing(contender: Contender) -> Optional[str]:
-    """Why a contender cannot run here (an optional package is missing), or None."""
-    if contender.kind == "torchopt" and torchopt is None:
-        return harness.TORCHOPT_MISSING
-    return harness.EGGROLL_MISSING if contender.kind == "torcheggroll" and torcheggroll is None else None
-
-
 def make_step(contender: Contender, module: torch.nn.Module, problem: harness.Problem, num: int) -> Any:
     """A callable that runs one step of ``contender`` (device synchronized)."""
     device = problem.x.device
@@ -194,7 +184,7 @@ class Measured:
 def measure(contender: Contender, module: torch.nn.Module, problem: harness.Problem, num: int,
             budget_s: float) -> Measured:  # fmt: skip
     """A first step (its distinct warnings kept), then the median step time, gradients checked; failures recorded."""
-    result = Measured(contender, error=missing(contender) or "")
+    result = Measured(contender, error=harness.missing(contender.kind) or "")  # an optional package missing
     if result.error:
         return result
     try:
@@ -246,11 +236,9 @@ def targets(key: str, results: Sequence[Measured]) -> List[List[str]]:
         return [target("LowRank(1) batched vs Normal() batched (speed-up)", best(results, "normal", True), lowrank, 10),
                 target("LowRank(1) throughput / batched inference throughput", inference, lowrank, 0.9,
                        percent=True)]  # fmt: skip
-    lowrank = best(results, "lowrank")
-    why = harness.EGGROLL_MISSING if torcheggroll is None else "a row failed"
-    eggroll = best(results, "torcheggroll")
+    lowrank, eggroll, why = best(results, "lowrank"), best(results, "torcheggroll"), harness.missing("torcheggroll")
     return [target("LowRank(1) best vs Normal() best (speed-up)", best(results, "normal"), lowrank, 2.5),
-            target("LowRank(1) best vs torcheggroll (speed-up)", eggroll, lowrank, 4, why_not=why),
+            target("LowRank(1) best vs torcheggroll (speed-up)", eggroll, lowrank, 4, why_not=why or "a row failed"),
             target("LowRank(1) step time / batched inference", lowrank, inference, 1.0, at_least=False)]  # fmt: skip
 
 
@@ -305,12 +293,10 @@ TABLE_NOTE = (
 def tree_line() -> str:
     """The commit measured and how many files of ``zo_kernels/`` differ from it (others may be editing the tree)."""
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=harness.ROOT, capture_output=True, text=True, timeout=10)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
+    queries = (("rev-parse", "--short", "HEAD"), ("status", "--porcelain", "--", "zo_kernels"))
     try:
-        commit, changed = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "zo_kernels")
+        commit, changed = (subprocess.run(["git", *q], cwd=harness.ROOT, capture_output=True, text=True, timeout=10)
+                           .stdout.strip() for q in queries)
     except (OSError, subprocess.SubprocessError):
         commit, changed = "", ""
     count = len([line for line in changed.splitlines() if line.strip()])
@@ -328,7 +314,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unknown section(s) {sorted(set(wanted) - set(SECTIONS))} (choose from {', '.join(SECTIONS)})")
     if args.gpu_dry_run and not args.quick:
         parser.error("--gpu-dry-run goes with --quick")
-    torch.set_num_threads(harness.THREADS)
     sizes, budget_s = (QUICK, 0.05) if args.quick else (FULL, 3.0)
     skipped = ""
     if "gpu" in wanted and not (torch.cuda.is_available() or args.gpu_dry_run):
@@ -342,22 +327,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sections = [run_section(key, sizes[key], args.gpu_dry_run, budget_s, progress) for key in wanted]
     progress.close()
     used = sorted({"cuda" if key == "gpu" and not args.gpu_dry_run else "cpu" for key in wanted}) or ["cpu"]
-    peers = (f"{harness.version_of(torcheggroll, 'torcheggroll', harness.EGGROLL_MISSING)}, "
-             f"{harness.version_of(transformers, 'transformers', TRANSFORMERS_MISSING)}, ")  # fmt: skip
-    fields = [("date", harness.now())] + [(f"device [{d}]", harness.device_name(torch.device(d))) for d in used]
+    fields = [(f"device [{d}]", harness.device_name(torch.device(d))) for d in used]
     fields += [("backend", "zo_kernels' default (best available per device); CPU: " + harness.choose_backend()[1]),
-               ("versions", harness.versions(torchopt, extra=peers)), ("tree", tree),
-               ("threads", harness.threads_line()), ("", run.before),
+               ("tree", tree), *run.fields("torcheggroll", "transformers"),
                ("mode", "quick (smoke run: tiny sizes, numbers not meaningful)" if args.quick else "full"),
                ("timing", harness.timing_note(budget_s))] + ([("", skipped)] if skipped else [])  # fmt: skip
     lines = harness.header("zo_kernels LowRank(1) benchmark (`bench/lowrank.py`)", fields)
-    for section_lines, _ in sections:
-        lines += section_lines
+    lines += [line for section_lines, _ in sections for line in section_lines]
     summary = [row for _, section_targets in sections for row in section_targets]
     lines += ["", "## Targets", ""] + harness.table(("section", "target", "measured", "required", "met"), summary)
-    harness.write(out, lines + ["", run.footer()])
-    print(out.read_text())
-    print(f"lowrank.py: wrote {out}", file=sys.stderr)
+    harness.write(out, lines + ["", run.footer()], echo=True)
     return 0
 
 

@@ -1,29 +1,17 @@
 """The meta-gradient's cost as the inner loop grows: ES (zo_kernels) vs explicit and implicit MAML (TorchOpt).
 
-Run from the repository root::
+    python bench/meta_gradient.py [--quick] [--out-dir bench/results]   # full: k ∈ {1, 5, 20, 100}, ~2 min on 2 CPUs
 
-    python bench/meta_gradient.py                    # full run: k in {1, 5, 20, 100}, about 2 minutes on 2 CPUs
-    python bench/meta_gradient.py --quick --out-dir /tmp/m   # smoke run: tiny sizes, ~20 s
-
-The problem is ``python/es_maml.py``'s sinusoid regression (MLP 1-40-40-1, a batch of tasks adapted at
-once); one meta-step is the meta-loss of a task batch and ``.backward()`` (no optimizer step), k inner steps:
-
-- (a) zo_kernels ES: ``es_maml.es_meta_loss``, ``zero_order(Normal(), antithetic, N, sigma, batch_size=2N)``:
-  2N runs of the inner loop in one vmapped call, no graph kept; (a') the same with ``batch_size=2``
-  (one antithetic pair per call: less memory, more calls);
-- (b) TorchOpt explicit MAML: ``es_maml.maml_meta_loss`` (``torchopt.sgd`` + ``apply_updates``,
-  ``inplace=False``, ``create_graph=True``): backprop through the unrolled loop, whose graph is kept;
-- (c) TorchOpt implicit (iMAML): ``es_maml.imaml_meta_loss``, ``torchopt.diff.implicit.custom_root``
-  on the proximally regularized inner problem (k GD steps, no graph) and ``solve_cg``.
-
-Times are ``harness.cpu_time``'s; peak memory is ``harness.memory_worker``'s growth of the resident
-set during one step in a fresh single-threaded process (above that process's baseline). Writes
-``meta_gradient-cpu.md`` and ``meta_gradient-cpu.png`` (``-quick`` added for a smoke run) to ``--out-dir``.
+One meta-step of ``python/es_maml.py``'s sinusoid regression (the meta-loss of a task batch and ``.backward()``, k
+inner steps) by (a) zo_kernels ES (``es_maml.es_meta_loss``, ``batch_size=2N``: the 2N inner loops in one vmapped call,
+no graph kept; (a') ``batch_size=2``), (b) TorchOpt explicit MAML (backprop through the unrolled loop, whose graph is
+kept) and (c) TorchOpt iMAML (``custom_root`` on the proximal inner problem, ``solve_cg``): its time
+(``harness.cpu_time``) and its peak memory above the baseline of a fresh single-threaded process
+(``harness.memory_worker``). Writes ``meta_gradient-cpu[-quick].md`` and ``.png`` to ``--out-dir``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -34,12 +22,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import harness
 import torch
-from harness import TORCHOPT_MISSING, import_torchopt
 
-sys.path.insert(0, str(harness.ROOT / "python"))  # the examples directory, as harness._mezo_finetune does by path
+sys.path.insert(0, str(harness.ROOT / "python"))  # the examples directory (harness.tiny_gpt loads one by path)
 import es_maml  # noqa: E402
 
-torchopt = import_torchopt()  # optional: without it (b) and (c) say TORCHOPT_MISSING
+torchopt = harness.optional("torchopt")  # optional: without it (b) and (c) say "torchopt not installed"
 # TorchOpt 0.7.3's implicit differentiation calls functorch.vjp, which warns on every torch 2.x
 warnings.filterwarnings("ignore", message=".*functorch.vjp.*", category=FutureWarning)
 
@@ -50,8 +37,7 @@ METHODS = {
     "imaml": "(c) TorchOpt implicit (iMAML, CG)",
 }
 STYLES = {"es": ("tab:blue", "o"), "es_pair": ("tab:cyan", "D"), "maml": ("tab:red", "s"), "imaml": ("tab:green", "^")}
-LAM = 1.0  # iMAML's proximal weight
-CG_STEPS = 5  # conjugate-gradient iterations of the implicit linear solve
+LAM, CG_STEPS = 1.0, 5  # iMAML's proximal weight and the conjugate-gradient iterations of its implicit linear solve
 # "flat in k": the peaks of the k after the first differ by at most 25% or by 1 MiB, about the noise of
 # resident-set peaks between fresh processes (allocator arenas, page granularity)
 FLAT, FLAT_BYTES = 1.25, 2**20
@@ -68,12 +54,9 @@ class Config:
     num_samples: int
     budget_s: float
 
-    @staticmethod
-    def make(quick: bool) -> Config:
-        """The full configuration (``es_maml``'s defaults), or the ``--quick`` smoke-run one."""
-        if quick:
-            return Config(True, (1, 3), 4, 4, 0.05)
-        return Config(False, (1, 5, 20, 100), es_maml.META_BATCH, es_maml.NUM_SAMPLES, 3.0)
+
+QUICK = Config(True, (1, 3), 4, 4, 0.05)
+FULL = Config(False, (1, 5, 20, 100), es_maml.META_BATCH, es_maml.NUM_SAMPLES, 3.0)  # es_maml's defaults
 
 
 def meta_step(method: str, k: int, cfg: Config) -> Tuple[Callable[[], None], torch.Tensor]:
@@ -98,7 +81,7 @@ def meta_step(method: str, k: int, cfg: Config) -> Tuple[Callable[[], None], tor
 
 def memory_case(method: str, k: int, quick: bool, device: torch.device) -> harness.Built:
     """A memory job's ``build`` (run in a fresh process by ``harness.memory_worker``)."""
-    step, theta = meta_step(method, k, Config.make(quick))
+    step, theta = meta_step(method, k, QUICK if quick else FULL)
     return step, [theta]
 
 
@@ -110,15 +93,10 @@ def measure(cfg: Config, methods: Sequence[str], progress: harness.Progress) -> 
         progress.show(f"time: {METHODS[method]}, k={k}")
         step, theta = meta_step(method, k, cfg)
         results[(method, k)]["seconds"] = harness.cpu_time(step, max_run_time=cfg.budget_s)
-        if theta.grad is None or not bool(torch.isfinite(theta.grad).all()):
-            raise RuntimeError(f"{method}, k={k}: the meta-gradient is missing or not finite")
+        harness.check_grads([theta], f"{method}, k={k}: the meta-gradient")
         progress.advance()
-    jobs = [harness.MemoryJob(memory_case, dict(method=m, k=k, quick=cfg.quick)) for m, k in points]
-
-    def label(indices: Sequence[int]) -> str:
-        return "peak memory: " + ", ".join(f"{points[i][0]} k={points[i][1]}" for i in indices)
-
-    memory = harness.run_memory_jobs(jobs, harness.memory_parallelism(), WORKER_TIMEOUT_S, progress, label)
+    jobs = [harness.MemoryJob(memory_case, dict(method=m, k=k, quick=cfg.quick), name=f"{m} k={k}") for m, k in points]
+    memory = harness.run_memory_jobs(jobs, harness.memory_parallelism(), WORKER_TIMEOUT_S, progress)
     for point, mem in zip(points, memory):
         results[point].update(mem)
     return results
@@ -135,7 +113,7 @@ def ratio_rows(cfg: Config, methods: Sequence[str], res: Dict[Tuple[str, int], D
     rows = []
     for m in METHODS:
         if m not in methods:
-            rows.append([METHODS[m], TORCHOPT_MISSING] + [""] * (len(cfg.ks) > 2) + ["", ""])
+            rows.append([METHODS[m], harness.missing("torchopt")] + [""] * (len(cfg.ks) > 2) + ["", ""])
             continue
         later = [res[(m, k)].get("delta") for k in (cfg.ks[1:] if len(cfg.ks) > 2 else cfg.ks)]
         first = res[(m, lo)].get("delta")
@@ -159,34 +137,25 @@ def report(cfg: Config, methods: Sequence[str], res: Dict, run: harness.Run, png
     """The markdown report: header, table, ratios, what each method computes."""
     n, lo, hi = cfg.num_samples, cfg.ks[0], cfg.ks[-1]
     fields = [
-        ("date", harness.now()),
         ("device", f"{harness.cpu_model()}, {harness.THREADS} threads of {os.cpu_count()} CPUs (memory: 1 thread)"),
         ("backend", harness.choose_backend()[1]),
-        ("versions", harness.versions(torchopt)),
-        ("threads", harness.threads_line()),
-        ("", run.before),
+        *run.fields(),
         ("mode", "quick (smoke run: tiny sizes, numbers not meaningful)" if cfg.quick else "full"),
-        (
-            "problem",
-            f"`python/es_maml.py` sinusoids, MLP 1-40-40-1 ReLU ({es_maml.NUM_PARAMS:,} parameters), "
-            f"{cfg.tasks} tasks per meta-step, K={es_maml.SHOTS} support + {es_maml.QUERY} query points, "
-            f"inner SGD lr {es_maml.INNER_LR:g}; ES N={n} ({2 * n} inner loops), sigma={es_maml.SIGMA:g}; "
-            f"iMAML lambda={LAM:g}, {CG_STEPS} CG iterations",
-        ),
+        ("problem", f"`python/es_maml.py` sinusoids, MLP 1-40-40-1 ReLU ({es_maml.NUM_PARAMS:,} parameters), "
+         f"{cfg.tasks} tasks per meta-step, K={es_maml.SHOTS} support + {es_maml.QUERY} query points, inner SGD lr "
+         f"{es_maml.INNER_LR:g}; ES N={n} ({2 * n} inner loops), sigma={es_maml.SIGMA:g}; iMAML lambda={LAM:g}, "
+         f"{CG_STEPS} CG iterations"),
         ("timing", harness.timing_note(cfg.budget_s) + "; one meta-step = meta-loss + `.backward()`"),
-        (
-            "memory",
-            "`harness.memory_worker`: a fresh process per point (1 thread), one warm-up step, then the growth "
-            "of the resident set during one step (`VmHWM` reset by `/proc/self/clear_refs`, glibc "
-            "`MALLOC_MMAP_THRESHOLD_=65536`): bytes above the process's baseline",
-        ),
+        ("memory", "`harness.memory_worker`: a fresh process per point (1 thread), one warm-up step, then the growth "
+         "of the resident set during one step (`VmHWM` reset by `/proc/self/clear_refs`, glibc "
+         "`MALLOC_MMAP_THRESHOLD_=65536`): bytes above the process's baseline"),
     ]
     lines = harness.header("Meta-gradient cost vs inner-loop length (`bench/meta_gradient.py`)", fields)
     rows = []
     for m in METHODS:
         for k in cfg.ks:
             if m not in methods:
-                rows.append([METHODS[m], str(k), TORCHOPT_MISSING, ""])
+                rows.append([METHODS[m], str(k), harness.missing("torchopt"), ""])
                 continue
             r = res[(m, k)]
             mem = r["error"] if "error" in r else harness.fmt_mem(r["delta"])
@@ -221,60 +190,38 @@ def report(cfg: Config, methods: Sequence[str], res: Dict, run: harness.Run, png
 
 
 def plot(path: Path, cfg: Config, methods: Sequence[str], res: Dict) -> None:
-    """Time and memory vs k, log-x, one line per method (matplotlib, Agg)."""
-    import matplotlib
+    """Time and memory vs k, log-log, a line per method (``harness.plot``)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def lines(key: str, scale: float) -> List[Tuple[str, str, str, List[Tuple[int, float]]]]:
+        return [(METHODS[m], *STYLES[m], [(k, res[(m, k)][key] * scale) for k in cfg.ks if key in res[(m, k)]])
+                for m in methods]
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, key, scale, ylabel in ((axes[0], "seconds", 1.0, "time per meta-step (s)"),
-                                   (axes[1], "delta", 2.0**-20, "peak memory above baseline (MiB)")):  # fmt: skip
-        for m in methods:
-            pts = [(k, res[(m, k)][key] * scale) for k in cfg.ks if key in res[(m, k)]]
-            if pts:
-                colour, marker = STYLES[m]
-                ax.plot(*zip(*pts), marker=marker, color=colour, label=METHODS[m].replace("`", ""))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("inner steps k")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    mode = "QUICK SMOKE RUN, " if cfg.quick else ""
-    fig.suptitle(f"{mode}meta-gradient cost vs k: sinusoid MAML, {cfg.tasks} tasks, ES N={cfg.num_samples}")
-    fig.text(0.01, 0.01, f"{harness.cpu_model()}, {harness.THREADS} threads; {harness.versions(torchopt)}; "
-             f"{harness.now()}; bench/meta_gradient.py", fontsize=7)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [("", "inner steps k", "time per meta-step (s)", lines("seconds", 1.0)),
+              ("", "inner steps k", "peak memory above baseline (MiB)", lines("delta", 2.0**-20))]
+    title = f"meta-gradient cost vs k: sinusoid MAML, {cfg.tasks} tasks, ES N={cfg.num_samples}"
+    foot = f"{harness.cpu_model()}, {harness.THREADS} threads; {harness.versions()}; {harness.now()}; "
+    harness.plot(path, ("QUICK SMOKE RUN, " if cfg.quick else "") + title, foot + "bench/meta_gradient.py", panels,
+                 size=(6, 5))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Measure every (method, k), print the report, write it and the plot to ``--out-dir``."""
-    parser = argparse.ArgumentParser(description="Meta-gradient time and memory vs inner steps: ES vs TorchOpt.")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, short timing")
-    parser.add_argument("--out-dir", type=Path, default=harness.ROOT / "bench" / "results")
+    parser = harness.parser(__doc__, out=None)
+    parser.add_argument("--out-dir", type=Path, default=harness.ROOT / "bench" / "results", help="report and plot")
     args = parser.parse_args(argv)
-    cfg = Config.make(args.quick)
-    torch.set_num_threads(harness.THREADS)
+    cfg = QUICK if args.quick else FULL
     methods = [m for m in METHODS if m.startswith("es") or torchopt is not None]
     progress = harness.Progress(2 * len(methods) * len(cfg.ks))
     run = harness.Run()
     res = measure(cfg, methods, progress)
     progress.close()
     stem = f"meta_gradient-cpu{'-quick' if cfg.quick else ''}"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    png = None
-    try:
-        plot(args.out_dir / f"{stem}.png", cfg, methods, res)
-        png = f"{stem}.png"
-    except ImportError:
+    png = f"{stem}.png" if harness.optional("matplotlib") else None
+    harness.write(args.out_dir / f"{stem}.md", report(cfg, methods, res, run, png), echo=True)
+    if png is None:
         print("matplotlib not installed: no plot", file=sys.stderr)
-    text = "\n".join(report(cfg, methods, res, run, png)) + "\n"
-    print(text)
-    (args.out_dir / f"{stem}.md").write_text(text)
-    print(f"meta_gradient.py: wrote {args.out_dir / stem}.md", file=sys.stderr)
+    else:
+        plot(args.out_dir / png, cfg, methods, res)
     return 0
 
 

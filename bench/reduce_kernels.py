@@ -3,16 +3,13 @@
     python bench/reduce_kernels.py [--quick] [--out bench/results/cpu.md]                   # the CPU
     python bench/reduce_kernels.py [--quick] --out bench/results/gpu.md [--sass SASS.json]  # with a GPU: the GPU
 
-``grad += Σ_i w_i z_i`` over N samples of n elements, Normal and Rademacher streams, by each backend of the
-device (CPU: ``cpu``, else ``reference``; GPU: ``cuda`` and ``triton``), against the fastest plain-PyTorch way
-to the same sum (noise generated into chunks of samples, then ``addmv_``; CPU: chunks of 1 and 8 samples, GPU:
-at most 1 GiB) and against that generation alone. CPU: float32, N = 64, n = 1e6 (``--quick``: 8, 1e5). GPU:
-float32 and bfloat16 gradients, N ∈ {256, 1024} × n ∈ {1e6, 1e7, 1e8} (``--quick``: the target point only),
-peak memory (``torch.cuda.max_memory_allocated`` during a call) and ``bound_per_s`` of sass.json
-(``tools/sass_report.py``). Targets at the target point (each met / NOT met / not checked): CPU: the Normal reduce
-≥ 1.00x generation alone; GPU (issue 11, N = 1024, n = 1e7): ≥ 85% of the SASS bound, the default backend ≥ 0.9x
-the baseline's speed (Normal; ≥ 5x Rademacher) with O(n) memory (≤ 4n bytes), Triton ≤ 1.5x CUDA's time.
-``--out`` also writes the numbers as JSON beside the report.
+``grad += Σ_i w_i z_i`` (N samples of n elements; Normal, Rademacher) by each backend of the device (CPU: ``cpu``,
+else ``reference``; GPU: ``cuda``, ``triton``) against the fastest plain-PyTorch generation into chunks of samples +
+``addmv_`` (CPU: 1 and 8 samples, GPU: ≤ 1 GiB) and against that generation alone. CPU: float32, N = 64, n = 1e6
+(``--quick``: 8, 1e5); GPU: float32 and bfloat16, N ∈ {256, 1024} × n ∈ {1e6, 1e7, 1e8} (``--quick``: the target
+point), peak memory and % of sass.json's ``bound_per_s`` (``tools/sass_report.py``). Targets at the target point (met /
+NOT met / not checked): CPU: the Normal reduce ≥ 1.00x generation alone; GPU: issue 11's (bench/README.md). ``--out``
+also writes the numbers as JSON beside the report.
 """
 
 from __future__ import annotations
@@ -244,7 +241,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     available = [name for name, status in backends.available().items() if status == "available"]
-    torch.set_num_threads(harness.THREADS)
     gpu = device.type == "cuda"
     if gpu:
         names = [name for name in ("cuda", "triton") if name in available]
@@ -267,12 +263,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[case] = measure_case(case, names, device, budget_s)
         if gpu:
             torch.cuda.empty_cache()
-    triton = harness.import_optional("triton")
     fields = [
-        ("date", harness.now()), ("device", device_line),
-        ("versions", harness.versions(harness.import_torchopt(), f" (CUDA {torch.version.cuda})" if gpu else "",
-                                      f"triton {triton.__version__ if triton else 'not installed'}, ")),
-        ("threads", harness.threads_line()), ("", run.before),
+        ("device", device_line),
+        *run.fields("triton", torch_extra=f" (CUDA {torch.version.cuda})" if gpu else ""),
         ("mode", f"{'quick' if args.quick else 'full'}; backends: {', '.join(names)}; elements/s = N·n / time"),
         ("timing", harness.timing_note(budget_s) if not gpu else "median of `triton.testing.do_bench` (warmup 25 ms, "
          "rep 100 ms, L2 flushed); peak mem = torch.cuda.max_memory_allocated during one call minus what was "
@@ -282,9 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fields.append(("", sass_line))
     lines = harness.header(f"zo_kernels reduce kernels ({'GPU' if gpu else 'CPU'}, `bench/reduce_kernels.py`)", fields)
     lines += report(results, sass, point, gpu) + ["", run.footer()]
-    print("\n".join(lines))
+    harness.write(args.out, lines, echo=True)
     if args.out:
-        harness.write(args.out, lines)
         data = [{**dataclasses.asdict(case), "contender": name, **dataclasses.asdict(t)}
                 for case, (timings, base, alone) in results.items()
                 for name, t in [*timings.items(), ("baseline", base), ("generation", alone)]]

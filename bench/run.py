@@ -16,7 +16,6 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import harness
@@ -26,10 +25,10 @@ from harness import fmt_mem, fmt_ratio, fmt_time, mlp_loss, sync, table
 from harness import wide_mlp_numel as mlp_numel
 
 import zo_kernels
-from zo_kernels import backends, distributions
+from zo_kernels import distributions
 from zo_kernels.optim import ZOSGD
 
-torchopt = harness.import_torchopt()
+torchopt = harness.optional("torchopt")
 METHOD, SIGMA, LR, BATCH = "antithetic", 1e-3, 1e-7, 64  # LR: repeated timing steps barely move the parameters
 WORKER_TIMEOUT_S = 180
 PLOTS_MISSING = "Plots not drawn: matplotlib not installed."
@@ -44,8 +43,6 @@ CONTENDERS: Dict[str, Tuple[str, str, str]] = {
     "torcheggroll": ("torcheggroll 0.2.0 `TorchEggrollES(rank=1).step`", "tab:brown", "*"),
 }
 MEMORY_CASES = {"inference": ("inference (one forward, no_grad)", "tab:gray", "x"), **CONTENDERS}
-MISSING = {"torchopt": harness.TORCHOPT_MISSING, "evotorch": harness.EVOTORCH_MISSING,
-           "torcheggroll": harness.EGGROLL_MISSING}  # fmt: skip
 #: (baseline, zo_kernels contender, what the row compares)
 COMPARISONS = (
     ("torchopt", "zo", "(a) TorchOpt 0.7.3 `torchopt.diff.zero_order`"),
@@ -70,22 +67,9 @@ SUMMARY_COLUMNS = ("device", "baseline", "zo_kernels", "sweep", "MLP d→d→10"
                    "speed-up", "baseline peak mem", "zo_kernels peak mem", "memory ratio")  # fmt: skip
 
 
-@functools.cache
-def peer(name: str) -> Optional[ModuleType]:
-    """An optional peer library, imported on first use (a memory worker pays for evotorch's ~2 s only when used)."""
-    return harness.import_evotorch() if name == "evotorch" else harness.import_optional(name)
-
-
-def missing(case: str) -> Optional[str]:
-    """What an optional contender's cells say where its package cannot be imported; None where it can."""
-    if case not in MISSING or (torchopt if case == "torchopt" else peer(case)) is not None:
-        return None
-    return MISSING[case]
-
-
 def runnable(memory: bool = False) -> List[str]:
     """The cases this machine can run (the optional ones only where installed)."""
-    return [c for c in (MEMORY_CASES if memory else CONTENDERS) if missing(c) is None]
+    return [c for c in (MEMORY_CASES if memory else CONTENDERS) if harness.missing(c) is None]
 
 
 @dataclass(frozen=True)
@@ -101,9 +85,8 @@ class Config:
 
     def sweeps(self) -> List[Tuple[str, int, int]]:
         """Every (sweep, width, N) of the summary table."""
-        return [("N", self.sweep_width, n) for n in self.sample_counts] + [
-            ("params", w, self.param_samples) for w in self.widths
-        ]
+        n_sweep = [("N", self.sweep_width, n) for n in self.sample_counts]
+        return n_sweep + [("params", w, self.param_samples) for w in self.widths]
 
 
 FULL = Config(False, (64, 256, 1024, 2048), 1024, (1, 4, 16, 64), 16, 4.0)
@@ -119,19 +102,11 @@ def device_tag(device: torch.device) -> str:
     return "cuda-" + (words[0] if words else "gpu")
 
 
-def zo_backend(device: torch.device) -> Tuple[str, str]:
-    """(backend, note) that ``zero_order`` uses on ``device``: the best one available there."""
-    if device.type == "cpu":
-        return harness.choose_backend()
-    name = backends.select(device, torch.float32).name
-    return name, f"{name} (best available for CUDA float32)"
-
-
 def make_step(case: str, problem: harness.Problem, num: int, backend: str) -> Callable[[], None]:
     """A callable that runs one step of ``case`` on ``problem`` (and synchronizes the device)."""
     x, y, device = problem.x, problem.y, problem.x.device
-    if missing(case):
-        raise RuntimeError(f"case {case!r}: {missing(case)}")
+    if harness.missing(case):
+        raise RuntimeError(f"case {case!r}: {harness.missing(case)}")
     if case == "zo":
         return harness.grad_step(problem, zo_kernels.zero_order(
             distributions.Normal(), method=METHOD, argnums=0, num_samples=num, sigma=SIGMA, backend=backend)(mlp_loss))
@@ -140,7 +115,7 @@ def make_step(case: str, problem: harness.Problem, num: int, backend: str) -> Ca
     if case == "torch":
         run = functools.partial(harness.torch_matmul_step, mlp_loss, problem.params, x, y, num_samples=num, sigma=SIGMA)
     elif case == "zo_mezo":
-        params = problem.plain_params()
+        params = [p.detach().clone() for p in problem.params]  # the in-place contenders' own copy
         optimizer = ZOSGD(params, lr=LR)
 
         def run() -> None:
@@ -148,10 +123,10 @@ def make_step(case: str, problem: harness.Problem, num: int, backend: str) -> Ca
                                                inplace=True, backend=backend))  # fmt: skip
 
     elif case == "mezo":
-        mezo = harness.MeZO(problem.plain_params(), lr=LR, eps=SIGMA, num_samples=num)
+        mezo = harness.MeZO([p.detach().clone() for p in problem.params], lr=LR, eps=SIGMA, num_samples=num)
         run = functools.partial(mezo.step, mlp_loss, x, y)
     elif case == "evotorch":
-        run = harness.EvoTorchPGPE(peer(case), mlp_loss, problem.params, x, y, num_samples=num, sigma=SIGMA,
+        run = harness.EvoTorchPGPE(harness.optional(case), mlp_loss, problem.params, x, y, num_samples=num, sigma=SIGMA,
                                    lr=LR).step  # fmt: skip
     elif case == "torcheggroll":
         w1, b1, w2, b2 = (p.detach() for p in problem.params)
@@ -159,7 +134,8 @@ def make_step(case: str, problem: harness.Problem, num: int, backend: str) -> Ca
             module = torch.nn.Sequential(torch.nn.Linear(w1.shape[1], w1.shape[0]), torch.nn.Tanh(),
                                          torch.nn.Linear(w2.shape[1], w2.shape[0]))  # fmt: skip
         module.load_state_dict({"0.weight": w1, "0.bias": b1, "2.weight": w2, "2.bias": b2})
-        run = harness.torcheggroll_step(peer(case), module, x, F.mse_loss, y, num_samples=num, sigma=SIGMA, lr=LR)
+        run = harness.torcheggroll_step(harness.optional(case), module, x, F.mse_loss, y, num_samples=num, sigma=SIGMA,
+                                        lr=LR)
     elif case == "inference":
         run = torch.no_grad()(functools.partial(mlp_loss, problem.params, x, y))
     else:
@@ -197,7 +173,7 @@ class DeviceResults:
 
 def measure(cfg: Config, device: torch.device, progress: harness.Progress) -> DeviceResults:
     """Median step time of every contender at every point, then peak memory per (width, case) in fresh processes."""
-    backend, note = zo_backend(device)
+    backend, note = harness.choose_backend(device)
     res = DeviceResults(device, note)
     for width, num in sorted({(w, n) for _, w, n in cfg.sweeps()}):
         problem = harness.wide_mlp(width, device, BATCH)
@@ -206,19 +182,15 @@ def measure(cfg: Config, device: torch.device, progress: harness.Progress) -> De
             progress.show(f"{device.type}: step time, {case}, d={width} ({problem.numel:,} params), N={num}")
             times[case] = harness.time_call(make_step(case, problem, num, backend), device, cfg.budget_s)
             if case in ("zo", "torchopt", "torch"):
-                harness.check_grads(problem, case)
+                harness.check_grads(problem.params, f"{case} ({problem.name})")
             progress.advance()
         if device.type == "cuda":
             del problem
             torch.cuda.empty_cache()
     points = [(width, case) for width in cfg.widths for case in runnable(memory=True)]
-    jobs = [harness.MemoryJob(memory_case, dict(case=case, width=width, num_samples=cfg.param_samples,
-                                                backend=backend), str(device)) for width, case in points]  # fmt: skip
-
-    def label(indices: Sequence[int]) -> str:
-        return f"{device.type}: peak memory ({', '.join(f'{points[k][1]} d={points[k][0]}' for k in indices)})"
-
-    results = harness.run_memory_jobs(jobs, harness.memory_parallelism(), WORKER_TIMEOUT_S, progress, label)
+    jobs = [harness.MemoryJob(memory_case, dict(case=case, width=width, num_samples=cfg.param_samples, backend=backend),
+                              str(device), name=f"{device.type} {case} d={width}") for width, case in points]
+    results = harness.run_memory_jobs(jobs, harness.memory_parallelism(), WORKER_TIMEOUT_S, progress)
     for (width, case), result in zip(points, results):
         res.memory.setdefault(width, {})[case] = result
     return res
@@ -241,14 +213,14 @@ def summary_rows(cfg: Config, results: Sequence[DeviceResults]) -> List[List[str
                 elif mb is not None and mo is not None:
                     row += [fmt_mem(mb), fmt_mem(mo), fmt_ratio(mb / mo)]
                 else:
-                    row += [not_run(base) if missing(base) else "", fmt_mem(mo) if mo is not None else "", ""]
+                    row += [not_run(base) if harness.missing(base) else "", fmt_mem(mo) if mo is not None else "", ""]
                 rows.append(row)
     return rows
 
 
 def not_run(case: str) -> str:
     """The cell of a case that was not measured here (its package is missing, or it failed)."""
-    return missing(case) or "not measured"
+    return harness.missing(case) or "not measured"
 
 
 def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
@@ -272,21 +244,12 @@ def data_tables(cfg: Config, results: Sequence[DeviceResults]) -> List[str]:
     return lines
 
 
-def versions() -> str:
-    """torch, evotorch, torcheggroll, zo_kernels, torchopt and python versions."""
-    peers = "".join(f"{harness.version_of(peer(n), n, MISSING[n])}, " for n in ("evotorch", "torcheggroll"))
-    return harness.versions(torchopt, extra=peers)
-
-
-def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> List[str]:
+def header_lines(cfg: Config, results: Sequence[DeviceResults], run: harness.Run) -> List[str]:
     """The lines above the summary table."""
-    fields = [("date", harness.now())]
-    fields += [(f"device [{device_tag(r.device)}]", f"{harness.device_name(r.device)}; backend: {r.backend_note}")
-               for r in results]  # fmt: skip
+    fields = [(f"device [{device_tag(r.device)}]", f"{harness.device_name(r.device)}; backend: {r.backend_note}")
+              for r in results]
     fields += [
-        ("versions", versions()),
-        ("threads", harness.threads_line()),
-        ("", load),
+        *run.fields("evotorch", "torcheggroll"),
         ("mode", "quick (smoke run: tiny sizes, numbers not meaningful)" if cfg.quick else "full"),
         ("problem", f"tanh MLP d→d→10 (`bench/harness.py`'s `mlp_loss`), batch {BATCH}, MSE, float32; "
                     f"{METHOD}, Normal noise, sigma = {SIGMA:g}; N sweep at d = {cfg.sweep_width}, parameter sweep "
@@ -305,16 +268,16 @@ def header_lines(cfg: Config, results: Sequence[DeviceResults], load: str) -> Li
 
 def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, prefix: str) -> List[Path]:
     """Time vs N, time vs parameter count, peak memory vs parameter count: log-log, a panel per device."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if harness.optional("matplotlib") is None:
         return []
 
-    def times(res: DeviceResults, pts: List[Tuple[int, Tuple[int, int]]]) -> Dict[str, List[Tuple[float, float]]]:
-        return {c: [(x, res.times[key][c]) for x, key in pts if c in res.times[key]] for c in CONTENDERS}
+    def times(res: DeviceResults, points: List[Tuple[int, Tuple[int, int]]]) -> List[Any]:
+        return [(*CONTENDERS[c], [(x, res.times[key][c]) for x, key in points if c in res.times[key]])
+                for c in CONTENDERS]
+
+    def memory(res: DeviceResults) -> List[Any]:
+        return [(*MEMORY_CASES[c], [(mlp_numel(w), p / 2**20) for w in cfg.widths if (p := res.peak(w, c)) is not None])
+                for c in MEMORY_CASES]
 
     plots = (
         ("time-vs-samples", f"Time per gradient step vs num_samples N (MLP d={cfg.sweep_width}, "
@@ -324,34 +287,19 @@ def write_plots(cfg: Config, results: Sequence[DeviceResults], out_dir: Path, pr
          "seconds per step (median)",
          lambda res: times(res, [(mlp_numel(w), (w, cfg.param_samples)) for w in cfg.widths])),
         ("memory-vs-params", f"Peak memory of one step vs parameter count (N={cfg.param_samples})", "parameters",
-         "peak memory (MiB)", lambda res: {c: [(mlp_numel(w), p / 2**20) for w in cfg.widths
-                                               if (p := res.peak(w, c)) is not None] for c in MEMORY_CASES}),
+         "peak memory (MiB)", memory),
     )  # fmt: skip
     devices = "; ".join(f"[{device_tag(r.device)}] {harness.device_name(r.device)}, backend {r.backend_note}"
                         for r in results)  # fmt: skip
-    foot = (f"{devices}\n{versions()}; {harness.now()}\n{'QUICK SMOKE RUN, ' if cfg.quick else ''}median time per "
-            f"call (harness.time_call, <= {cfg.budget_s:g} s); MLP d→d→10, batch {BATCH}, {METHOD}, sigma={SIGMA:g}; "
-            "bench/run.py")  # fmt: skip
-    paths = []
-    for name, title, xlabel, ylabel, series in plots:
-        fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5.6), squeeze=False)
-        for ax, res in zip(axes[0], results):
-            for case, points in series(res).items():
-                if points:
-                    label, colour, marker = MEMORY_CASES[case]
-                    floor = case == "inference"  # dashed and on top: the in-place contenders lie on it
-                    ax.plot(*zip(*sorted(points)), marker=marker, color=colour, label=label.replace("`", ""),
-                            linestyle="--" if floor else "-", zorder=3 if floor else 2)  # fmt: skip
-            ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel)
-            ax.set_title(f"[{device_tag(res.device)}] {harness.device_name(res.device)}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.suptitle(f"{title}\n{harness.now()}", fontsize=11)
-        fig.text(0.01, 0.01, foot, fontsize=7, va="bottom", ha="left")
-        fig.tight_layout(rect=(0, 0.1, 1, 0.95))
-        paths.append(out_dir / f"{prefix}-{name}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+    quick = "QUICK SMOKE RUN, " if cfg.quick else ""
+    foot = (f"{devices}\n{harness.versions('evotorch', 'torcheggroll')}; {harness.now()}\n{quick}median time per call "
+            f"(harness.time_call, <= {cfg.budget_s:g} s); MLP d→d→10, batch {BATCH}, {METHOD}, sigma={SIGMA:g}; "
+            "bench/run.py")
+    paths = [out_dir / f"{prefix}-{name}.png" for name, *_ in plots]
+    for path, (_, title, xlabel, ylabel, series) in zip(paths, plots):
+        panels = [(f"[{device_tag(r.device)}] {harness.device_name(r.device)}", xlabel, ylabel, series(r))
+                  for r in results]
+        harness.plot(path, f"{title}\n{harness.now()}", foot, panels, floor=MEMORY_CASES["inference"][0])
     return paths
 
 
@@ -360,7 +308,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = harness.parser(__doc__, out=None)
     parser.add_argument("--out-dir", type=Path, default=harness.ROOT / "bench" / "results", help="report and plots")
     args = parser.parse_args(argv)
-    torch.set_num_threads(harness.THREADS)
     cfg, devices = QUICK if args.quick else FULL, harness.devices()
     prefix = f"summary-{device_tag(devices[-1])}" + ("-quick" if cfg.quick else "")
     per_device = len({(w, n) for _, w, n in cfg.sweeps()}) * len(runnable()) + len(cfg.widths) * len(runnable(True))
@@ -371,11 +318,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(cfg, results, args.out_dir, prefix)
     footer = run.footer()
-    head = header_lines(cfg, results, run.before) + ["## Summary: ratios against the baselines", ""]
+    head = header_lines(cfg, results, run) + ["## Summary: ratios against the baselines", ""]
     head += table(SUMMARY_COLUMNS, summary_rows(cfg, results))
     head += ["", "What each baseline computes (same N antithetic pairs, same σ, same problem):", ""]
     head += [f"- {line}" for line in ESTIMATORS]
-    skipped = [why for case in CONTENDERS if (why := missing(case))]
+    skipped = [why for case in CONTENDERS if (why := harness.missing(case))]
     if skipped:
         head += [f"- Not measured here: {', '.join(skipped)} (their cells say so; their ratios are left out)."]
     report = head + ["", "## Plots", ""] + ([f"![{p.stem}]({p.name})" for p in plots] or [PLOTS_MISSING])

@@ -2,15 +2,12 @@
 
     python bench/scale.py [--quick] [--out bench/results/scale.md]
 
-0. Cost per evaluation beyond the evaluation itself on a small MLP (64→64→10, N = 16 antithetic, one thread):
-   the loop, ``batch_size=32`` and TorchOpt, beside one plain evaluation.
-1. Step time, N = 100, sigma = 0.01, on TorchOpt's tutorial-size linear model and the 1024-256-10 MLP, per
-   method (naive, forward, antithetic): ``zero_order`` one sample per call (loop, Normal and Rademacher noise)
-   and with ``batch_size=B`` (antithetic), against TorchOpt and against the bare evaluations (overhead).
-2. Peak memory of one training step of ``TinyGPT`` (python/mezo_finetune.py): MeZO in place, a scratch
-   copy, ``zero_order(inplace=True)``, TorchOpt, backprop, inference alone; each in a fresh process.
-3. Step time with 1 and 2 gloo ranks on 127.0.0.1 (``process_group=dist.group.WORLD``) and the bytes a
-   rank sends per step, counted, vs an all-reduce of the gradient.
+0. Cost per evaluation beyond the evaluation, MLP 64→64→10, N = 16, one thread: loop, ``batch_size=32``, TorchOpt.
+1. Step time (N = 100, sigma = 0.01; TorchOpt's tutorial-size linear model, the 1024-256-10 MLP) per method: the
+   ``zero_order`` loop (Normal, Rademacher) and ``batch_size=B``, against TorchOpt and against the bare evaluations.
+2. Peak memory of one ``TinyGPT`` (python/mezo_finetune.py) step, each mode in a fresh process: MeZO in place, a
+   scratch copy, ``zero_order(inplace=True)``, TorchOpt, backprop, inference alone.
+3. 1 vs 2 gloo ranks on 127.0.0.1 (``process_group=dist.group.WORLD``): step time; bytes a rank sends vs an all-reduce.
 Sections 1 and 2 also run on a CUDA device when there is one; the header says how everything is measured.
 """
 
@@ -37,7 +34,7 @@ import zo_kernels
 from zo_kernels import distributions
 from zo_kernels.optim import ZOSGD
 
-torchopt = harness.import_torchopt()
+torchopt = harness.optional("torchopt")
 SIGMA, MEZO_SIGMA, METHOD, N = 0.01, 1e-3, "antithetic", 100  # MEZO_SIGMA: section 2 (MeZO's)
 BATCHES = (10, 100)
 WORKER_TIMEOUT_S = 180
@@ -102,7 +99,7 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
             t_bare = harness.time_call(harness.bare_evals(problem, evals), device, cfg.budget_s)
             base = f"TorchOpt {fmt_ms(t_opt)}" if t_opt is not None else ""
             rows.append(Row(section, f"TorchOpt 0.7.3 `torchopt.diff.zero_order`, {method} ({evals} evals, Normal)",
-                            fmt_ms(t_opt) if t_opt is not None else harness.TORCHOPT_MISSING,
+                            fmt_ms(t_opt) if t_opt is not None else harness.missing("torchopt"),
                             detail=f"{evals} plain evaluations alone (no_grad loop): {fmt_ms(t_bare)}"))  # fmt: skip
             variants = [("Normal", distributions.Normal(), None, max_n)]
             variants += [("Rademacher", distributions.Rademacher(), None, max_r)]
@@ -121,7 +118,7 @@ def step_rows(cfg: Config, device: torch.device) -> List[Row]:
                     target += f", overhead ≤ {max_overhead:g}%"
                 if b is not None:
                     checks.append(("vmap", not fallback))
-                missing = "" if t_opt else f"speed-up not measured ({harness.TORCHOPT_MISSING})"
+                missing = "" if t_opt else f"speed-up not measured ({harness.missing('torchopt')})"
                 met = "; ".join(filter(None, [verdict(checks) if checks else "", missing]))
                 how = "loop: `zero_order(...)`" if b is None else f"batched: `zero_order(..., batch_size={b})`"
                 detail = f"overhead over the bare evaluations {overhead:+.0f}%"
@@ -182,7 +179,7 @@ def gpt_case(case: str, gpt: Dict[str, int], device: torch.device) -> harness.Bu
                                    inplace=True)(loss_fn)  # fmt: skip
     elif case == "torchopt":
         if torchopt is None:
-            raise RuntimeError(f"memory case 'torchopt': {harness.TORCHOPT_MISSING}")
+            raise RuntimeError(f"memory case 'torchopt': {harness.missing('torchopt')}")
         fn = harness.torchopt_zero_order(torchopt, METHOD, 1, MEZO_SIGMA, device)(lambda ps, b: loss_fn(list(ps), b))
     elif case not in MEMORY_CASES:
         raise ValueError(f"unknown memory case {case!r}")
@@ -208,7 +205,7 @@ def memory_rows(cfg: Config, device: torch.device) -> List[Row]:
     cases = [c for c in MEMORY_CASES if not cfg.quick or c in QUICK_MEMORY_CASES]
     runnable = [c for c in cases if c != "torchopt" or torchopt is not None]
     jobs = [harness.MemoryJob(gpt_case, dict(case=c, gpt=cfg.gpt), str(device), harness.THREADS, 0) for c in runnable]
-    results: Dict[str, Dict[str, Any]] = {"torchopt": {"missing": harness.TORCHOPT_MISSING}}
+    results: Dict[str, Dict[str, Any]] = {"torchopt": {"missing": harness.missing("torchopt")}}
     results.update(zip(runnable, harness.run_memory_jobs(jobs, 1, WORKER_TIMEOUT_S)))
     gpt, n_params = cfg.gpt, max((r.get("numel", 0) for r in results.values()), default=0)
     section = (f"2. peak memory of one step [{device.type}]: TinyGPT {n_params / 1e6:.1f}M params (d={gpt['d_model']}, "
@@ -344,15 +341,12 @@ def dist_rows(cfg: Config) -> List[Row]:
     return rows
 
 
-def header_lines(cfg: Config, load: str, devices: Sequence[torch.device]) -> List[str]:
+def header_lines(cfg: Config, run: harness.Run, devices: Sequence[torch.device]) -> List[str]:
     """The lines printed above the table."""
     gpu = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU: sections 1-2 on the CPU"
     fields = [
-        ("date", harness.now()),
         ("device", f"{harness.cpu_model()} ({os.cpu_count()} CPUs); {gpu}"),
-        ("versions", harness.versions(torchopt)),
-        ("threads", harness.threads_line()),
-        ("", load),
+        *run.fields(),
         ("backend", f"{harness.choose_backend()[1]}; devices measured: {', '.join(d.type for d in devices)}"),
         ("mode", f"{'quick (smoke run: the linear model only)' if cfg.quick else 'full'}; `batch_size` B = "
                  f"{', '.join(map(str, BATCHES))}"),
@@ -376,13 +370,12 @@ def header_lines(cfg: Config, load: str, devices: Sequence[torch.device]) -> Lis
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark, print the report, and write it to ``--out`` when given."""
     args = harness.parser(__doc__).parse_args(argv)
-    torch.set_num_threads(harness.THREADS)
     torch.manual_seed(0)
     cfg, devices = QUICK if args.quick else FULL, harness.devices()
     run = harness.Run()
     rows = overhead_rows(cfg, torch.device("cpu")) + [row for device in devices for row in step_rows(cfg, device)]
     rows += [row for device in devices for row in memory_rows(cfg, device)] + dist_rows(cfg)
-    lines = header_lines(cfg, run.before, devices) + harness.rows_table(COLUMNS, rows) + ["", run.footer()]
+    lines = header_lines(cfg, run, devices) + harness.rows_table(COLUMNS, rows) + ["", run.footer()]
     print("\n".join(lines))
     harness.write(args.out, lines)
     return 0

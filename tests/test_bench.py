@@ -95,8 +95,10 @@ def test_scale_quick(tmp_path):
     run_script(tmp_path, "scale.py", "--out", str(tmp_path / "scale.md"))
     table = rows((tmp_path / "scale.md").read_text(), "- section 3 method")
     sections = {row[0].split(" [")[0].split(":")[0] for row in table}
-    assert sections == {"1. step time", "2. peak memory of one step", "3. distributed"}, sections
+    assert sections == {"0. cost per evaluation", "1. step time", "2. peak memory of one step", "3. distributed"}
     assert not [row for row in table if "FAILED" in row[2]], table
+    overhead = [row for row in table if row[0].startswith("0.")]  # one plain evaluation, loop, batched, TorchOpt
+    assert len(overhead) == 3 + installed("torchopt") and all(row[2].endswith(" µs") for row in overhead), overhead
     step = [row for row in table if row[0].startswith("1.")]
     assert len(step) == 3 * 3 + 2  # per method: TorchOpt, Normal, Rademacher; batched: 2 batch sizes
     assert any("bytes rank 0 of 2 sends" in row[1] for row in table)
@@ -149,7 +151,7 @@ def test_plain_pytorch_and_mezo_baselines_estimate_the_gradient(harness):
 
 def test_evotorch_pgpe_follows_the_raw_antithetic_estimate(harness):
     """PGPE with raw fitness and no optimizer moves its center by ``-lr * g``, as ``ZOSGD(lr)`` does."""
-    evotorch = harness.import_evotorch()
+    evotorch = harness.optional("evotorch")
     if evotorch is None:
         pytest.skip("evotorch not installed (requirements-bench.txt)")
     params, target = (torch.randn(3, 4), torch.randn(5)), (torch.zeros(3, 4), torch.ones(5))
