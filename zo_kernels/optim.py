@@ -16,6 +16,7 @@ the same order.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -82,17 +83,19 @@ def _check_eps(eps: Any, label: str = "eps") -> float:
     return value
 
 
-class _ZOOptimizer(torch.optim.Optimizer):
+class _ZOOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """What ZOSGD and ZOAdam share: param groups of checked tensors, the estimate's checks, checked state loading."""
 
     #: The options of a param group, in the order ``_options`` returns them.
     _OPTIONS: Tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def _options(self, group: Mapping, where: str) -> Tuple[Any, ...]:
-        raise NotImplementedError
+        """The group's options, checked, in :attr:`_OPTIONS` order (errors name ``where``)."""
 
+    @abc.abstractmethod
     def _check_state(self, entry: Any, p: torch.Tensor, where: str) -> Dict[str, Any]:
-        raise NotImplementedError
+        """One parameter's loaded state ``entry``, checked against ``p`` (errors name ``where``)."""
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group ``{'params': tensors, 'lr': ..., ...}``; the options it leaves out take the defaults.
