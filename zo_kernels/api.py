@@ -7,7 +7,7 @@ import operator
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch._C._functorch import is_functorch_wrapped_tensor, is_legacy_batchedtensor
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch._functorch.utils import unwrap_dead_wrappers as unwrap_if_dead
 from torch.utils import _pytree as pytree
 
@@ -109,9 +109,13 @@ def _other_arguments(args: Tuple[Any, ...], kwargs: Dict[str, Any], argnums: Tup
     return named + [(f"keyword argument {key!r}", a) for key, a in kwargs.items()]
 
 
+#: autograd's ``is_grads_batched`` vmaps with the legacy batching (older torch builds may lack the probe).
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _is_batched(t: torch.Tensor) -> bool:
     """Whether ``t`` is a vmapped batch (torch.func's or autograd's ``is_grads_batched``), not plain data."""
-    return is_functorch_wrapped_tensor(t) or is_legacy_batchedtensor(t)
+    return is_functorch_wrapped_tensor(t) or _is_legacy_batched(t)
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
