@@ -21,7 +21,7 @@ lint: setup
 	$(VENV)/bin/ruff check zo_kernels tests bench python tools setup.py
 
 # Two pytest processes, each test file whole in one of them (its module fixtures, such as the ASan
-# build, run once): 5.7 minutes instead of 7.8 on this 2-core machine. TEST_WORKERS=0 runs serially.
+# build, run once), about twice as fast as one on this 2-core machine. TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: setup lint
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
