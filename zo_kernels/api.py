@@ -58,12 +58,9 @@ class _CallSite:
                     if isinstance(leaf, torch.Tensor):
                         self.others.append(leaf)
                         self.names.append(_name(where, k, flat, value))
-        self.versions = [_version(t) for t in (*self.leaves, *self.others)]
-
-    @property
-    def tensors(self) -> Tuple[torch.Tensor, ...]:
-        """The differentiated leaves, then every other tensor of the call."""
-        return (*self.leaves, *self.others)
+        #: The differentiated leaves, then every other tensor of the call (the autograd inputs).
+        self.tensors: Tuple[torch.Tensor, ...] = (*self.leaves, *self.others)
+        self.versions = [_version(t) for t in self.tensors]
 
     def __call__(self, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
         args = list(self.args)

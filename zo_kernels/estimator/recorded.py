@@ -99,10 +99,8 @@ def _batched(
     losses: List[torch.Tensor] = []
     for lo in range(0, count, width):
         hi = min(lo + width, count)
-        rows = [
-            torch.stack([(p + sign * sigma * z[i]).to(p.dtype) for i in range(lo, hi) for sign in signs])
-            for p, z in zip(leaves, noise)
-        ]
+        members = [_perturbed(leaves, noise, i, sign * sigma) for i in range(lo, hi) for sign in signs]
+        rows = [torch.stack(column) for column in zip(*members)]  # per leaf, the call's members stacked
         try:
             out = batched(*rows)
         except (RuntimeError, NotImplementedError) as exc:  # what torch raises for what vmap cannot run
