@@ -173,6 +173,18 @@ SETTING_CASES = st.one_of(
         r"inplace must be a bool",
     ),
     cases(
+        "perturb",
+        st.text(max_size=8).filter(lambda m: m not in ("copy", "inplace", "on_use")),
+        ValueError,
+        r"perturb must be one of 'copy', 'inplace', 'on_use'",
+    ),
+    cases(
+        "perturb",
+        st.one_of(st.integers(), st.none(), st.booleans(), st.floats()),
+        TypeError,
+        r"perturb must be one of 'copy', 'inplace', 'on_use'",
+    ),
+    cases(
         "process_group",
         st.one_of(st.integers(), st.text(max_size=3), st.just(object())),
         TypeError,

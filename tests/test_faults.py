@@ -56,6 +56,7 @@ PATHS = {
     "loop": (dict(), lambda k: 1 + 2 * k),
     "vmap": (dict(batch_size=4), lambda k: 1 + k // 2),  # 2 antithetic samples per vmapped call
     "inplace": (dict(inplace=True), lambda k: 1 + 2 * k),
+    "on_use": (dict(perturb="on_use"), lambda k: 1 + 2 * k),
 }
 
 
@@ -85,6 +86,8 @@ def test_function_raising_at_sample_k_loses_nothing(path, k, dist):
             torch.testing.assert_close(tree[name].detach(), before, rtol=INPLACE_RTOL, atol=1e-7)
         else:
             assert torch.equal(tree[name].detach(), before)
+        if path == "on_use":
+            assert tree[name]._version == 0  # never written, not even restored
 
 
 @pytest.mark.parametrize("k", [0, N - 1], ids=["first", "last"])

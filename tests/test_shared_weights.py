@@ -15,7 +15,7 @@ from zo_kernels.noise.shared_weights import FAST_OPS, SharedWeights, materialize
 
 MEMBERS, RANK = 3, 2
 TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-OUR_WARNING = "zo_kernels: LowRank batch: `"
+OUR_WARNING = "zo_kernels: LowRank: `"
 
 
 def population(shapes, dtype, scale=0.1):

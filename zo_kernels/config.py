@@ -140,7 +140,8 @@ class Config:
     seed: Seed
     backend: Optional[str]
     noise: Noise
-    inplace: bool = False
+    #: How each evaluation is given ``theta + s sigma z_i``: one of :data:`PERTURB_MODES`.
+    perturb: str = "copy"
     #: A weak reference to the ``torch.distributed`` group: holding the group itself would keep a
     #: destroyed group's transport alive until interpreter exit, where gloo can abort the process.
     group_ref: Optional[Callable[[], Any]] = None
@@ -166,6 +167,16 @@ class Config:
         """The signs of the evaluations per sample: ``(+1, -1)`` for 'antithetic', else ``(+1,)``."""
         return (1.0, -1.0) if self.method == "antithetic" else (1.0,)
 
+    @property
+    def inplace(self) -> bool:
+        """Whether the parameters' own storage is perturbed (``perturb='inplace'``, MeZO's mode)."""
+        return self.perturb == "inplace"
+
+    @property
+    def on_use(self) -> bool:
+        """Whether each use of a parameter is served its perturbed values (``perturb='on_use'``)."""
+        return self.perturb == "on_use"
+
 
 def check_regenerable(distribution: Any) -> FusedDistribution:
     """The built-in distribution of ``distribution``, whose noise a seed-compressed gradient can regenerate."""
@@ -183,21 +194,48 @@ def check_regenerable(distribution: Any) -> FusedDistribution:
     return distribution
 
 
-def _check_regenerable_options(noise: Noise, inplace: bool, process_group: Any, batch_size: Optional[int]) -> None:
-    """The options that regenerate the noise from its seed need a family that can."""
+#: How an evaluation sees ``theta + s sigma z_i`` (docs/memory.md): ``'copy'`` writes it into a scratch
+#: copy of the parameters, ``'inplace'`` into their own storage (restored after each sample),
+#: ``'on_use'`` serves it to each torch operation that reads a parameter, never writing either.
+PERTURB_MODES = ("copy", "inplace", "on_use")
+
+
+def check_perturb(perturb: object, inplace: object = False) -> str:
+    """The perturbation mode of ``perturb=`` and its alias ``inplace=True`` (``perturb='inplace'``)."""
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not isinstance(perturb, str) or perturb not in PERTURB_MODES:
+        options = ", ".join(repr(m) for m in PERTURB_MODES)
+        raise (ValueError if isinstance(perturb, str) else TypeError)(f"perturb must be one of {options}; got {perturb!r}")
+    if inplace and perturb != "inplace":
+        if perturb != "copy":
+            raise ValueError(
+                f"inplace=True is the alias of perturb='inplace' and contradicts perturb={perturb!r}; pass only perturb"
+            )
+        return "inplace"
+    return perturb
+
+
+def _check_regenerable_options(noise: Noise, perturb: str, process_group: Any, batch_size: Optional[int]) -> None:
+    """The options that regenerate the noise from its seed need a family that can."""
     if not noise.regenerable:
-        for name, given in (("inplace=True", inplace), ("batch_size", batch_size), ("process_group", process_group)):
-            if given is not None and given is not False:
+        mode = None if perturb == "copy" else f"perturb={perturb!r}"
+        for name, given in ((mode, mode), ("batch_size", batch_size), ("process_group", process_group)):
+            if given is not None:
                 raise ValueError(
                     f"{name} needs a built-in distribution (zo_kernels.distributions.Normal(), Rademacher(), "
                     "Sphere() or LowRank()): it relies on regenerating the noise from its seed"
                 )
     if batch_size is not None:
         check_num_samples(batch_size, "batch_size")
-        if inplace:
+        if perturb == "inplace":
             raise ValueError("batch_size cannot be combined with inplace=True (a batch needs batch_size copies)")
+        if perturb == "on_use" and not noise.shares_weights:
+            raise ValueError(
+                f"batch_size cannot be combined with perturb='on_use' for {noise.name} noise: a full-rank batch needs "
+                "batch_size perturbed copies of the parameters. Use LowRank() (whose members share the weights) or "
+                "perturb='copy'"
+            )
 
 
 def make_config(
@@ -207,14 +245,17 @@ def make_config(
     sigma: float,
     seed: Seed,
     backend: Optional[str],
-    inplace: bool,
+    perturb: str,
     process_group: Any,
     batch_size: Optional[int],
     fitness_shaping: Any = None,
 ) -> Config:
-    """Validate every estimator argument (each error names it) into the settings of one estimator."""
+    """Validate every estimator argument (each error names it) into the settings of one estimator.
+
+    ``perturb`` is a mode already checked by :func:`check_perturb` (which also resolves ``inplace=``).
+    """
     noise = as_noise(distribution)
-    _check_regenerable_options(noise, inplace, process_group, batch_size)
+    _check_regenerable_options(noise, perturb, process_group, batch_size)
     shaping = check_fitness_shaping(fitness_shaping)
     config = Config(
         method=check_method(method),
@@ -223,7 +264,7 @@ def make_config(
         seed=check_seed(seed),
         backend=check_backend(backend),
         noise=noise,
-        inplace=inplace,
+        perturb=perturb,
         group_ref=None if process_group is None else weakref.ref(check_process_group(process_group)),
         batch_size=batch_size,
         fitness_shaping=shaping,
@@ -309,6 +350,15 @@ def check_disjoint(leaves: Sequence[torch.Tensor], what: str) -> None:
     for (ptr_a, _, stop_a, a), (ptr_b, start_b, _, b) in zip(spans, spans[1:]):
         if ptr_a == ptr_b and start_b < stop_a:
             raise ValueError(f"{what}, but leaves {min(a, b)} and {max(a, b)} share memory")
+
+
+def check_distinct(leaves: Sequence[torch.Tensor], what: str) -> None:
+    """ValueError if the same tensor object is two of ``leaves`` (``what`` says why that is refused)."""
+    seen = {}
+    for k, p in enumerate(leaves):
+        if id(p) in seen:
+            raise ValueError(f"{what}, but leaves {seen[id(p)]} and {k} are the same tensor; pass it once")
+        seen[id(p)] = k
 
 
 def check_output(output: object, where: str) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Evaluators: the perturbed losses of this rank's share of the samples, as ``(signs, k)`` blocks.
 
-Three ways to evaluate, each reading the plan and writing only its own buffers (and the plan's
+Four ways to evaluate, each reading the plan and writing only its own buffers (and the plan's
 kept-noise sums it is given): :func:`loop_blocks` (one call of the function per evaluation, into a
 scratch copy), :func:`inplace_blocks` (MeZO: the parameters' own storage, restored after every
-sample) and :func:`batched_blocks` (``batch_size`` evaluations per ``torch.func.vmap`` call).
+sample), :func:`on_use_blocks` (each use of a parameter served its perturbed values; nothing
+written) and :func:`batched_blocks` (``batch_size`` evaluations per ``torch.func.vmap`` call).
 :func:`evaluate_share` picks them; a vmap failure is recorded on the decorated function's
 :class:`EvaluatorState`, once, and the rest of the samples are evaluated by the loop.
 """
@@ -16,6 +17,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Uni
 import torch
 
 from ..config import check_output
+from ..noise.shared_weights import SharedWeights
 from .plan import Plan, samples_per_call
 
 Evaluate = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -203,6 +205,48 @@ def inplace_blocks(plan: Plan, evaluate: Evaluate, ids: Iterable[int]) -> List[t
     return blocks
 
 
+def on_use_blocks(
+    plan: Plan, evaluate: Evaluate, state: EvaluatorState, ids: Iterable[int]
+) -> List[torch.Tensor]:
+    """``perturb='on_use'``: the function gets the parameters themselves, each use served ``theta + s sigma z_i``.
+
+    Nothing is written to the parameters, so there is nothing to restore when the function raises.
+    A parameter that no torch operation read during an evaluation is named in a warning, once per
+    decorated function: it was evaluated unperturbed, or read where the mode cannot see it.
+    """
+    noise, sigma = plan.noise, plan.config.sigma
+    blocks = []
+    for i in ids:
+        sample_losses = []
+        for sign in plan.signs:
+            uses = SharedWeights()
+            for seg in plan.segments:
+                noise.serve(seg, plan.seed, i, sign * sigma * plan.scales[i], uses)
+            with uses:
+                sample_losses.append(evaluate_sample(evaluate, plan.scratch, i, sign, plan.seed_text))
+            if len(uses.served) < len(plan.scratch):
+                _warn_unserved(state, plan.scratch, uses.served)
+        blocks.append(stack_losses(sample_losses)[:, None])
+    return blocks
+
+
+def _warn_unserved(state: EvaluatorState, leaves: Sequence[torch.Tensor], served: Set[int]) -> None:
+    if "unserved" in state.warned:
+        return
+    state.warned.add("unserved")
+    missed = [f"leaf {k} (a {list(p.shape)} {p.dtype} tensor)" for k, p in enumerate(leaves) if id(p) not in served]
+    warnings.warn(
+        f"zo_kernels: perturb='on_use': {', '.join(missed)} of the differentiated parameters "
+        f"{'was' if len(missed) == 1 else 'were'} not read by any torch operation while the function was evaluated, "
+        "so the evaluation saw unperturbed values and the estimate for it is noise. "
+        "Either the function does not use it, or reads it where perturb='on_use' cannot serve it (a C++/CUDA "
+        "extension given its data pointer, a torch.compile'd region that captured it, a copy made before the call); "
+        "use perturb='copy' for such a function. Warned once per decorated function.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
 class _Batch:
     """The buffers of batched evaluation: ``width`` samples' rows per segment (and their kept noise)."""
 
@@ -326,11 +370,20 @@ def evaluate_share(
     first, count = plan.share.first, plan.share.count
     if plan.config.inplace:
         return inplace_blocks(plan, evaluate, range(first, first + count)), plan.sums
+    if plan.config.on_use:
+
+        def loop(sums: Sums, ids: Iterable[int]) -> List[torch.Tensor]:
+            return on_use_blocks(plan, evaluate, state, ids)  # keeps no noise: ``sums`` are all None
+    else:
+
+        def loop(sums: Sums, ids: Iterable[int]) -> List[torch.Tensor]:
+            return loop_blocks(plan, evaluate, weigh, sums, ids)
+
     if not plan.batching:
-        return loop_blocks(plan, evaluate, weigh, plan.sums, range(first, first + count)), plan.sums
+        return loop(plan.sums, range(first, first + count)), plan.sums
     blocks = batched_blocks(plan, evaluate, weigh, state, plan.sums)
     done = sum(block.shape[1] for block in blocks)
     if done == count:
         return blocks, plan.sums
-    rest = loop_blocks(plan, evaluate, weigh, [None] * len(plan.segments), range(first + done, first + count))
+    rest = loop([None] * len(plan.segments), range(first + done, first + count))
     return blocks + rest, [None] * len(plan.segments)

@@ -138,6 +138,21 @@ def inplace_segments(
     return segments, [p.data for p in leaves]
 
 
+def on_use_segments(
+    leaves: Sequence[torch.Tensor], offsets: Sequence[int], chosen: Sequence[Optional[Backend]]
+) -> Tuple[List[Segment], List[torch.Tensor]]:
+    """One segment per leaf, no buffer: the function receives the leaves themselves (``perturb='on_use'``).
+
+    Leaves are never concatenated (that would copy them); a non-contiguous leaf is read through one
+    contiguous copy, the only parameter-sized allocation of the mode.
+    """
+    segments = []
+    for b, p, off in zip(chosen, leaves, offsets):
+        flat = p.detach().reshape(-1)
+        segments.append(Segment(b, flat, flat, off, [(0, p.numel(), p.shape)], [p], [p.detach()]))
+    return segments, list(leaves)
+
+
 def loop_window(numel: int, count: int) -> int:
     """Samples whose kept noise the loop holds (``numel`` floats each) before summing it in one product.
 
@@ -156,9 +171,10 @@ def _kept_sums(
 ) -> List[Optional[torch.Tensor]]:
     """Keep each sample's noise and accumulate it at once where that beats regenerating it in ``reduce``.
 
-    Never in place, nor across ranks (every rank rebuilds all N samples: nothing to keep).
+    Only into a scratch copy (``perturb='copy'``: the other modes hold no parameter-sized buffer),
+    never across ranks (every rank rebuilds all N samples: nothing to keep).
     """
-    keep = accumulate and not s.inplace and not distributed
+    keep = accumulate and s.perturb == "copy" and not distributed
     return [
         torch.zeros(seg.theta.shape, dtype=accumulation_dtype(seg.theta.dtype), device=seg.theta.device)
         if keep and noise.keeps_noise(seg, rows)
@@ -186,6 +202,8 @@ def make_plan(
     scales = noise.sample_scales(chosen[0] if leaves else None, seed, ids, offsets[-1], device)
     if s.inplace:
         segments, scratch = inplace_segments(leaves, offsets, chosen)
+    elif s.on_use:
+        segments, scratch = on_use_segments(leaves, offsets, chosen)
     else:
         segments, scratch = scratch_segments(leaves, offsets, chosen, noise.joins_leaves, noise.uses_scratch)
     batching = s.batch_size is not None and not vmap_failed

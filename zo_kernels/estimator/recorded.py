@@ -36,6 +36,11 @@ def check_recordable(s: Config, why: str) -> None:
     """RuntimeError if an estimate with ``s`` cannot be recorded by autograd (``why``: what asked for it)."""
     refused = (
         ("inplace=True", s.inplace, "it perturbs the parameters' own storage, which autograd cannot record"),
+        (
+            "perturb='on_use'",
+            s.on_use,
+            "it serves the perturbed values to each operation from the fused kernels, outside autograd's graph",
+        ),
         ("process_group", s.group_ref is not None, "the other ranks' losses arrive as numbers, without a graph"),
     )
     for name, given, reason in refused:

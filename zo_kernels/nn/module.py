@@ -70,7 +70,7 @@ def enable_zero_order_gradients(
     # The keywords are checked once, here; each instance is its own distribution, so its config
     # (the same checked keywords with the instance as noise) is made once per instance, on first use.
     template = make_config(
-        lambda shape: shape, method, num_samples, sigma, None, None, False, None, None, fitness_shaping
+        lambda shape: shape, method, num_samples, sigma, None, None, "copy", None, None, fitness_shaping
     )
     configs: weakref.WeakKeyDictionary[nn.Module, Config] = weakref.WeakKeyDictionary()
     original_forward = cls.forward

@@ -20,6 +20,7 @@ from ..ops import registry as _backends
 if TYPE_CHECKING:
     from ..estimator.plan import Segment
     from ..ops.base import Backend
+    from .shared_weights import SharedWeights
 
 Sampler = Callable[[torch.Size], Any]
 #: ``perturb(i, scale)``: writes ``theta + scale * z_i`` into the segment's scratch (None), or returns
@@ -81,6 +82,8 @@ class Noise(abc.ABC):
         joins_leaves: consecutive small leaves may be concatenated into one segment.
         uses_scratch: perturbations are written into a scratch buffer per segment (False: they
             are new tensors, and no scratch buffer is allocated).
+        shares_weights: the members of a ``batch_size`` batch share the weights (their uses are
+            rewritten), so a batch costs no perturbed copy of the matrices: ``perturb='on_use'`` allows it.
         stream: the counter-based stream the backends generate (regenerable families).
     """
 
@@ -88,6 +91,7 @@ class Noise(abc.ABC):
     regenerable = True
     joins_leaves = True
     uses_scratch = True
+    shares_weights = False
     stream = ""
 
     @contextlib.contextmanager
@@ -129,6 +133,14 @@ class Noise(abc.ABC):
     @abc.abstractmethod
     def twin(self, segment: Segment, keep: Any, scale: float) -> Optional[List[torch.Tensor]]:
         """``theta + scale * z`` from the kept ``z`` (the antithetic ``-sigma z`` row), as :data:`Perturb` does."""
+
+    def serve(self, segment: Segment, seed: Optional[int], sample_id: int, scale: float, uses: SharedWeights) -> None:
+        """Register in ``uses`` how each use of the segment's leaves is served ``theta + scale * z_{sample_id}``.
+
+        ``perturb='on_use'``: the leaves are the parameter objects themselves (``segment.views``),
+        never written; a family without kernels cannot serve them.
+        """
+        raise TypeError(f"perturb='on_use' needs a built-in distribution, got {self.name} noise")
 
     @abc.abstractmethod
     def perturb_rows(

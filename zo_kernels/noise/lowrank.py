@@ -108,6 +108,7 @@ class LowRank(FusedDistribution):
     #: Segments hold one leaf each, so a segment is a matrix or a vector; vectors take every method
     #: of :class:`~.stream.FusedDistribution` unchanged.
     joins_leaves = False
+    shares_weights = True
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -194,6 +195,15 @@ class LowRank(FusedDistribution):
             for k in range(signs):
                 row = out[i * signs + k].view(mn)
                 segment.backend.lowrank_perturb(row, theta, a[i], b[i], float(scales[i, k]) / root)
+
+    def serve(self, segment: Segment, seed: int, sample_id: int, scale: float, uses: SharedWeights) -> None:
+        """A matrix's uses are rewritten with this sample's factors (no perturbed matrix); a vector's materialized."""
+        if self._matrix(segment) is None:
+            return super().serve(segment, seed, sample_id, scale, uses)
+        a, b = self._factors(segment, seed, torch.tensor([sample_id]))
+        acc = accumulation_dtype(segment.theta.dtype)
+        # the scale folded into A in the accumulation dtype, as a batch member's (batch_inputs)
+        uses.track(segment.views[0], a[0].to(acc) * (scale / math.sqrt(self.rank)), b[0].to(acc))
 
     # -- batched evaluation: vmap over the factors, the weights shared ----------------------------
 

@@ -1,4 +1,21 @@
-"""One low-rank population member evaluated on the shared, unperturbed weights.
+"""Perturbed parameters served where they are used: the one mechanism behind ``perturb='on_use'`` and LowRank batches.
+
+:class:`SharedWeights` is a ``TorchFunctionMode``: while it is active, every torch operation that
+reads one of its tracked tensors is given that tensor's perturbed values instead, and the tracked
+tensor itself is never written. How a use is served is the noise family's decision:
+
+- a full-rank family (:meth:`SharedWeights.track_values`) materializes the tensor's perturbed
+  values (its backend's perturb kernel) into a transient for that one operation, released when
+  the operation returns (``perturb='on_use'``: exact, at inference memory, for every dtype);
+- ``LowRank`` (:meth:`SharedWeights.track`) serves the matrix uses listed below as the shared
+  product plus the low-rank term, with no perturbed matrix at all (inside a ``batch_size`` vmap
+  for a population of members, or for one sample under ``perturb='on_use'``).
+
+Which tracked tensors an evaluation read is recorded (:attr:`SharedWeights.served`), so that a
+tensor read behind the mode's back (a C++ extension given its data pointer, a compiled region
+that captured it) or not at all can be named instead of silently evaluated unperturbed.
+
+The low-rank rewriting:
 
 ``LowRank`` perturbs a matrix ``W`` (``m x n``; a tensor with ``ndim >= 3`` is viewed as
 ``(shape[0], numel // shape[0])``) per member ``i`` as ``W + A_i @ B_i.T``. A batch of members runs as
@@ -26,7 +43,7 @@ float32/float64 roundings. For float16/bfloat16 ``W`` the term ``(x @ B) @ A.T``
 unperturbed product and the term separately, where :func:`materialized` rounds ``W + A @ B.T`` once
 before the product, so the two agree only to half-precision accuracy.
 
-In-place ops on a perturbed matrix act on the op's materialized copy, never on ``W``.
+In-place ops on a tracked tensor act on the op's materialized copy, never on the tensor.
 """
 
 from __future__ import annotations
@@ -65,7 +82,7 @@ def _warn_once(name: str) -> None:
         return
     _WARNED.add(name)
     warnings.warn(
-        f"zo_kernels: LowRank batch: `{name}` uses a perturbed matrix in a way that is not rewritten; the member's "
+        f"zo_kernels: LowRank: `{name}` uses a perturbed matrix in a way that is not rewritten; the member's "
         "weights are materialized for it (correct, but not at inference cost)",
         UserWarning,
         stacklevel=3,
@@ -99,15 +116,26 @@ def materialized(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Ten
 
 
 class _Tracked:
-    """A tensor object the mode rewrites: ``tensor == W0 + A @ B.T`` for this member (``fast``: 2-D)."""
+    """A tensor object the mode serves: ``W0 + A @ B.T`` (low rank; ``fast``: 2-D, rewritten) or ``make()``."""
 
-    __slots__ = ("tensor", "A", "B", "fast")
+    __slots__ = ("tensor", "A", "B", "fast", "make")
 
-    def __init__(self, tensor: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        A: Optional[torch.Tensor] = None,
+        B: Optional[torch.Tensor] = None,
+        make: Optional[Callable[[], torch.Tensor]] = None,
+    ) -> None:
         self.tensor = tensor
         self.A = A
         self.B = B
-        self.fast = tensor.ndim == 2
+        self.make = make
+        self.fast = make is None and tensor.ndim == 2
+
+    def materialize(self) -> torch.Tensor:
+        """This use's perturbed values, a new tensor (a low-rank fallback warns once per op)."""
+        return self.make() if self.make is not None else materialized(self.tensor, self.A, self.B)
 
     def factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.A.to(dtype), self.B.to(dtype)
@@ -377,8 +405,8 @@ class SharedWeights(TorchFunctionMode):
     the rewrites' own torch calls are not intercepted again.
     """
 
-    def __init__(self, factors: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        """Track the shared matrices of one member.
+    def __init__(self, factors: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None) -> None:
+        """Track the shared matrices of one member (more with :meth:`track` and :meth:`track_values`).
 
         Args:
             factors: ``id(W) -> (W, A, B)``: ``W`` the shared matrix object the function receives,
@@ -390,7 +418,9 @@ class SharedWeights(TorchFunctionMode):
         """
         super().__init__()
         self._tracked: Dict[int, _Tracked] = {}
-        for key, (W, A, B) in factors.items():
+        #: ``id`` of every tracked tensor an operation has read (metadata queries aside).
+        self.served: Set[int] = set()
+        for key, (W, A, B) in (factors or {}).items():
             if key != id(W):
                 raise ValueError("SharedWeights: each key must be id(W) of the W it maps to")
             m = W.shape[0] if W.ndim else 0
@@ -415,6 +445,15 @@ class SharedWeights(TorchFunctionMode):
         """
         self._tracked[id(tensor)] = _Tracked(tensor, A, B)
         return tensor
+
+    def track_values(self, tensor: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Serve every use of ``tensor`` from now on with ``make()``, a new tensor of its shape; returns ``tensor``."""
+        self._tracked[id(tensor)] = _Tracked(tensor, make=make)
+        return tensor
+
+    def tracked(self) -> List[torch.Tensor]:
+        """The tracked tensor objects, in the order they were tracked."""
+        return [t.tensor for t in self._tracked.values()]
 
     def lookup(self, value: Any) -> Optional[_Tracked]:
         """The tracking record of ``value`` if it is one of the tracked tensor objects, else None."""
@@ -450,19 +489,35 @@ class SharedWeights(TorchFunctionMode):
             return func(*args, **kwargs)
         flat, spec = tree_flatten((args, kwargs))
         hits = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and self.lookup(v) is not None]
-        if not hits or func in _METADATA:
+        if not hits:
             return func(*args, **kwargs)
+        self.served.update(id(flat[i]) for i in hits)
+        # Values served by materializing (full-rank noise) are substituted first, one per tensor
+        # however often the op names it; the low-rank matrices left may then be rewritten.
+        members: Dict[int, torch.Tensor] = {}
+        rewritable = []
+        for i in hits:
+            t = self._tracked[id(flat[i])]
+            if t.make is None:
+                rewritable.append(i)
+                continue
+            if id(flat[i]) not in members:
+                members[id(flat[i])] = t.make()
+            flat[i] = members[id(flat[i])]
+        if not rewritable:
+            args, kwargs = tree_unflatten(flat, spec)
+            return func(*args, **kwargs)
+        if members:
+            args, kwargs = tree_unflatten(flat, spec)
         rule = _RULES.get(func)
         if rule is not None:
             out = rule(self, func, args, kwargs)
             if out is not None:
                 return out
         _warn_once(_op_name(func))
-        members: Dict[int, torch.Tensor] = {}  # one copy per tensor, however often the op names it
-        for i in hits:
+        for i in rewritable:
             if id(flat[i]) not in members:
-                t = self._tracked[id(flat[i])]
-                members[id(flat[i])] = materialized(t.tensor, t.A, t.B)
+                members[id(flat[i])] = self._tracked[id(flat[i])].materialize()
             flat[i] = members[id(flat[i])]
         args, kwargs = tree_unflatten(flat, spec)
         return func(*args, **kwargs)

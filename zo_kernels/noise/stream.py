@@ -6,18 +6,30 @@ Their samples are the counter-based stream of ``docs/noise.md``, generated insid
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, List, Optional, Union
 
 import torch
 
 from ..ops import registry as _backends
-from ..ops.spec import NORMAL, RADEMACHER
+from ..ops.spec import NORMAL, RADEMACHER, accumulation_dtype
 from .base import Noise, Parts, Perturb, ShapeLike, as_size, sample_seed
 
 if TYPE_CHECKING:
     from ..estimator.plan import Segment
     from ..ops.base import Backend
+    from .shared_weights import SharedWeights
+
+
+def _perturbed(
+    backend: Backend, leaf: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, offset: int,
+    sample_id: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """A new tensor shaped like ``leaf``: ``theta + scale * z(seed, sample_id, offset + j)`` (one use's values)."""
+    out = torch.empty(leaf.shape, dtype=theta.dtype, device=theta.device)
+    backend.perturb(out.view(-1), theta, stream, seed, sample_id, scale, offset)
+    return out
 
 
 class FusedDistribution(Noise):
@@ -50,8 +62,27 @@ class FusedDistribution(Noise):
         return segment.backend.prepare_perturb(segment.out, segment.theta, self.stream, seed, segment.offset, keep=keep)
 
     def twin(self, segment: Segment, keep: torch.Tensor, scale: float) -> None:
-        """``segment.out = theta + scale * z`` from the kept ``z`` (the antithetic ``-sigma z`` row)."""
-        torch.add(segment.theta, keep, alpha=scale, out=segment.out)
+        """``segment.out = theta + scale * z`` from the kept ``z`` (the antithetic ``-sigma z`` row).
+
+        Rounded as the kernels round (``docs/noise.md``): the product ``scale * z`` in the
+        accumulation dtype, then the sum, then the parameters' dtype; so the twin's values are the
+        very ones a perturbation without kept noise (or ``perturb='on_use'``) gives.
+        """
+        out, acc = segment.out, accumulation_dtype(segment.theta.dtype)
+        if out.dtype == acc:
+            torch.mul(keep.to(acc), scale, out=out)
+            out.add_(segment.theta)
+        else:  # half precision: the float32 sum is rounded once, into the parameters' dtype
+            out.copy_(torch.mul(keep, scale).add_(segment.theta))
+
+    def serve(self, segment: Segment, seed: int, sample_id: int, scale: float, uses: SharedWeights) -> None:
+        """Each use of a leaf gets a new tensor ``theta + scale * z_{sample_id}`` from the backend's perturb kernel."""
+        for (lo, hi, _), leaf in zip(segment.parts, segment.views):
+            theta = segment.theta[lo:hi]
+            uses.track_values(
+                leaf, functools.partial(_perturbed, segment.backend, leaf, theta, self.stream, seed,
+                                        segment.offset + lo, sample_id, scale),
+            )  # fmt: skip
 
     def perturb_rows(
         self,
