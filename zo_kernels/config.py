@@ -206,7 +206,8 @@ def check_perturb(perturb: object, inplace: object = False) -> str:
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     if not isinstance(perturb, str) or perturb not in PERTURB_MODES:
         options = ", ".join(repr(m) for m in PERTURB_MODES)
-        raise (ValueError if isinstance(perturb, str) else TypeError)(f"perturb must be one of {options}; got {perturb!r}")
+        kind = ValueError if isinstance(perturb, str) else TypeError
+        raise kind(f"perturb must be one of {options}; got {perturb!r}")
     if inplace and perturb != "inplace":
         if perturb != "copy":
             raise ValueError(

@@ -134,7 +134,7 @@ class _Tracked:
         self.fast = make is None and tensor.ndim == 2
 
     def materialize(self) -> torch.Tensor:
-        """This use's perturbed values, a new tensor (a low-rank fallback warns once per op)."""
+        """The perturbed values for one use, a new tensor (a low-rank fallback warns once per op)."""
         return self.make() if self.make is not None else materialized(self.tensor, self.A, self.B)
 
     def factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
