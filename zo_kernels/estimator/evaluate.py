@@ -215,11 +215,12 @@ def on_use_blocks(
     decorated function: it was evaluated unperturbed, or read where the mode cannot see it.
     """
     noise, sigma = plan.noise, plan.config.sigma
+    reuse = reuse_bytes(plan.scratch)
     blocks = []
     for i in ids:
         sample_losses = []
         for sign in plan.signs:
-            uses = SharedWeights()
+            uses = SharedWeights(reuse_bytes=reuse)
             for seg in plan.segments:
                 noise.serve(seg, plan.seed, i, sign * sigma * plan.scales[i], uses)
             with uses:
@@ -228,6 +229,24 @@ def on_use_blocks(
                 _warn_unserved(state, plan.scratch, uses.served)
         blocks.append(stack_losses(sample_losses)[:, None])
     return blocks
+
+
+#: The floor of the bytes of perturbed values an evaluation under ``perturb='on_use'`` may keep for
+#: repeated uses (see :func:`reuse_bytes`).
+REUSE_MIN_BYTES = 64 << 20
+
+
+def reuse_bytes(leaves: Sequence[torch.Tensor]) -> int:
+    """How many bytes of served values one evaluation keeps for tensors read more than once.
+
+    Regenerating a tensor at every use costs its generation again (an RNN's weight read at each time
+    step: measured 6x the evaluation time of ``'copy'``, docs/memory.md); keeping it, from its
+    second use in the evaluation, costs memory. The bound is the largest parameter's bytes (so at
+    most one more largest tensor beside the one being served), or 64 MiB if more, and a tensor read
+    only once is never kept, so a model without repeated uses stays at inference + one tensor.
+    """
+    largest = max((p.numel() * p.element_size() for p in leaves), default=0)
+    return max(largest, REUSE_MIN_BYTES)
 
 
 def _warn_unserved(state: EvaluatorState, leaves: Sequence[torch.Tensor], served: Set[int]) -> None:

@@ -118,7 +118,7 @@ def materialized(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Ten
 class _Tracked:
     """A tensor object the mode serves: ``W0 + A @ B.T`` (low rank; ``fast``: 2-D, rewritten) or ``make()``."""
 
-    __slots__ = ("tensor", "A", "B", "fast", "make")
+    __slots__ = ("tensor", "A", "B", "fast", "make", "uses", "kept")
 
     def __init__(
         self,
@@ -132,6 +132,8 @@ class _Tracked:
         self.B = B
         self.make = make
         self.fast = make is None and tensor.ndim == 2
+        self.uses = 0  # operations served by ``make`` so far
+        self.kept: Optional[torch.Tensor] = None  # the values, kept for the next uses (see SharedWeights)
 
     def materialize(self) -> torch.Tensor:
         """The perturbed values for one use, a new tensor (a low-rank fallback warns once per op)."""
@@ -405,13 +407,18 @@ class SharedWeights(TorchFunctionMode):
     the rewrites' own torch calls are not intercepted again.
     """
 
-    def __init__(self, factors: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None) -> None:
+    def __init__(
+        self, factors: Optional[Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None, reuse_bytes: int = 0
+    ) -> None:
         """Track the shared matrices of one member (more with :meth:`track` and :meth:`track_values`).
 
         Args:
             factors: ``id(W) -> (W, A, B)``: ``W`` the shared matrix object the function receives,
                 ``A`` ``(m, r)`` and ``B`` ``(n, r)`` this member's factors (inside vmap: per-member
                 views of batched tensors), so that the member's weights are ``W + (A @ B.T).view(W.shape)``.
+            reuse_bytes: a tensor served by :meth:`track_values` that an operation reads a second
+                time keeps its values for the further uses (an RNN's weight at every time step),
+                while the kept values total at most this many bytes; a tensor read once is never kept.
 
         Raises:
             ValueError: a key is not ``id(W)``, or the factors' shapes do not fit ``W``.
@@ -420,6 +427,7 @@ class SharedWeights(TorchFunctionMode):
         self._tracked: Dict[int, _Tracked] = {}
         #: ``id`` of every tracked tensor an operation has read (metadata queries aside).
         self.served: Set[int] = set()
+        self._reuse_left = reuse_bytes
         for key, (W, A, B) in (factors or {}).items():
             if key != id(W):
                 raise ValueError("SharedWeights: each key must be id(W) of the W it maps to")
@@ -450,6 +458,17 @@ class SharedWeights(TorchFunctionMode):
         """Serve every use of ``tensor`` from now on with ``make()``, a new tensor of its shape; returns ``tensor``."""
         self._tracked[id(tensor)] = _Tracked(tensor, make=make)
         return tensor
+
+    def _values(self, t: _Tracked) -> torch.Tensor:
+        """``t.make()``, or the values kept from an earlier use; kept from the second use on, within the budget."""
+        if t.kept is not None:
+            return t.kept
+        values = t.make()
+        t.uses += 1
+        size = values.numel() * values.element_size()
+        if t.uses >= 2 and size <= self._reuse_left:
+            t.kept, self._reuse_left = values, self._reuse_left - size
+        return values
 
     def tracked(self) -> List[torch.Tensor]:
         """The tracked tensor objects, in the order they were tracked."""
@@ -487,7 +506,11 @@ class SharedWeights(TorchFunctionMode):
         # arguments decides that far cheaper than flattening them into a pytree.
         if func in _METADATA or not (self._mentions(args) or self._mentions(kwargs.values())):
             return func(*args, **kwargs)
-        flat, spec = tree_flatten((args, kwargs))
+        nested = any(isinstance(v, (list, tuple, dict)) for v in (*args, *kwargs.values()))
+        if nested:
+            flat, spec = tree_flatten((args, kwargs))
+        else:  # the common case, spared the pytree round trip: every argument is a leaf
+            flat, spec = [*args, *kwargs.values()], None
         hits = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and self.lookup(v) is not None]
         if not hits:
             return func(*args, **kwargs)
@@ -502,13 +525,12 @@ class SharedWeights(TorchFunctionMode):
                 rewritable.append(i)
                 continue
             if id(flat[i]) not in members:
-                members[id(flat[i])] = t.make()
+                members[id(flat[i])] = self._values(t)
             flat[i] = members[id(flat[i])]
-        if not rewritable:
-            args, kwargs = tree_unflatten(flat, spec)
-            return func(*args, **kwargs)
         if members:
-            args, kwargs = tree_unflatten(flat, spec)
+            args, kwargs = self._rebuild(flat, spec, len(args), kwargs)
+        if not rewritable:
+            return func(*args, **kwargs)
         rule = _RULES.get(func)
         if rule is not None:
             out = rule(self, func, args, kwargs)
@@ -519,5 +541,12 @@ class SharedWeights(TorchFunctionMode):
             if id(flat[i]) not in members:
                 members[id(flat[i])] = self._tracked[id(flat[i])].materialize()
             flat[i] = members[id(flat[i])]
-        args, kwargs = tree_unflatten(flat, spec)
+        args, kwargs = self._rebuild(flat, spec, len(args), kwargs)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _rebuild(flat: List[Any], spec: Any, num_args: int, kwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        """``(args, kwargs)`` from the flat list :meth:`__torch_function__` substituted into."""
+        if spec is not None:
+            return tree_unflatten(flat, spec)
+        return tuple(flat[:num_args]), dict(zip(kwargs, flat[num_args:]))
