@@ -243,3 +243,44 @@ def test_lowrank_batches_are_allowed_and_equal_the_loop():
     batch = zo_kernels.estimate(functional_loss(net), params, x, perturb="on_use", batch_size=4, **kw)
     torch.testing.assert_close(batch.weights, loop.weights, rtol=1e-4, atol=1e-6)
     assert versions(params) == seen
+
+
+@pytest.mark.parametrize(
+    ("hold", "values"),
+    [
+        (lambda w, x: w.T, lambda held: held.T),  # a view
+        (lambda w, x: w.contiguous(), lambda held: held),  # the served tensor itself
+        (lambda w, x: (x.requires_grad_() @ w).grad_fn, lambda held: held._saved_mat2),  # saved by autograd
+    ],
+    ids=["view", "itself", "saved-by-autograd"],
+)
+def test_a_served_buffer_still_held_is_never_reused(hold, values):
+    """Served values go into buffers reused between operations, but only once nothing holds them."""
+    from zo_kernels.noise.shared_weights import SharedWeights, Transients
+
+    w, x = torch.randn(8, 8), torch.randn(3, 8)
+    pool = Transients(1 << 20)
+    first = SharedWeights(transients=pool)
+    first.track_values(w, lambda out: torch.add(w, 1, out=out))
+    with first, torch.enable_grad():
+        held = hold(w, x)
+    second = SharedWeights(transients=pool)
+    second.track_values(w, lambda out: torch.add(w, 2, out=out))
+    with second:
+        for _ in range(3):
+            F.linear(x, w)
+    assert torch.equal(values(held), w + 1)
+    assert pool.used_bytes == 0
+
+
+def test_a_buffer_nothing_holds_is_reused():
+    from zo_kernels.noise.shared_weights import SharedWeights, Transients
+
+    w, x = torch.randn(8, 8), torch.randn(3, 8)
+    pool, taken = Transients(1 << 20), []
+    mode = SharedWeights(transients=pool)
+    mode.track_values(w, lambda out: taken.append(out.data_ptr()) or torch.add(w, 1, out=out))
+    with mode:
+        F.linear(x, w)
+        F.linear(x, w)  # kept from here on: a repeated use
+    assert taken[0] == taken[1] and pool.used_bytes == 0 and pool.free_bytes == w.numel() * 4

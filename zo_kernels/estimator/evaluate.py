@@ -17,7 +17,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Set, Tuple, Uni
 import torch
 
 from ..config import check_output
-from ..noise.shared_weights import SharedWeights
+from ..noise.shared_weights import SharedWeights, Transients
 from .plan import Plan, samples_per_call
 
 Evaluate = Callable[[Sequence[torch.Tensor]], torch.Tensor]
@@ -216,11 +216,12 @@ def on_use_blocks(
     """
     noise, sigma = plan.noise, plan.config.sigma
     reuse = reuse_bytes(plan.scratch)
+    transients = Transients(max((p.numel() * p.element_size() for p in plan.scratch), default=0))
     blocks = []
     for i in ids:
         sample_losses = []
         for sign in plan.signs:
-            uses = SharedWeights(reuse_bytes=reuse)
+            uses = SharedWeights(reuse_bytes=reuse, transients=transients)
             for seg in plan.segments:
                 noise.serve(seg, plan.seed, i, sign * sigma * plan.scales[i], uses)
             with uses:

@@ -6,7 +6,6 @@ Their samples are the counter-based stream of ``docs/noise.md``, generated insid
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import TYPE_CHECKING, List, Optional, Union
 
@@ -20,16 +19,6 @@ if TYPE_CHECKING:
     from ..estimator.plan import Segment
     from ..ops.base import Backend
     from .shared_weights import SharedWeights
-
-
-def _perturbed(
-    backend: Backend, leaf: torch.Tensor, theta: torch.Tensor, stream: str, seed: int, offset: int,
-    sample_id: int, scale: float,
-) -> torch.Tensor:  # fmt: skip
-    """A new tensor shaped like ``leaf``: ``theta + scale * z(seed, sample_id, offset + j)`` (one use's values)."""
-    out = torch.empty(leaf.shape, dtype=theta.dtype, device=theta.device)
-    backend.perturb(out.view(-1), theta, stream, seed, sample_id, scale, offset)
-    return out
 
 
 class FusedDistribution(Noise):
@@ -76,13 +65,15 @@ class FusedDistribution(Noise):
             out.copy_(torch.mul(keep, scale).add_(segment.theta))
 
     def serve(self, segment: Segment, seed: int, sample_id: int, scale: float, uses: SharedWeights) -> None:
-        """Each use of a leaf gets a new tensor ``theta + scale * z_{sample_id}`` from the backend's perturb kernel."""
+        """Each use of a leaf is served ``theta + scale * z_{sample_id}``, written by the backend's perturb kernel."""
+        backend = segment.backend
         for (lo, hi, _), leaf in zip(segment.parts, segment.views):
-            theta = segment.theta[lo:hi]
-            uses.track_values(
-                leaf, functools.partial(_perturbed, segment.backend, leaf, theta, self.stream, seed,
-                                        segment.offset + lo, sample_id, scale),
-            )  # fmt: skip
+            theta, offset = segment.theta[lo:hi], segment.offset + lo
+
+            def fill(out: torch.Tensor, theta: torch.Tensor = theta, offset: int = offset) -> None:
+                backend.perturb(out.view(-1), theta, self.stream, seed, sample_id, scale, offset)
+
+            uses.track_values(leaf, fill)
 
     def perturb_rows(
         self,
