@@ -284,3 +284,15 @@ def test_a_buffer_nothing_holds_is_reused():
         F.linear(x, w)
         F.linear(x, w)  # kept from here on: a repeated use
     assert taken[0] == taken[1] and pool.used_bytes == 0 and pool.free_bytes == w.numel() * 4
+
+
+def test_a_torch_compiled_module_is_served_too():
+    """Dynamo traces through the mode: the compiled module's uses of the weights get the perturbed values."""
+    torch.manual_seed(0)
+    lin, x = nn.Linear(8, 4), torch.randn(3, 8)
+    compiled = torch.compile(lin, backend="eager")
+    kw = dict(num_samples=3, sigma=0.1, seed=1, perturb="on_use")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unread parameter, no graph-break warning
+        through_compile = zo_kernels.estimate(lambda ps, x: compiled(x).pow(2).sum(), list(lin.parameters()), x, **kw)
+    assert through_compile == zo_kernels.estimate(lambda ps, x: lin(x).pow(2).sum(), list(lin.parameters()), x, **kw)

@@ -324,10 +324,11 @@ def zero_order(
               ``F.embedding`` as the shared product plus the low-rank term). The parameters are
               never written, so it is exact for every dtype, at inference memory, and equals
               ``'copy'`` for the same seed. A parameter read where torch operations do not see it
-              (a C++ extension given its data pointer, a ``torch.compile``'d region) is evaluated
+              (a C++ extension given its data pointer, a program compiled ahead of time) is evaluated
               unperturbed: a parameter that no operation read during an evaluation is named in a
-              ``RuntimeWarning``. Not with ``create_graph=True``/``torch.func``, nor with
-              ``batch_size`` unless the distribution is ``LowRank``.
+              ``RuntimeWarning`` (``torch.compile``'d modules are served). Not with
+              ``create_graph=True``/``torch.func``, nor with ``batch_size`` unless the distribution is
+              ``LowRank``.
 
     Returns:
         A decorator. The decorated function takes the same arguments and returns the same scalar.

@@ -260,7 +260,8 @@ def _warn_unserved(state: EvaluatorState, leaves: Sequence[torch.Tensor], served
         f"{'was' if len(missed) == 1 else 'were'} not read by any torch operation while the function was evaluated, "
         "so the evaluation saw unperturbed values and the estimate for it is noise. "
         "Either the function does not use it, or reads it where perturb='on_use' cannot serve it (a C++/CUDA "
-        "extension given its data pointer, a torch.compile'd region that captured it, a copy made before the call); "
+        "extension given its data pointer, a program compiled ahead of time holding it as a constant, a copy made "
+        "before the call); "
         "use perturb='copy' for such a function. Warned once per decorated function.",
         RuntimeWarning,
         stacklevel=5,

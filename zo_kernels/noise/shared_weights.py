@@ -120,6 +120,7 @@ def materialized(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Ten
 Fill = Callable[[torch.Tensor], None]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class Transients:
@@ -158,6 +159,10 @@ class Transients:
     def give(self, buf: torch.Tensor, holders: int) -> None:
         """Take ``buf`` back where it is held only by the ``holders`` references of the caller (and this call)."""
         self.used_bytes -= _nbytes(buf)
+        # torch.compile traces through the mode (a compiled region is served too) but not reference counts:
+        # there a buffer is never taken back, where tracing would break the graph at every operation
+        if _compiling():
+            return
         # sys.getrefcount counts its own argument and this frame's; the storage count the tensor and the query's
         if _storage_use_count is None or sys.getrefcount(buf) > holders + 2:
             return
