@@ -12,9 +12,10 @@
 #   05 tests-cuda    30  the cuda cases of tests/test_kernels.py, tests/test_cuda_kernels.py
 #   06 tests-triton  60  the triton cases of $TRITON_FILES below, in parallel pytest shards (tools/pytest_shard.py)
 #   07 tests-gpu     35  pytest -m gpu over every other test file that marks GPU tests
-#   08 bench-gpu     70  bench/reduce_kernels.py --quick --out $OUT/gpu.md, bounds of $OUT/sass.json (else bench/results/)
-#   09 run-quick     40  bench/run.py --quick --out-dir $OUT/run
+#   08 bench-gpu     55  bench/reduce_kernels.py --quick --out $OUT/gpu.md, bounds of $OUT/sass.json (else bench/results/)
+#   09 run-quick     35  bench/run.py --quick --out-dir $OUT/run
 #   10 lowrank-gpu   30  bench/lowrank.py --sections gpu --out $OUT/lowrank-gpu.md (GPT-2 small, 256 members)
+#   11 memory-gpu    20  bench/memory.py --sections gpt100m --out $OUT/memory-gpu.md (perturb modes, GPT-2 small)
 #
 # Each stage tees $OUT/NN-NAME.log, stops at its timeout, never stops the later ones, and appends its status (ok,
 # FAILED rc=N, TIMEOUT after N s, SKIPPED (no GPU) without a CUDA device) to $OUT/summary.txt, printed at the end (exit
@@ -37,7 +38,7 @@ MAX_TIMEOUT=${GPU_ALL_MAX_TIMEOUT:-}
 NPROC=$(nproc 2>/dev/null || echo 2)
 SHARDS=${GPU_ALL_SHARDS:-$((NPROC - 4 > 12 ? 12 : (NPROC - 4 < 1 ? 1 : NPROC - 4)))}
 SUMMARY=$OUT/summary.txt
-STAGE_NAMES=(device build backends sass tests-cuda tests-triton tests-gpu bench-gpu run-quick lowrank-gpu)
+STAGE_NAMES=(device build backends sass tests-cuda tests-triton tests-gpu bench-gpu run-quick lowrank-gpu memory-gpu)
 SELECTED=("$@")
 for wanted in "${SELECTED[@]}"; do
   [[ " ${STAGE_NAMES[*]} " == *" $wanted "* ]] || { echo "gpu_all.sh: unknown stage '$wanted' (stages: ${STAGE_NAMES[*]})" >&2; exit 2; }
@@ -187,9 +188,10 @@ gpu_stage sass 25 "$PY" tools/sass_report.py --out "$OUT/sass.md" --json "$OUT/s
 gpu_stage tests-cuda 30 env ZO_KERNELS_REQUIRE_NATIVE=1 "${PYTEST[@]}" tests/test_kernels.py tests/test_cuda_kernels.py -k cuda
 gpu_stage tests-triton 60 pytest_sharded -p no:cacheprovider -rs --durations=15 -k triton "${TRITON_FILES[@]}"
 gpu_stage tests-gpu 35 "${PYTEST[@]}" -m gpu "${GPU_FILES[@]}"
-gpu_stage bench-gpu 70 gpu_bench
-gpu_stage run-quick 40 "$PY" bench/run.py --quick --out-dir "$OUT/run"
+gpu_stage bench-gpu 55 gpu_bench
+gpu_stage run-quick 35 "$PY" bench/run.py --quick --out-dir "$OUT/run"
 gpu_stage lowrank-gpu 30 "$PY" bench/lowrank.py --sections gpu --out "$OUT/lowrank-gpu.md"
+gpu_stage memory-gpu 20 "$PY" bench/memory.py --sections gpt100m --out "$OUT/memory-gpu.md"
 
 echo
 echo "gpu_all.sh: summary ($OUT/summary.txt), $(seconds_since "$RUN_START") s in all:"

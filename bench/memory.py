@@ -2,6 +2,7 @@
 
     python bench/memory.py [--quick] [--out bench/results/memory-cpu.md]   # about 5 minutes on 2 CPUs
     python bench/memory.py --sections tinyllama --out bench/results/memory-tinyllama.md   # on demand, ~10 minutes
+    python bench/memory.py --sections gpt100m --out $OUT/memory-gpu.md   # on a GPU (bench/gpu_all.sh)
 
 One MeZO step (``estimate(..., perturb=mode)`` + ``ZOSGD.step``; antithetic, N = 16, sigma = 1e-3) of (a) a stack
 of 16 ``nn.Linear(512, 512)`` (16 MiB in float32), (b) an HF GPT-2 and (c) an HF Llama built from configs, in
@@ -31,6 +32,7 @@ CONFIGS = {  # transformers configs: small enough for a CPU, the shapes of the r
     "gpt2": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128),
     "llama": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=8192),
+    "gpt100m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),  # GPT-2 small, 124M
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000),
 }  # fmt: skip
@@ -54,7 +56,7 @@ def build(model: str, dtype: str, device: torch.device, quick: bool = False) -> 
 
         transformers.logging.set_verbosity_error()
         config = QUICK[model] if quick and model in QUICK else CONFIGS[model]
-        kind = (transformers.GPT2Config, transformers.GPT2LMHeadModel) if model == "gpt2" else (
+        kind = (transformers.GPT2Config, transformers.GPT2LMHeadModel) if model.startswith("gpt") else (
             transformers.LlamaConfig, transformers.LlamaForCausalLM)  # fmt: skip
         net = kind[1](kind[0](**config, attn_implementation="eager"))
         batch = torch.randint(net.config.vocab_size, (1 if model == "tinyllama" else 4, 16 if quick else 64))
@@ -84,6 +86,16 @@ def step_case(model: str, dtype: str, mode: str, quick: bool, device: torch.devi
     return step, params
 
 
+def cuda_peak(step: Any, params: List[torch.Tensor]) -> Dict[str, Any]:
+    """``{"delta": bytes}``: the growth of ``max_memory_allocated`` during one step, after a warm-up step."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    return {"delta": torch.cuda.max_memory_allocated() - base}
+
+
 def largest_bytes(params: List[torch.Tensor]) -> int:
     return max(p.numel() * p.element_size() for p in params)
 
@@ -97,13 +109,17 @@ def section(model: str, device: torch.device, quick: bool) -> List[str]:
         modes = [m for m in ("inference", *MODES) if not (m == "inplace" and dtype != "float32")]
         jobs = [harness.MemoryJob(step_case, dict(model=model, dtype=dtype, mode=m, quick=quick), str(device),
                                   harness.THREADS, 0, name=f"{model} {dtype} {m}") for m in modes]  # fmt: skip
-        mem = dict(zip(modes, harness.run_memory_jobs(jobs, 1, 3600)))
+        if device.type == "cuda":  # the allocator's own peak: exact in this process
+            mem = {m: cuda_peak(*step_case(model, dtype, m, quick, device)) for m in modes}
+        else:
+            at_once = harness.memory_parallelism() if quick else 1  # a quick run's numbers mean nothing anyway
+            mem = dict(zip(modes, harness.run_memory_jobs(jobs, at_once, 3600)))
         base = mem["inference"].get("delta")
         times: Dict[str, float] = {}
         if model != "tinyllama":
             for m in [m for m in modes if m != "inference"]:
                 step, _ = step_case(model, dtype, m, quick, device)
-                times[m] = harness.time_call(step, device, 0.5 if quick else 6.0)
+                times[m] = harness.time_call(step, device, 0.1 if quick else 6.0)
         else:
             times = {m: r["seconds"] for m, r in mem.items() if "seconds" in r and m != "inference"}
         for m in MODES:
@@ -128,11 +144,12 @@ def section(model: str, device: torch.device, quick: bool) -> List[str]:
 
 def main() -> int:
     p = harness.parser(__doc__)
-    p.add_argument("--sections", nargs="*", default=["stack", "gpt2", "llama"], help="stack, gpt2, llama, tinyllama")
+    p.add_argument("--sections", nargs="*", default=["stack", "gpt2", "llama"],
+                   help="stack, gpt2, llama, gpt100m, tinyllama")  # fmt: skip
     args = p.parse_args()
     run = harness.Run()
-    device = harness.devices()[-1]
-    models = ["stack", "gpt2"] if args.quick else args.sections
+    device = harness.devices()[-1]  # the GPU where there is one
+    models = ["stack"] if args.quick else args.sections
     missing = harness.missing("transformers")
     lines = harness.header(f"zo_kernels perturbation modes: memory and time [{harness.device_name(device)}]",
                            run.fields("transformers") + [("timing", harness.timing_note(6.0)),

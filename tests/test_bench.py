@@ -105,6 +105,22 @@ def test_scale_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_memory_quick(tmp_path):
+    """The three perturbation modes in both dtypes: 'inplace' refused in bfloat16, 'on_use' judged on its targets."""
+    run_script(tmp_path, "memory.py", "--out", str(tmp_path / "memory.md"))
+    table = rows((tmp_path / "memory.md").read_text(), "- step:")
+    assert [(row[1], row[2]) for row in table] == [
+        (dtype, mode) for dtype in ("float32", "bfloat16") for mode in ("copy", "inplace", "on_use")
+    ]
+    for row in table:
+        if (row[1], row[2]) == ("bfloat16", "inplace"):
+            assert row[5].startswith("refused"), row
+        else:
+            assert row[5].endswith(" MiB") and row[6].endswith(" ms") and RATIO.match(row[7]), row
+        assert ("yes" in row[8] or "NO" in row[8]) == (row[2] == "on_use"), row
+
+
+@pytest.mark.slow
 def test_reduce_kernels_quick(tmp_path):
     run_script(tmp_path, "reduce_kernels.py", "--out", str(tmp_path / "cpu.md"))
     text = (tmp_path / "cpu.md").read_text()

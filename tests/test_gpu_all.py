@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_all.sh")
 STAGES = [
     "device", "build", "backends", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick",
-    "lowrank-gpu",
+    "lowrank-gpu", "memory-gpu",
 ]  # fmt: skip
 BUDGET_S = 360  # the stage timeouts add up to at most this (the device tool call: timeout_s=420 with start-up)
 LINE = re.compile(r"^(\d\d)  (\S+) +(ok|FAILED rc=\d+|TIMEOUT after \S+ s|SKIPPED \(no GPU\)) +(\d+\.\d) s$")
@@ -88,6 +88,7 @@ def test_failures_and_timeouts_do_not_stop_later_stages(tmp_path):
         "bench-gpu": "ok",
         "run-quick": "ok",
         "lowrank-gpu": "ok",
+        "memory-gpu": "ok",
     }
     for k, name in enumerate(STAGES, 1):
         log = (out / f"{k:02d}-{name}.log").read_text()
@@ -108,7 +109,9 @@ def test_without_a_gpu_the_gpu_stages_are_skipped_with_a_note(tmp_path):
     statuses = _statuses(lines)
     assert list(statuses) == STAGES
     assert statuses["device"] == "FAILED rc=1" and statuses["backends"] == "ok"
-    for name in ("build", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick", "lowrank-gpu"):
+    gpu_stages = ("build", "sass", "tests-cuda", "tests-triton", "tests-gpu", "bench-gpu", "run-quick", "lowrank-gpu",
+                  "memory-gpu")  # fmt: skip
+    for name in gpu_stages:
         assert statuses[name] == "SKIPPED (no GPU)"
     assert "no CUDA device" in (out / "02-build.log").read_text()
 
