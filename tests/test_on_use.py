@@ -296,3 +296,22 @@ def test_a_torch_compiled_module_is_served_too():
         warnings.simplefilter("error")  # no unread parameter, no graph-break warning
         through_compile = zo_kernels.estimate(lambda ps, x: compiled(x).pow(2).sum(), list(lin.parameters()), x, **kw)
     assert through_compile == zo_kernels.estimate(lambda ps, x: lin(x).pow(2).sum(), list(lin.parameters()), x, **kw)
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["looked-up-rows", "whole-table"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_embedding_lookup_is_served_its_rows_bit_for_bit(rows, dtype, monkeypatch):
+    """A lookup of few ids in a large table is served those rows only; the values are copy's either way."""
+    from zo_kernels.noise import shared_weights, stream
+
+    monkeypatch.setattr(shared_weights, "ROW_CALL_ELEMENTS", 0 if rows else 1 << 40)
+    looked_up = []
+    original = stream._Use.rows
+    monkeypatch.setattr(stream._Use, "rows", lambda use, shape, ids: looked_up.append(ids) or original(use, shape, ids))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(4096, 8), nn.Linear(8, 3)).to(dtype)
+    params, ids = list(net.parameters()), torch.tensor([[3, 4095, 3, 17]])
+    kw = dict(method="antithetic", num_samples=3, sigma=0.05, seed=4)
+    on_use = zo_kernels.estimate(lambda ps, ids: net(ids).float().pow(2).mean(), params, ids, perturb="on_use", **kw)
+    assert on_use == zo_kernels.estimate(functional_loss(net), params, ids, **kw)
+    assert [t.tolist() for t in looked_up] == ([[3, 17, 4095]] * 6 if rows else [])

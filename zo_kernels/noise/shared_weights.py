@@ -71,6 +71,9 @@ FAST_OPS: Tuple[str, ...] = (
 )
 
 _WARNED: Set[str] = set()
+#: What serving one row costs beyond its own elements, in elements of generation: a kernel call from Python
+#: (~8 us) against the CPU backend's ~0.85 ns per normal element with 2 threads (docs/memory.md).
+ROW_CALL_ELEMENTS = 16384
 
 
 def reset_warnings() -> None:
@@ -118,6 +121,8 @@ def materialized(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Ten
 
 #: ``fill(out)``: writes a tracked tensor's perturbed values into ``out`` (a tensor of its shape and dtype).
 Fill = Callable[[torch.Tensor], None]
+#: ``rows(ids)``: the perturbed values of rows ``ids`` (distinct, 1-D int64) of a tracked matrix, ``(len(ids), n)``.
+Rows = Callable[[torch.Tensor], torch.Tensor]
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
@@ -184,7 +189,7 @@ def _nbytes(t: torch.Tensor) -> int:
 class _Tracked:
     """A tensor object the mode serves: ``W0 + A @ B.T`` (low rank; ``fast``: 2-D, rewritten) or ``fill``'s values."""
 
-    __slots__ = ("tensor", "A", "B", "fast", "fill", "uses", "kept")
+    __slots__ = ("tensor", "A", "B", "fast", "fill", "rows", "uses", "kept")
 
     def __init__(
         self,
@@ -192,11 +197,13 @@ class _Tracked:
         A: Optional[torch.Tensor] = None,
         B: Optional[torch.Tensor] = None,
         fill: Optional[Fill] = None,
+        rows: Optional[Rows] = None,
     ) -> None:
         self.tensor = tensor
         self.A = A
         self.B = B
         self.fill = fill
+        self.rows = rows
         self.fast = fill is None and tensor.ndim == 2
         self.uses = 0  # operations served by ``fill`` so far
         self.kept: Optional[torch.Tensor] = None  # the values, kept for the next uses (see SharedWeights)
@@ -522,9 +529,13 @@ class SharedWeights(TorchFunctionMode):
         self._tracked[id(tensor)] = _Tracked(tensor, A, B)
         return tensor
 
-    def track_values(self, tensor: torch.Tensor, fill: Fill) -> torch.Tensor:
-        """Serve every use of ``tensor`` from now on with the values ``fill(out)`` writes; returns ``tensor``."""
-        self._tracked[id(tensor)] = _Tracked(tensor, fill=fill)
+    def track_values(self, tensor: torch.Tensor, fill: Fill, rows: Optional[Rows] = None) -> torch.Tensor:
+        """Serve every use of ``tensor`` from now on with the values ``fill(out)`` writes; returns ``tensor``.
+
+        With ``rows``, ``F.embedding`` of the matrix is served the looked-up rows only: a lookup of
+        ``k`` distinct ids costs ``k`` rows, not the table (often the largest tensor of a model).
+        """
+        self._tracked[id(tensor)] = _Tracked(tensor, fill=fill, rows=rows)
         return tensor
 
     def __exit__(self, *exc: Any) -> None:
@@ -601,6 +612,10 @@ class SharedWeights(TorchFunctionMode):
         members: Dict[int, torch.Tensor] = {}
         transient: List[torch.Tensor] = []
         rewritable = []
+        if func is F.embedding and len(hits) == 1:
+            served = self._lookup_rows(args, kwargs)
+            if served is not None:
+                return served
         for i in hits:
             t = self._tracked[id(flat[i])]
             if t.fill is None:
@@ -618,6 +633,25 @@ class SharedWeights(TorchFunctionMode):
         while transient:
             self._transients.give(transient.pop(), 0)
         return out
+
+    def _lookup_rows(self, args: Any, kwargs: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """``F.embedding(ids, W)`` of a tracked ``W`` served from its looked-up rows (None: not such a lookup).
+
+        The other keywords shape the gradient only, except ``max_norm``, which renormalizes rows in
+        place: that falls back to the whole served table.
+        """
+        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = _bind(args, kwargs, names, {n: None for n in names[2:]})
+        t = None if bound is None else self.lookup(bound["weight"])
+        ids = None if bound is None else bound["input"]
+        if t is None or t.rows is None or t.kept is not None or bound["max_norm"] is not None:
+            return None
+        if not isinstance(ids, torch.Tensor) or t.tensor.ndim != 2 or self.lookup(ids) is not None:
+            return None
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        if unique.numel() * (t.tensor.shape[1] + ROW_CALL_ELEMENTS) >= t.tensor.numel():
+            return None  # few rows of a small table: one call for the whole table costs less
+        return F.embedding(inverse, t.rows(unique))
 
     def _run(self, func: Callable[..., Any], args: Any, kwargs: Dict[str, Any], flat: List[Any], spec: Any,
              rewritable: List[int], members: Dict[int, torch.Tensor]) -> Any:  # fmt: skip

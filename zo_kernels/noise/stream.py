@@ -6,6 +6,7 @@ Their samples are the counter-based stream of ``docs/noise.md``, generated insid
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, List, Optional, Union
 
@@ -19,6 +20,32 @@ if TYPE_CHECKING:
     from ..estimator.plan import Segment
     from ..ops.base import Backend
     from .shared_weights import SharedWeights
+
+
+class _Use:
+    """One leaf's perturbed values for one evaluation, written by the backend's perturb kernel on demand."""
+
+    __slots__ = ("backend", "theta", "stream", "seed", "offset", "sample_id", "scale")
+
+    def __init__(
+        self, backend: Backend, theta: torch.Tensor, stream: str, seed: int, offset: int, sample_id: int, scale: float
+    ) -> None:
+        self.backend, self.theta, self.stream, self.seed = backend, theta, stream, seed
+        self.offset, self.sample_id, self.scale = offset, sample_id, scale
+
+    def fill(self, out: torch.Tensor) -> None:
+        """``out = theta + scale * z`` over the whole leaf."""
+        self.backend.perturb(out.view(-1), self.theta, self.stream, self.seed, self.sample_id, self.scale, self.offset)
+
+    def rows(self, shape: torch.Size, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of the leaf (a matrix of ``shape``): each row's stream elements are those of its place."""
+        table = self.theta.view(shape[0], -1)
+        width = table.shape[1]
+        out = torch.empty((ids.numel(), width), dtype=table.dtype, device=table.device)
+        for k, row in enumerate(ids.tolist()):
+            offset = self.offset + row * width
+            self.backend.perturb(out[k], table[row], self.stream, self.seed, self.sample_id, self.scale, offset)
+        return out
 
 
 class FusedDistribution(Noise):
@@ -66,14 +93,9 @@ class FusedDistribution(Noise):
 
     def serve(self, segment: Segment, seed: int, sample_id: int, scale: float, uses: SharedWeights) -> None:
         """Each use of a leaf is served ``theta + scale * z_{sample_id}``, written by the backend's perturb kernel."""
-        backend = segment.backend
         for (lo, hi, _), leaf in zip(segment.parts, segment.views):
-            theta, offset = segment.theta[lo:hi], segment.offset + lo
-
-            def fill(out: torch.Tensor, theta: torch.Tensor = theta, offset: int = offset) -> None:
-                backend.perturb(out.view(-1), theta, self.stream, seed, sample_id, scale, offset)
-
-            uses.track_values(leaf, fill)
+            use = _Use(segment.backend, segment.theta[lo:hi], self.stream, seed, segment.offset + lo, sample_id, scale)
+            uses.track_values(leaf, use.fill, functools.partial(use.rows, leaf.shape) if leaf.ndim == 2 else None)
 
     def perturb_rows(
         self,
