@@ -280,10 +280,13 @@ def test_a_buffer_nothing_holds_is_reused():
     pool, taken = Transients(1 << 20), []
     mode = SharedWeights(transients=pool)
     mode.track_values(w, lambda out: taken.append(out.data_ptr()) or torch.add(w, 1, out=out))
+    b = torch.randn(8)
+    mode.track_values(b, lambda out: taken.append(out.data_ptr()) or torch.add(b, 1, out=out))
     with mode:
         F.linear(x, w)
+        b.sum()  # a smaller use served from the same buffer
         F.linear(x, w)  # kept from here on: a repeated use
-    assert taken[0] == taken[1] and pool.used_bytes == 0 and pool.free_bytes == w.numel() * 4
+    assert taken[0] == taken[1] == taken[2] and pool.used_bytes == 0 and pool.free_bytes == w.numel() * 4
 
 
 def test_a_torch_compiled_module_is_served_too():

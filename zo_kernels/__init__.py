@@ -1,6 +1,6 @@
 """zo_kernels: fast, lean zero-order (evolution-strategy) gradient estimation for PyTorch."""
 
-from . import backends, diff, distributions, nn, optim, shaping
+from . import backends, diff, distributions, journal, nn, optim, shaping
 from ._version import __version__ as __version__  # the one source of the version (setup.py reads it too)
 from .api import estimate, zero_order
 from .estimator import NonFiniteLossError
@@ -15,6 +15,7 @@ __all__ = [
     "diff",
     "distributions",
     "estimate",
+    "journal",
     "nn",
     "optim",
     "shaping",

@@ -131,55 +131,59 @@ _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: F
 class Transients:
     """The buffers that served values are written into, reused from one operation to the next.
 
-    A buffer is taken for a use and given back when the operation has returned, if nothing else
-    holds it (no view of it, no autograd node saved it, no Python reference left); else it is
-    simply dropped and lives as long as its holders. Free buffers and the buffers in use total at
-    most ``max_bytes`` where the uses allow it (free ones are released first), so a function that
-    reads one parameter at a time holds about one largest parameter beside inference. Reusing the
-    memory saves the page faults of a fresh allocation per use, which cost about a third of the
-    perturbation's own time on the CPU.
+    A use gets a view of a flat buffer (the smallest free one that is large enough, else a new one)
+    and gives it back when the operation has returned, if nothing else holds it (no view of it, no
+    autograd node saved it, no Python reference left); else the buffer is dropped and lives as long
+    as its holders. Free buffers and the buffers in use total at most ``max_bytes`` where the uses
+    allow it (free ones are released first), so a function that reads one parameter at a time holds
+    about one largest parameter beside inference, and one buffer of that size serves every smaller
+    use. Reusing the memory saves the page faults of a fresh allocation per use, which cost about a
+    third of the perturbation's own time on the CPU.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.free: Dict[Tuple[torch.Size, torch.dtype, torch.device], List[torch.Tensor]] = {}
+        self.free: Dict[Tuple[torch.dtype, torch.device], List[torch.Tensor]] = {}
+        self.in_use: Dict[int, torch.Tensor] = {}  # id(view) -> its buffer
         self.free_bytes = 0
         self.used_bytes = 0
 
     def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A buffer of ``shape``: a free one, or a new one (free ones released first to stay within the bound)."""
-        key = (shape, dtype, device)
-        stack = self.free.get(key)
-        if stack:
-            buf = stack.pop()
+        """A tensor of ``shape``: a view of a free buffer, or of a new one (free ones released first to fit)."""
+        numel, stack = shape.numel(), self.free.setdefault((dtype, device), [])
+        fits = [k for k, buf in enumerate(stack) if buf.numel() >= numel]
+        if fits:
+            buf = stack.pop(min(fits, key=lambda k: stack[k].numel()))
             self.free_bytes -= _nbytes(buf)
         else:
-            size = shape.numel() * dtype.itemsize
-            while self.free_bytes and self.free_bytes + self.used_bytes + size > self.max_bytes:
+            while self.free_bytes and self.free_bytes + self.used_bytes + numel * dtype.itemsize > self.max_bytes:
                 self._drop_one()
-            buf = torch.empty(shape, dtype=dtype, device=device)
+            buf = torch.empty(numel, dtype=dtype, device=device)
+        view = buf[:numel].view(shape)
+        self.in_use[id(view)] = buf
         self.used_bytes += _nbytes(buf)
-        return buf
+        return view
 
-    def give(self, buf: torch.Tensor, holders: int) -> None:
-        """Take ``buf`` back where it is held only by the ``holders`` references of the caller (and this call)."""
+    def give(self, view: torch.Tensor, holders: int) -> None:
+        """Take ``view``'s buffer back where ``view`` is held only by the caller's ``holders`` references."""
+        buf = self.in_use.pop(id(view))
         self.used_bytes -= _nbytes(buf)
         # torch.compile traces through the mode (a compiled region is served too) but not reference counts:
         # there a buffer is never taken back, where tracing would break the graph at every operation
         if _compiling():
             return
-        # sys.getrefcount counts its own argument and this frame's; the storage count the tensor and the query's
-        if _storage_use_count is None or sys.getrefcount(buf) > holders + 2:
+        # sys.getrefcount counts its argument and this frame's; the storage is held by ``buf``, ``view`` and the query
+        if _storage_use_count is None or sys.getrefcount(view) > holders + 2:
             return
-        if _storage_use_count(buf.untyped_storage()._cdata) > 2:
+        if _storage_use_count(view.untyped_storage()._cdata) > 3:
             return
         if self.free_bytes + self.used_bytes + _nbytes(buf) <= self.max_bytes:
-            self.free.setdefault((buf.shape, buf.dtype, buf.device), []).append(buf)
+            self.free[(buf.dtype, buf.device)].append(buf)
             self.free_bytes += _nbytes(buf)
 
     def _drop_one(self) -> None:
-        key = next(k for k, v in self.free.items() if v)
-        self.free_bytes -= _nbytes(self.free[key].pop())
+        stack = next(v for v in self.free.values() if v)
+        self.free_bytes -= _nbytes(stack.pop())
 
 
 def _nbytes(t: torch.Tensor) -> int:
