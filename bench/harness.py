@@ -373,7 +373,9 @@ def wide_mlp_numel(width: int, outputs: int = 10) -> int:
 def tiny_gpt(gpt: Dict[str, int], device: torch.device) -> Tuple[torch.nn.Module, List[torch.Tensor], torch.Tensor,
                                                                   LossFn]:  # fmt: skip
     """``TinyGPT`` of ``python/mezo_finetune.py``, its parameters, a batch of tokens and the next-token loss."""
-    if "mezo_finetune" not in sys.modules:  # the example, imported by path
+    if "mezo_finetune" not in sys.modules:  # the example, imported by path (with its sibling modules)
+        if str(ROOT / "python") not in sys.path:
+            sys.path.insert(0, str(ROOT / "python"))
         spec = importlib.util.spec_from_file_location("mezo_finetune", ROOT / "python" / "mezo_finetune.py")
         assert spec is not None and spec.loader is not None
         sys.modules["mezo_finetune"] = module = importlib.util.module_from_spec(spec)

@@ -39,6 +39,7 @@ Run::
     python python/mezo_hf.py --num-samples 4 --lr 1e-2
     python python/mezo_hf.py --model llama --dtype bfloat16 --perturb on_use
     python python/mezo_hf.py --model llama --compare-drift --steps 1000   # about a minute
+    python python/mezo_hf.py --journal run.zoj --steps 300 [--resume]     # resumable: a seed journal per step
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ import resource
 import sys
 from typing import Callable, Dict, Sequence, Tuple
 
-import torch
-
 # lowrank_finetune is the sibling example (python/ is on sys.path when this file runs as a script)
+import resume  # the sibling module: --journal / --resume
+import torch
 from lowrank_finetune import TEXT, build_model, peak_memory, report_eval, run_steps, windows
 from torch.func import functional_call
 
 import zo_kernels
+from zo_kernels.distributions import draw_seed
+from zo_kernels.journal import fingerprint
 from zo_kernels.optim import ZOSGD
 
 
@@ -90,9 +93,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="bfloat16: on_use against a MeZO-style in-place loop, each against a float64 replay of its updates",
     )
-    args = parser.parse_args(argv)
+    resume.add_options(parser)
+    args = resume.check_options(parser, parser.parse_args(argv))
+    if args.journal and args.perturb == "inplace":
+        # restoring the weights after each sample rounds, in a way no journal record holds
+        parser.error("--journal needs a run that replays bit for bit: --perturb on_use or copy, not inplace")
     if args.perturb is None:
-        args.perturb = "inplace" if args.dtype == "float32" else "on_use"
+        args.perturb = "inplace" if args.dtype == "float32" and not args.journal else "on_use"
     return args
 
 
@@ -118,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     optimizer = ZOSGD(params, lr=args.lr)  # MeZO: plain SGD, no momentum, no state
     held_out = windows(data, 64, args.seq_len, torch.Generator().manual_seed(args.seed + 10_000))
+    # a step draws its windows and its noise seed (one draw of torch's generator per estimate)
+    journal, first = resume.open_journal(
+        args, params, optimizer, lambda: (windows(data, args.batch, args.seq_len, data_gen), draw_seed())
+    )
     with torch.no_grad():
         start_eval = float(loss_fn(params, held_out))
     rss_before = rss_mib()
@@ -129,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.batch} x {args.seq_len} bytes per step"
     )
     print(
-        f"step {0:5d}  eval loss {start_eval:.4f} (log(256) = {math.log(256):.3f})  "
+        f"step {first - 1:5d}  eval loss {start_eval:.4f} (log(256) = {math.log(256):.3f})  "
         f"peak memory {peak_memory(device)} before training",
         flush=True,
     )
@@ -140,11 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             perturb=args.perturb,
         )
         optimizer.step(sg)
+        if journal is not None:  # after the step: a step without its record is redone on --resume
+            journal.append(sg)
         return sg.loss
 
     every = args.print_every or max(1, args.steps // 10)
-    elapsed = run_steps(step, lambda: windows(data, args.batch, args.seq_len, data_gen), args.steps, every, device)
-    if not report_eval(loss_fn, params, held_out, start_eval, args, elapsed, "lower --lr", args.steps):
+    batches = lambda: windows(data, args.batch, args.seq_len, data_gen)  # noqa: E731
+    elapsed = run_steps(step, batches, args.steps, every, device, first)
+    if journal is not None:
+        journal.close()
+        print(f"final parameters {fingerprint(params)}")
+    if not report_eval(loss_fn, params, held_out, start_eval, args, elapsed, "lower --lr", args.steps - first + 1):
         return 1
     if device.type == "cpu":
         print(

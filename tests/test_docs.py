@@ -27,6 +27,7 @@ MODULES = (
     ("zo_kernels.diff", ("class", "function", "constant")),
     ("zo_kernels.diff.zero_order", ("class", "function", "constant")),
     ("zo_kernels.optim", ("class", "function", "constant")),
+    ("zo_kernels.journal", ("class", "function", "constant")),
     ("zo_kernels.backends", ("function", "constant")),
 )
 DIRECTIVE = re.compile(r"^::: ([\w.]+)[ \t]*\n((?:[ \t]+.*\n|[ \t]*\n)*)", re.MULTILINE)
