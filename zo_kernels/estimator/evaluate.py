@@ -262,7 +262,7 @@ def _warn_unserved(state: EvaluatorState, leaves: Sequence[torch.Tensor], served
         "Either the function does not use it, or reads it where perturb='on_use' cannot serve it (a C++/CUDA "
         "extension given its data pointer, a program compiled ahead of time holding it as a constant, a copy made "
         "before the call); "
-        "use perturb='copy' for such a function. Warned once per decorated function.",
+        "use perturb='copy' for such a function. Warned once per decorated function (per call of estimate()).",
         RuntimeWarning,
         stacklevel=5,
     )

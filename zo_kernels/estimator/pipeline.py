@@ -56,7 +56,7 @@ def _warn_if_constant(losses: torch.Tensor, f0: torch.Tensor, plan: Plan, state:
         f"the resolution of the parameters' dtype ({', '.join(dtypes)}) at their magnitude, so the perturbation "
         "rounds away; the function does not use the differentiated argument it is given (e.g. it calls "
         "model(x) instead of using the parameters passed in); or the loss is constant (or quantized) at this "
-        "scale. Warned once per decorated function.",
+        "scale. Warned once per decorated function (per call of estimate()).",
     )
 
 
@@ -73,7 +73,7 @@ def warn_if_group_missing(s: Config, state: EvaluatorState) -> None:
             "process_group, so each rank estimates alone with its own noise and the ranks' parameters drift "
             "apart. Pass process_group=dist.group.WORLD (note: dist.group.WORLD is None until "
             "init_process_group() has run, so decorate after it), or ignore this if independent ranks are "
-            "intended. Warned once per decorated function.",
+            "intended. Warned once per decorated function (per call of estimate()).",
         )
 
 
