@@ -216,7 +216,9 @@ def on_use_blocks(
     """
     noise, sigma = plan.noise, plan.config.sigma
     reuse = reuse_bytes(plan.scratch)
-    transients = Transients(max((p.numel() * p.element_size() for p in plan.scratch), default=0))
+    largest = max((p.numel() * p.element_size() for p in plan.scratch), default=0)
+    # room for the largest tensor and the small ones read beside it (a bias with its weight)
+    transients = Transients(largest + largest // 32)
     blocks = []
     for i in ids:
         sample_losses = []

@@ -155,9 +155,8 @@ class Transients:
         if fits:
             buf = stack.pop(min(fits, key=lambda k: stack[k].numel()))
             self.free_bytes -= _nbytes(buf)
-        else:
-            while self.free_bytes and self.free_bytes + self.used_bytes + numel * dtype.itemsize > self.max_bytes:
-                self._drop_one()
+        else:  # every free buffer is too small: the smallest go first
+            self._shrink(numel * dtype.itemsize)
             buf = torch.empty(numel, dtype=dtype, device=device)
         view = buf[:numel].view(shape)
         self.in_use[id(view)] = buf
@@ -177,13 +176,19 @@ class Transients:
             return
         if _storage_use_count(view.untyped_storage()._cdata) > 3:
             return
-        if self.free_bytes + self.used_bytes + _nbytes(buf) <= self.max_bytes:
-            self.free[(buf.dtype, buf.device)].append(buf)
-            self.free_bytes += _nbytes(buf)
+        self.free[(buf.dtype, buf.device)].append(buf)
+        self.free_bytes += _nbytes(buf)
+        self._shrink(0)
 
-    def _drop_one(self) -> None:
-        stack = next(v for v in self.free.values() if v)
-        self.free_bytes -= _nbytes(stack.pop())
+    def _shrink(self, more: int) -> None:
+        """Release free buffers, the smallest first, until ``more`` bytes fit within the bound (or none is left).
+
+        The smallest first: a large buffer serves every smaller use, and a small one is cheap to allocate again.
+        """
+        while self.free_bytes and self.free_bytes + self.used_bytes + more > self.max_bytes:
+            stacks = [v for v in self.free.values() if v]
+            stack = min(stacks, key=lambda v: min(_nbytes(b) for b in v))
+            self.free_bytes -= _nbytes(stack.pop(min(range(len(stack)), key=lambda k: _nbytes(stack[k]))))
 
 
 def _nbytes(t: torch.Tensor) -> int:
