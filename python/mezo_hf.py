@@ -95,9 +95,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     resume.add_options(parser)
     args = resume.check_options(parser, parser.parse_args(argv))
-    if args.journal and args.perturb == "inplace":
-        # restoring the weights after each sample rounds, in a way no journal record holds
-        parser.error("--journal needs a run that replays bit for bit: --perturb on_use or copy, not inplace")
     if args.perturb is None:
         args.perturb = "inplace" if args.dtype == "float32" and not args.journal else "on_use"
     return args

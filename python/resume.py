@@ -22,9 +22,13 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """``args``, or a usage error: ``--resume`` without ``--journal``, or a journal that exists without ``--resume``."""
+    """``args``, or a usage error: ``--resume`` without ``--journal``, a journal that exists without ``--resume``, or
+    a journal of an in-place run (``--perturb inplace``, where the example has it: its restores round in a way no
+    record holds, so a replay could not match)."""
     if args.resume and not args.journal:
         parser.error("--resume needs --journal")
+    if args.journal and getattr(args, "perturb", None) == "inplace":
+        parser.error("--journal needs a run that replays bit for bit: --perturb on_use or copy, not inplace")
     if args.journal and not args.resume and os.path.exists(args.journal):
         parser.error(f"--journal {args.journal} exists: pass --resume to continue it, or remove it")
     return args

@@ -413,3 +413,14 @@ def test_an_example_resumed_from_its_journal_equals_a_straight_run(tmp_path, nam
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         run_main(module, *args, "--steps", "6", "--journal", str(tmp_path / "run.zoj"))  # no --resume: refused
     assert os.path.getsize(tmp_path / "run.zoj") == size
+
+
+@pytest.mark.parametrize("name", ["mezo_finetune", "mezo_hf"])
+def test_an_example_refuses_to_journal_an_in_place_run(tmp_path, name):
+    """In-place restores round in a way no record holds: such a run could not be replayed bit for bit."""
+    module = load_example(name)
+    err = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(err):
+        module.parse_args(["--journal", str(tmp_path / "run.zoj"), "--perturb", "inplace"])
+    assert "--journal needs a run that replays bit for bit" in err.getvalue()
+    assert not (tmp_path / "run.zoj").exists()

@@ -215,8 +215,8 @@ def on_use_blocks(
     decorated function: it was evaluated unperturbed, or read where the mode cannot see it.
     """
     noise, sigma = plan.noise, plan.config.sigma
-    reuse = reuse_bytes(plan.scratch)
     largest = max((p.numel() * p.element_size() for p in plan.scratch), default=0)
+    reuse = reuse_bytes(largest)
     # room for the largest tensor and the small ones read beside it (a bias with its weight)
     transients = Transients(largest + largest // 32)
     blocks = []
@@ -239,8 +239,10 @@ def on_use_blocks(
 REUSE_MIN_BYTES = 64 << 20
 
 
-def reuse_bytes(leaves: Sequence[torch.Tensor]) -> int:
+def reuse_bytes(largest: int) -> int:
     """How many bytes of served values one evaluation keeps for tensors read more than once.
+
+    ``largest``: the largest parameter's bytes.
 
     Regenerating a tensor at every use costs its generation again (an RNN's weight read at each time
     step: measured 6x the evaluation time of ``'copy'``, docs/memory.md); keeping it, from its
@@ -248,7 +250,6 @@ def reuse_bytes(leaves: Sequence[torch.Tensor]) -> int:
     most one more largest tensor beside the one being served), or 64 MiB if more, and a tensor read
     only once is never kept, so a model without repeated uses stays at inference + one tensor.
     """
-    largest = max((p.numel() * p.element_size() for p in leaves), default=0)
     return max(largest, REUSE_MIN_BYTES)
 
 

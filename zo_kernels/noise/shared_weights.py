@@ -367,11 +367,13 @@ def _addmm(mode, func, p, args, kwargs):
     return _plus(out, left, right)
 
 
-@_rule(
-    [F.embedding],
-    ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
-    {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False},
-)
+#: ``F.embedding``'s parameters and defaults (its rule below and the lookup of served rows bind them).
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_EMBEDDING_DEFAULTS = {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False,
+                       "sparse": False}  # fmt: skip
+
+
+@_rule([F.embedding], _EMBEDDING_ARGS, _EMBEDDING_DEFAULTS)
 def _embedding(mode, func, p, args, kwargs):
     ids, w = p["input"], p["weight"]
     t = mode.lookup(w)
@@ -571,10 +573,6 @@ class SharedWeights(TorchFunctionMode):
             return values, False
         return values, True
 
-    def tracked(self) -> List[torch.Tensor]:
-        """The tracked tensor objects, in the order they were tracked."""
-        return [t.tensor for t in self._tracked.values()]
-
     def lookup(self, value: Any) -> Optional[_Tracked]:
         """The tracking record of ``value`` if it is one of the tracked tensor objects, else None."""
         t = self._tracked.get(id(value))
@@ -649,8 +647,7 @@ class SharedWeights(TorchFunctionMode):
         The other keywords shape the gradient only, except ``max_norm``, which renormalizes rows in
         place: that falls back to the whole served table.
         """
-        names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        bound = _bind(args, kwargs, names, {n: None for n in names[2:]})
+        bound = _bind(args, kwargs, _EMBEDDING_ARGS, _EMBEDDING_DEFAULTS)
         t = None if bound is None else self.lookup(bound["weight"])
         ids = None if bound is None else bound["input"]
         if t is None or t.rows is None or t.kept is not None or bound["max_norm"] is not None:
